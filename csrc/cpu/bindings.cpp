@@ -1,0 +1,51 @@
+// pybind11 bindings for fastnlg._C. Pointers arrive as integers (tensor.data_ptr()) with an `is_double`
+// flag choosing the float/double instantiation; the GIL is released while kernels run.
+#include <pybind11/pybind11.h>
+
+#include "fastnlg_cpu.h"
+
+namespace py = pybind11;
+using std::int64_t;
+using ptr = std::uintptr_t;
+
+template <typename T> static T* P(ptr p) { return reinterpret_cast<T*>(p); }
+
+#define DISPATCH(is_double, CALL) \
+    do {                          \
+        if (is_double) {          \
+            using T = double;     \
+            CALL;                 \
+        } else {                  \
+            using T = float;      \
+            CALL;                 \
+        }                         \
+    } while (0)
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "fastnlg C++ CPU kernels (raw pointers + sizes; inputs are checked in Python)";
+    auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("rms_norm_fwd", [](ptr x, ptr w, ptr y, ptr rstd, int64_t N, int64_t C, double eps, double offset, bool d) {
+        DISPATCH(d, fastnlg::rms_norm_fwd<T>(P<T>(x), P<T>(w), P<T>(y), P<T>(rstd), N, C, eps, offset));
+    }, nogil);
+    m.def("rms_norm_bwd", [](ptr dy, ptr x, ptr w, ptr rstd, ptr dx, ptr dw, int64_t N, int64_t C, double offset, bool d) {
+        DISPATCH(d, fastnlg::rms_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(rstd), P<T>(dx), P<T>(dw), N, C, offset));
+    }, nogil);
+    m.def("layer_norm_fwd", [](ptr x, ptr w, ptr b, ptr y, ptr mean, ptr rstd, int64_t N, int64_t C, double eps, bool d) {
+        DISPATCH(d, fastnlg::layer_norm_fwd<T>(P<T>(x), P<T>(w), P<T>(b), P<T>(y), P<T>(mean), P<T>(rstd), N, C, eps));
+    }, nogil);
+    m.def("layer_norm_bwd", [](ptr dy, ptr x, ptr w, ptr mean, ptr rstd, ptr dx, ptr dw, ptr db, int64_t N, int64_t C, bool d) {
+        DISPATCH(d, fastnlg::layer_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(mean), P<T>(rstd), P<T>(dx), P<T>(dw), P<T>(db), N, C));
+    }, nogil);
+    m.def("glu_fwd", [](ptr gate, ptr up, ptr y, int64_t n, int kind, bool d) {
+        DISPATCH(d, fastnlg::glu_fwd<T>(P<T>(gate), P<T>(up), P<T>(y), n, kind));
+    }, nogil);
+    m.def("glu_bwd", [](ptr dy, ptr gate, ptr up, ptr dgate, ptr dup, int64_t n, int kind, bool d) {
+        DISPATCH(d, fastnlg::glu_bwd<T>(P<T>(dy), P<T>(gate), P<T>(up), P<T>(dgate), P<T>(dup), n, kind));
+    }, nogil);
+    m.def("rope", [](ptr x, ptr cos, ptr sin, ptr out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward, bool d) {
+        DISPATCH(d, fastnlg::rope<T>(P<T>(x), P<T>(cos), P<T>(sin), P<T>(out), B, H, T_, D, backward));
+    }, nogil);
+    m.attr("GLU_SWIGLU") = fastnlg::GLU_SWIGLU;
+    m.attr("GLU_GEGLU_TANH") = fastnlg::GLU_GEGLU_TANH;
+    m.attr("GLU_GEGLU_ERF") = fastnlg::GLU_GEGLU_ERF;
+}

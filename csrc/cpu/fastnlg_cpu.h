@@ -1,0 +1,20 @@
+// fastnlg C++ CPU kernels: raw pointers + sizes, no checking (Python checks once, DESIGN.md §4.5).
+// Every kernel is templated on the element type T (float or double); fp16/bf16 inputs are upcast to
+// fp32 by the Python caller. Rows are independent and split over OpenMP threads.
+#pragma once
+#include <cstdint>
+
+namespace fastnlg {
+
+template <typename T> void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset);
+template <typename T> void rms_norm_bwd(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* dw, int64_t N, int64_t C, double offset);
+template <typename T> void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t N, int64_t C, double eps);
+template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C);
+template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, int kind);
+template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n, int kind);
+template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
+
+// glu kinds
+constexpr int GLU_SWIGLU = 0, GLU_GEGLU_TANH = 1, GLU_GEGLU_ERF = 2;
+
+}  // namespace fastnlg

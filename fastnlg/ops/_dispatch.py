@@ -1,0 +1,26 @@
+"""Helpers the ops share to run their C++ CPU path: native kernels take fp32/fp64 raw pointers, so
+fp16/bf16 tensors are upcast once here and results cast back by the caller."""
+from __future__ import annotations
+
+import torch
+
+
+def native_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def to_native(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Contiguous copy (only if needed) of `t` in the native kernel dtype."""
+    if t is None:
+        return None
+    return t.to(dtype).contiguous()
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """(…, C) -> (N, C) with unit column stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()

@@ -1,0 +1,47 @@
+"""Test configuration shared by every tier.
+
+Without CUDA, the Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET must be set
+before triton decorates any kernel, so it is set here, before fastnlg is imported.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CPU_BACKENDS = ("torch", "cpp", "triton")
+
+
+def device_params():
+    """cpu always; cuda as the gpu tier (`pytest -m gpu`), skipped without CUDA."""
+    return [
+        pytest.param("cpu", id="cpu"),
+        pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
+                                               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    ]
+
+
+def backend_params():
+    """(device, backend) pairs: every CPU backend on CPU tensors; triton on CUDA tensors in the gpu tier."""
+    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in CPU_BACKENDS]
+    params.append(pytest.param("cuda", "triton", id="cuda-triton", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]))
+    return params
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend("cpp") forces FASTNLG_BACKEND for the test; a CPU test of triton needs the interpreter."""
+    def set_backend(name):
+        if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+        monkeypatch.setenv("FASTNLG_BACKEND", name)
+    return set_backend
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

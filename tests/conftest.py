@@ -45,3 +45,10 @@ def use_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def skip_interpreter_bf16(device, backend, dtype):
+    """The Triton interpreter emulates bf16 with numpy and does not round like a GPU (its errors run
+    ~4x torch's rounding error, and its tl.dot is wrong for bf16): bf16 Triton runs in the gpu tier only."""
+    if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 under the Triton interpreter is not GPU arithmetic; covered by the gpu tier")

@@ -1,0 +1,50 @@
+"""Norm modules: drop-in for LlamaRMSNorm-style modules (weight, variance_epsilon) and nn.LayerNorm."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import layer_norm, rms_norm
+
+
+class FastRMSNorm(nn.Module):
+    """RMSNorm with `weight` (C,); offset=1.0 gives Gemma's (1 + weight) scaling."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        init = torch.zeros if offset else torch.ones
+        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+        self.offset = offset
+
+    @classmethod
+    def from_module(cls, module: nn.Module, offset: float = 0.0) -> "FastRMSNorm":
+        """Shares `module.weight` (no copy); reads eps from `variance_epsilon` or `eps`."""
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight, new.variance_epsilon, new.offset = module.weight, float(eps), offset
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.variance_epsilon, self.offset)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}"
+
+
+class FastLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last dim, computed by fastnlg.ops.layer_norm (needs elementwise_affine)."""
+
+    @classmethod
+    def from_module(cls, module: nn.LayerNorm) -> "FastLayerNorm":
+        if len(module.normalized_shape) != 1 or module.weight is None:
+            raise ValueError(f"FastLayerNorm needs a 1-D affine LayerNorm, got {module}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = module.normalized_shape, module.eps, True
+        new.weight, new.bias = module.weight, module.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)

@@ -1,0 +1,133 @@
+"""Gated MLP activations: swiglu(gate, up) = silu(gate) * up;  geglu(gate, up) = gelu(gate) * up.
+
+Backward (gradchecked in fp64 in tests/ops/test_glu.py): dgate = dy * up * act'(gate), dup = dy * act(gate),
+with act' written out in kernels/glu.py. Backends: Triton (kernels/glu.py), C++ (csrc/cpu/activations.cpp),
+torch (below).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
+from ._dispatch import native_dtype, ptr, to_native
+
+BACKENDS = ("torch", "triton", "cpp")
+KINDS = {"swiglu": 0, "geglu_tanh": 1, "geglu_none": 2}  # same numbering as kernels/glu.py and csrc
+
+
+def swiglu_reference(gate, up):
+    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def geglu_reference(gate, up, approximate="tanh"):
+    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (F.gelu(gate.to(acc), approximate=approximate) * up.to(acc)).to(gate.dtype)
+
+
+def _act_and_grad_torch(g, kind):
+    if kind == 0:
+        s = torch.sigmoid(g)
+        return g * s, s * (1 + g * (1 - s))
+    if kind == 1:
+        k = 0.7978845608028654
+        S = torch.sigmoid(2 * k * (g + 0.044715 * g ** 3))
+        return g * S, S + 2 * g * S * (1 - S) * k * (1 + 3 * 0.044715 * g * g)
+    cdf = 0.5 * (1 + torch.erf(g * 0.7071067811865476))
+    return g * cdf, cdf + g * 0.3989422804014327 * torch.exp(-0.5 * g * g)
+
+
+def _fwd(backend, gate, up, kind):
+    if backend == "triton":
+        from fastnlg.kernels import glu as k
+
+        return k.forward(gate.contiguous(), up.contiguous(), kind)
+    acc = native_dtype(gate)
+    if backend == "cpp":
+        from fastnlg import _C
+
+        g, u = to_native(gate, acc), to_native(up, acc)
+        y = torch.empty_like(g)
+        _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, acc == torch.float64)
+        return y.to(gate.dtype)
+    act, _ = _act_and_grad_torch(gate.to(acc), kind)
+    return (act * up.to(acc)).to(gate.dtype)
+
+
+def _bwd(backend, dy, gate, up, kind):
+    if backend == "triton":
+        from fastnlg.kernels import glu as k
+
+        return k.backward(dy.contiguous(), gate.contiguous(), up.contiguous(), kind)
+    acc = native_dtype(gate)
+    if backend == "cpp":
+        from fastnlg import _C
+
+        d, g, u = to_native(dy, acc), to_native(gate, acc), to_native(up, acc)
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        _C.glu_bwd(ptr(d), ptr(g), ptr(u), ptr(dg), ptr(du), g.numel(), kind, acc == torch.float64)
+    else:
+        act, dact = _act_and_grad_torch(gate.to(acc), kind)
+        dg, du = dy.to(acc) * up.to(acc) * dact, dy.to(acc) * act
+    return dg.to(gate.dtype), du.to(up.dtype)
+
+
+@torch.library.custom_op("fastnlg::glu_fwd", mutates_args=())
+def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
+    return _fwd(_backend.choose("glu", gate, BACKENDS), gate, up, kind).view(gate.shape)
+
+
+@_glu_fwd.register_fake
+def _(gate, up, kind):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastnlg::glu_bwd", mutates_args=())
+def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dg, du = _bwd(_backend.choose("glu", gate, BACKENDS), dy, gate, up, kind)
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+@_glu_bwd.register_fake
+def _(dy, gate, up, kind):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _setup(ctx, inputs, output):
+    gate, up, kind = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.kind = kind
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dg, du = torch.ops.fastnlg.glu_bwd(dy, gate, up, ctx.kind)
+    return dg, du, None
+
+
+_glu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(op, gate, up):
+    check_tensor(op, "gate", gate)
+    check_tensor(op, "up", up)
+    check_same_shape(op, gate=gate, up=up)
+    check_same_dtype(op, gate=gate, up=up)
+    check_same_device(op, gate=gate, up=up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Llama, Mistral, Qwen MLPs)."""
+    _check("swiglu", gate, up)
+    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS["swiglu"])
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """gelu(gate, approximate) * up (Gemma MLPs); approximate is "tanh" or "none" as in F.gelu."""
+    _check("geglu", gate, up)
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
+    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS[f"geglu_{approximate}"])

@@ -1,0 +1,140 @@
+"""LayerNorm: y = (x - mean) / sqrt(var + eps) * weight + bias  (biased variance, as torch).
+
+Backward (gradchecked in fp64 in tests/ops/test_layer_norm.py), r = rstd, xh = (x - mean) * r:
+    g = dy * w;  dx = r * (g - mean(g) - xh * mean(g * xh));  dw = sum_rows(dy * xh);  db = sum_rows(dy)
+Backends: Triton (kernels/layer_norm.py), C++ (csrc/cpu/norms.cpp), torch (below).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+from ._checks import check_last_dim, check_same_device, check_tensor
+from ._dispatch import native_dtype, ptr, rows, to_native
+
+BACKENDS = ("torch", "triton", "cpp")
+
+
+def layer_norm_reference(x, weight, bias=None, eps=1e-5):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b = None if bias is None else bias.to(acc)
+    return torch.nn.functional.layer_norm(x.to(acc), x.shape[-1:], weight.to(acc), b, eps).to(x.dtype)
+
+
+def _fwd_torch(x2, weight, bias, eps):
+    acc = native_dtype(x2)
+    xf = x2.to(acc)
+    mean = xf.mean(-1)
+    rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
+    y = (xf - mean[:, None]) * rstd[:, None] * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x2.dtype), mean, rstd
+
+
+def _bwd_torch(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
+    acc = rstd.dtype
+    dyf, r = dy2.to(acc), rstd[:, None]
+    xh = (x2.to(acc) - mean[:, None]) * r
+    g = dyf * weight.to(acc)
+    dx = r * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+    return dx.to(x2.dtype), (dyf * xh).sum(0) if compute_dw else None, dyf.sum(0) if compute_db else None
+
+
+def _fwd_cpp(x2, weight, bias, eps):
+    from fastnlg import _C
+
+    acc = native_dtype(x2)
+    xn, wn, bn = to_native(x2, acc), to_native(weight, acc), to_native(bias, acc)
+    y = torch.empty_like(xn)
+    mean, rstd = torch.empty(xn.shape[0], dtype=acc), torch.empty(xn.shape[0], dtype=acc)
+    _C.layer_norm_fwd(ptr(xn), ptr(wn), ptr(bn), ptr(y), ptr(mean), ptr(rstd), xn.shape[0], xn.shape[1], eps,
+                      acc == torch.float64)
+    return y.to(x2.dtype), mean, rstd
+
+
+def _bwd_cpp(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
+    from fastnlg import _C
+
+    acc = rstd.dtype
+    dyn, xn, wn = to_native(dy2, acc), to_native(x2, acc), to_native(weight, acc)
+    dx = torch.empty_like(xn)
+    dw = torch.empty(xn.shape[1], dtype=acc) if compute_dw else None
+    db = torch.empty(xn.shape[1], dtype=acc) if compute_db else None
+    _C.layer_norm_bwd(ptr(dyn), ptr(xn), ptr(wn), ptr(mean), ptr(rstd), ptr(dx), ptr(dw), ptr(db), xn.shape[0],
+                      xn.shape[1], acc == torch.float64)
+    return dx.to(x2.dtype), dw, db
+
+
+def _fwd_triton(x2, weight, bias, eps):
+    from fastnlg.kernels import layer_norm as k
+
+    return k.forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps)
+
+
+def _bwd_triton(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
+    from fastnlg.kernels import layer_norm as k
+
+    return k.backward(dy2, x2, weight.contiguous(), mean, rstd, compute_dw, compute_db)
+
+
+_FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}
+_BWD = {"torch": _bwd_torch, "cpp": _bwd_cpp, "triton": _bwd_triton}
+
+
+@torch.library.custom_op("fastnlg::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _FWD[_backend.choose("layer_norm", x, BACKENDS)](rows(x), weight, bias, eps)
+    return y.view(x.shape), mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+
+
+@torch.library.custom_op("fastnlg::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                    compute_dw: bool, compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _BWD[_backend.choose("layer_norm", x, BACKENDS)](rows(dy), rows(x), weight, mean, rstd,
+                                                                  compute_dw, compute_db)
+    dw = dw.to(weight.dtype) if compute_dw else weight.new_empty(0)
+    db = db.to(weight.dtype) if compute_db else weight.new_empty(0)
+    return dx.view(x.shape), dw, db
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, compute_dw, compute_db):
+    return (torch.empty_like(x), torch.empty_like(weight) if compute_dw else weight.new_empty(0),
+            torch.empty_like(weight) if compute_db else weight.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    compute_dw, compute_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.fastnlg.layer_norm_bwd(dy, x, weight, mean, rstd, compute_dw, compute_db)
+    return dx, (dw if compute_dw else None), (db.to(ctx.bias_dtype) if compute_db else None), None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim of x (…, C) with weight (C,) and optional bias (C,)."""
+    check_tensor("layer_norm", "x", x, min_ndim=1)
+    check_tensor("layer_norm", "weight", weight)
+    check_last_dim("layer_norm", "weight", weight, x.shape[-1], f"x {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor("layer_norm", "bias", bias)
+        check_last_dim("layer_norm", "bias", bias, x.shape[-1], f"x {tuple(x.shape)}")
+    check_same_device("layer_norm", x=x, weight=weight, bias=bias)
+    return torch.ops.fastnlg.layer_norm_fwd(x, weight, bias, float(eps))[0]

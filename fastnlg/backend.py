@@ -71,8 +71,10 @@ def _unusable_reason(backend: str, tensor: torch.Tensor) -> str | None:
     return None
 
 
-def choose(op: str, tensor: torch.Tensor, available: tuple[str, ...]) -> str:
-    """Backend for one call of `op` on `tensor`'s device; `available` lists what `op` implements."""
+def choose(op: str, tensor: torch.Tensor, available: tuple[str, ...], cpu_default_cpp: bool = True) -> str:
+    """Backend for one call of `op` on `tensor`'s device; `available` lists what `op` implements.
+    `cpu_default_cpp=False` keeps an op's C++ kernel opt-in (FASTNLG_BACKEND=cpp) where it measured
+    slower than the torch reference on CPU."""
     device = tensor.device
     requested = requested_backend()
     if requested is not None:
@@ -90,7 +92,7 @@ def choose(op: str, tensor: torch.Tensor, available: tuple[str, ...]) -> str:
     elif triton_interpret():
         order = ("triton", "cpp", "torch")
     else:
-        order = ("cpp", "torch")
+        order = ("cpp", "torch") if cpu_default_cpp else ("torch",)
     for backend in order:
         if backend in available and _unusable_reason(backend, tensor) is None:
             return backend

@@ -21,11 +21,13 @@ void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, d
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; ++i) {
         const T* xi = x + i * C;
-        double ss = 0.0;
-        for (int64_t j = 0; j < C; ++j) ss += double(xi[j]) * double(xi[j]);
-        const T r = T(1.0 / std::sqrt(ss / double(C) + eps));
+        T ss = 0;  // accumulate in T (fp32 for fp32/fp16/bf16 inputs, as the GPU kernels do)
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < C; ++j) ss += xi[j] * xi[j];
+        const T r = T(1) / std::sqrt(ss / T(C) + T(eps));
         rstd[i] = r;
         T* yi = y + i * C;
+#pragma omp simd
         for (int64_t j = 0; j < C; ++j) yi[j] = xi[j] * r * (w[j] + T(offset));
     }
 }
@@ -52,13 +54,17 @@ void rms_norm_bwd(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* 
             const T* xi = x + i * C;
             const T* dyi = dy + i * C;
             const T r = rstd[i];
-            double dot = 0.0;  // sum_j g_j x_j
-            for (int64_t j = 0; j < C; ++j) dot += double(dyi[j]) * double(w[j] + T(offset)) * double(xi[j]);
-            const T c = T(dot / double(C)) * r * r * r;
+            T dot = 0;  // sum_j g_j x_j
+#pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < C; ++j) dot += dyi[j] * (w[j] + T(offset)) * xi[j];
+            const T c = dot / T(C) * r * r * r;
             T* dxi = dx + i * C;
+#pragma omp simd
             for (int64_t j = 0; j < C; ++j) dxi[j] = r * dyi[j] * (w[j] + T(offset)) - xi[j] * c;
-            if (acc)
+            if (acc) {
+#pragma omp simd
                 for (int64_t j = 0; j < C; ++j) acc[j] += dyi[j] * xi[j] * r;
+            }
         }
     }
     if (dw) reduce_partials(part, threads, C, dw);

@@ -1,0 +1,268 @@
+"""Shared benchmark harness (DESIGN.md §4.8): time (median, p20, p80), peak memory and achieved GB/s or
+TFLOP/s for each implementation of an op, with rows that carry device, versions, date and commit.
+
+An op script supplies a `Bench`: its cases, how to build inputs, the implementations to compare and the
+bytes (or FLOPs) each mode moves. `run_benchmarks` measures, `write_report` writes CSV, JSON, a markdown
+summary and a plot.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    label: str            # e.g. "N=4096,C=4096"
+    params: dict          # passed to make_inputs and bytes_moved
+    x: float              # the value on the plot's x axis
+
+
+@dataclass
+class Bench:
+    op: str
+    cases: Callable[[bool, str], list]                 # (quick, device) -> [Case]
+    make_inputs: Callable[[dict, str, torch.dtype], dict]
+    impls: dict                                        # name -> fn(**inputs) -> tensor (or loss)
+    bytes_moved: Callable[[dict, torch.dtype, str], float] | None = None   # (params, dtype, mode) -> bytes
+    flops: Callable[[dict, str], float] | None = None  # (params, mode) -> FLOPs
+    modes: tuple = ("fwd", "fwd+bwd")
+    x_label: str = "hidden size C"
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    case: str
+    dtype: str
+    mode: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: float | None
+    gb_per_s: float | None
+    tflop_per_s: float | None
+    x: float
+    env: dict = field(default_factory=dict)
+
+
+def environment(device: str) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        commit = None
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return {"device": device, "device_name": name, "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),
+            "python": platform.python_version(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, warmup: int, rep: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(rep):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _fix_malloc_mmap_threshold():
+    """glibc raises its mmap threshold after large frees and then recycles freed blocks inside the heap,
+    which hides new allocations from the resident-set peak. A fixed threshold keeps large tensors mmap'd."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_fix_malloc_mmap_threshold()
+
+
+def peak_memory_mb(fn, device: str) -> float | None:
+    """Peak memory one call of fn allocates above what was live before it.
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set, reset through
+    /proc/self/clear_refs (large tensors are mmap'd and returned to the OS when freed)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kb("VmRSS:")
+        fn()
+        return max(0, _rss_kb("VmHWM:") - base) / 1024
+    except OSError:
+        return None
+
+
+def _step(fn, inputs, mode):
+    """A zero-argument callable running one fwd (or fwd+bwd) of fn on fresh grads."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(**inputs)
+        return run
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = fn(**inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return run
+
+
+def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool, impls=None,
+                   warmup: int = 3, rep: int = 10, log=print) -> list[Row]:
+    env = environment(device)
+    rows = []
+    for case in bench.cases(quick, device):
+        inputs = bench.make_inputs(case.params, device, dtype)
+        for name, fn in bench.impls.items():
+            if impls and name not in impls:
+                continue
+            for mode in bench.modes:
+                step = _step(fn, inputs, mode)
+                try:
+                    times = time_ms(step, device, warmup, rep)
+                    peak = peak_memory_mb(step, device)
+                except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. OOM: report, go on
+                    log(f"  {bench.op} {name} {case.label} {mode}: skipped ({type(exc).__name__}: {exc})")
+                    continue
+                q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+                med = statistics.median(times)
+                nbytes = bench.bytes_moved(case.params, dtype, mode) if bench.bytes_moved else None
+                nflops = bench.flops(case.params, mode) if bench.flops else None
+                row = Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, med, q[0], q[3], peak,
+                          nbytes / (med * 1e-3) / 1e9 if nbytes else None,
+                          nflops / (med * 1e-3) / 1e12 if nflops else None, case.x, env)
+                rows.append(row)
+                log(f"  {bench.op:24} {name:14} {case.label:24} {mode:8} {med:9.3f} ms  "
+                    + (f"{row.gb_per_s:8.1f} GB/s  " if row.gb_per_s else "")
+                    + (f"{row.tflop_per_s:7.2f} TFLOP/s  " if row.tflop_per_s else "")
+                    + (f"peak {peak:9.1f} MB" if peak is not None else ""))
+        del inputs
+    return rows
+
+
+def write_report(rows: list[Row], out_dir: str, title: str = "fastnlg benchmarks") -> dict:
+    """CSV + JSON (one row per measurement, env flattened in) + markdown summary + PNG plot per op."""
+    os.makedirs(out_dir, exist_ok=True)
+    flat = [{**{k: v for k, v in asdict(r).items() if k != "env"}, **r.env} for r in rows]
+    paths = {"csv": os.path.join(out_dir, "results.csv"), "json": os.path.join(out_dir, "results.json"),
+             "md": os.path.join(out_dir, "summary.md")}
+    if flat:
+        with open(paths["csv"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(flat[0]))
+            w.writeheader()
+            w.writerows(flat)
+    with open(paths["json"], "w") as f:
+        json.dump(flat, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown_summary(rows, title))
+    paths["plots"] = _plots(rows, out_dir)
+    return paths
+
+
+def markdown_summary(rows: list[Row], title: str) -> str:
+    if not rows:
+        return f"# {title}\n\nNo measurements.\n"
+    env = rows[0].env
+    out = [f"# {title}", "", f"Device: {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads); "
+           f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; "
+           f"{env['date']}; commit {env['commit']}.", "",
+           "Times are medians over repetitions (p20–p80 in brackets); speedup is eager time / fastnlg time.", ""]
+    ops = sorted({r.op for r in rows})
+    for op in ops:
+        out += [f"## {op}", "", "| case | dtype | mode | impl | time ms [p20–p80] | GB/s | TFLOP/s | peak MB | speedup vs eager |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        op_rows = [r for r in rows if r.op == op]
+        eager = {(r.case, r.dtype, r.mode): r.median_ms for r in op_rows if r.impl == "eager"}
+        for r in op_rows:
+            base = eager.get((r.case, r.dtype, r.mode))
+            speed = f"{base / r.median_ms:.2f}x" if base and r.impl != "eager" else ""
+            out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | {r.median_ms:.3f} [{r.p20_ms:.3f}–{r.p80_ms:.3f}] | "
+                       f"{'' if r.gb_per_s is None else f'{r.gb_per_s:.1f}'} | "
+                       f"{'' if r.tflop_per_s is None else f'{r.tflop_per_s:.2f}'} | "
+                       f"{'' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.1f}'} | {speed} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _plots(rows: list[Row], out_dir: str) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for op in sorted({r.op for r in rows}):
+        op_rows = [r for r in rows if r.op == op]
+        modes = sorted({r.mode for r in op_rows})
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            for impl in sorted({r.impl for r in op_rows}):
+                pts = sorted((r.x, r.median_ms) for r in op_rows if r.impl == impl and r.mode == mode)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set(title=f"{op} {mode}", xlabel=op_rows[0].case.split(",")[-1].split("=")[0] if op_rows else "",
+                   ylabel="median ms", xscale="log", yscale="log")
+            ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

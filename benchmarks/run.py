@@ -1,0 +1,65 @@
+"""Run the op benchmarks and write a report.
+
+    python -m benchmarks.run                      # every op, quick sizes on CPU, full sweep on CUDA
+    python -m benchmarks.run --ops rms_norm --dtype bf16 --out benchmarks/results/<name>
+
+On CPU the sizes are small (so CI exercises the harness) and torch.compile is left out unless asked for
+with --impls (inductor's CPU compile of every shape takes minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import os
+import sys
+
+import torch
+
+from benchmarks.harness import run_benchmarks, write_report
+
+OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "swiglu": "bench_glu", "rope": "bench_rope",
+       "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def available_ops():
+    return [op for op, mod in OPS.items() if importlib.util.find_spec(f"benchmarks.{mod}") is not None]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", nargs="+", default=["all"], help=f"any of: {', '.join(OPS)} (default all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--quick", action="store_true", default=None, help="small sizes (default on CPU)")
+    p.add_argument("--full", dest="quick", action="store_false", help="the full sweep (default on CUDA)")
+    p.add_argument("--impls", nargs="+", help="only these implementations (fastnlg, eager, torch.compile, ...)")
+    p.add_argument("--rep", type=int, default=None)
+    p.add_argument("--out", default=None, help="report folder (default benchmarks/out/<date>)")
+    args = p.parse_args(argv)
+
+    device = args.device
+    quick = (device == "cpu") if args.quick is None else args.quick
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    impls = args.impls or (None if device == "cuda" else ["fastnlg", "eager"])
+    ops = available_ops() if args.ops == ["all"] else args.ops
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error(f"unknown ops {unknown}; known: {', '.join(OPS)}")
+    rep = args.rep or (20 if device == "cuda" else 5)
+    out = args.out or os.path.join("benchmarks", "out", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+    rows = []
+    for op in ops:
+        bench = importlib.import_module(f"benchmarks.{OPS[op]}").BENCH
+        print(f"{op} on {device} ({dtype}, {'quick' if quick else 'full'} sweep)")
+        rows += run_benchmarks(bench, device=device, dtype=dtype, quick=quick, impls=impls, rep=rep,
+                               warmup=3 if device == "cuda" else 1)
+    paths = write_report(rows, out, title=f"fastnlg op benchmarks ({device}, {str(dtype).replace('torch.', '')})")
+    print(f"\n{len(rows)} measurements -> {paths['md']}, {paths['csv']}, {paths['json']}, plots: {len(paths['plots'])}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

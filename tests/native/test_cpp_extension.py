@@ -1,0 +1,50 @@
+"""The C++ CPU extension is built and is the default CPU backend where it exists."""
+import os
+
+import pytest
+import torch
+
+from fastnlg import backend
+
+
+def test_extension_is_built():
+    from fastnlg import _C
+
+    assert _C.GLU_SWIGLU == 0 and hasattr(_C, "rms_norm_fwd")
+
+
+def test_default_cpu_backend(monkeypatch):
+    monkeypatch.delenv("FASTNLG_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 2)
+    assert backend.choose("op", x, ("torch", "triton", "cpp")) == "cpp"
+    assert backend.choose("op", x, ("torch", "triton", "cpp"), cpu_default_cpp=False) == "torch"
+    assert backend.choose("op", x, ("torch", "triton")) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.choose("op", x, ("torch", "triton", "cpp")) == "triton"
+    assert backend.choose("op", x.double(), ("torch", "triton", "cpp")) == "cpp"
+
+
+def test_bad_backend_names(monkeypatch):
+    monkeypatch.setenv("FASTNLG_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="FASTNLG_BACKEND='tpu' is not one of"):
+        backend.choose("op", torch.randn(1), ("torch",))
+    monkeypatch.setenv("FASTNLG_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        backend.choose("op", torch.randn(1), ("torch", "triton"))
+
+
+def test_nvcc_compiles_cuda_sources():
+    """csrc/cuda/*.cu compile for sm_80/86/89/90 when nvcc is present (scripts/check_nvcc.sh)."""
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    sources = [f for f in os.listdir(os.path.join(root, "csrc", "cuda")) if f.endswith(".cu")]
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    if not sources:
+        pytest.skip("csrc/cuda has no CUDA sources yet")
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "check_nvcc.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

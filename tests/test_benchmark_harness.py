@@ -1,0 +1,25 @@
+"""The benchmark harness runs on CPU and writes its report (CSV, JSON, markdown, plot)."""
+import csv
+import json
+
+import torch
+
+from benchmarks.bench_rms_norm import BENCH
+from benchmarks.harness import Case, run_benchmarks, write_report
+
+
+def test_harness_writes_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(BENCH, "cases", lambda quick, device: [Case("N=64,C=256", {"N": 64, "C": 256}, 256)])
+    rows = run_benchmarks(BENCH, device="cpu", dtype=torch.float32, quick=True, impls=["fastnlg", "eager"], rep=3,
+                          warmup=1, log=lambda *_: None)
+    assert {(r.impl, r.mode) for r in rows} == {(i, m) for i in ("fastnlg", "eager") for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r.p20_ms <= r.median_ms <= r.p80_ms and r.gb_per_s > 0
+        assert r.env["torch"] == torch.__version__ and r.env["date"]
+    paths = write_report(rows, str(tmp_path))
+    with open(paths["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert len(json.load(open(paths["json"]))) == 4
+    md = open(paths["md"]).read()
+    assert "| N=64,C=256 | float32 | fwd+bwd | fastnlg |" in md and "speedup vs eager" in md
+    assert paths["plots"] and all(p.endswith(".png") for p in paths["plots"])

@@ -20,10 +20,12 @@ BLOCK_V, NUM_WARPS = 4096, 8
 
 @triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(x / softcap), tanh written as 2 sigmoid(2u) - 1 (single return: the
+    compiler rejects returns inside constexpr branches)."""
+    z = x
     if HAS_SOFTCAP:
-        t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0  # tanh(x / softcap)
-        return softcap * t, 1.0 - t * t
-    return x, 1.0
+        z = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+    return z
 
 
 @triton.jit
@@ -46,14 +48,14 @@ def cross_entropy_kernel(X, LABELS, LOSS, LSE, SCALE, stride_x, V, ignore_index,
         for v0 in range(0, V, BLOCK_V):  # pass 1: online max / sum of exp, and sum of z for smoothing
             mask = v0 + cols < V
             x = tl.load(x_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-            z, _ = _capped(x, softcap, HAS_SOFTCAP)
+            z = _capped(x, softcap, HAS_SOFTCAP)
             zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(d)
-        zy, _ = _capped(tl.load(x_row + y).to(tl.float32), softcap, HAS_SOFTCAP)
+        zy = _capped(tl.load(x_row + y).to(tl.float32), softcap, HAS_SOFTCAP)
         loss = (1.0 - eps) * (lse - zy) + eps * (lse - zsum / V) + z_loss * lse * lse
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, lse)
@@ -62,10 +64,13 @@ def cross_entropy_kernel(X, LABELS, LOSS, LSE, SCALE, stride_x, V, ignore_index,
             for v0 in range(0, V, BLOCK_V):  # pass 2: gradient in place
                 mask = v0 + cols < V
                 x = tl.load(x_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-                z, dcap = _capped(x, softcap, HAS_SOFTCAP)
+                z = _capped(x, softcap, HAS_SOFTCAP)
                 g = tl.exp(z - lse) * (1.0 + 2.0 * z_loss * lse) - eps / V
                 g = tl.where(v0 + cols == y, g - (1.0 - eps), g)
-                tl.store(x_row + v0 + cols, (s * g * dcap).to(X.dtype.element_ty), mask=mask)
+                if HAS_SOFTCAP:
+                    t = z / softcap
+                    g = g * (1.0 - t * t)  # d(softcap tanh(x / softcap))/dx
+                tl.store(x_row + v0 + cols, (s * g).to(X.dtype.element_ty), mask=mask)
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None, ignore_index: int, eps: float,

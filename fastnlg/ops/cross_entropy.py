@@ -150,8 +150,10 @@ def _linear_ce_pass(h, weight, bias, y, scale, opts, chunk, need_dh, need_dw, ne
         if dh is not None:
             torch.matmul(logits, weight, out=dh[s:e])
         if dw is not None:
-            if low:
-                dw.addmm_(logits.t().float(), hc.float()) if h.device.type == "cpu" else dw.add_(logits.t() @ hc)
+            if low and h.device.type == "cpu":  # CPU half-precision matmul is slow: accumulate in fp32
+                dw.addmm_(logits.t().float(), hc.float())
+            elif low:  # CUDA: bf16/fp16 tensor-core matmul (fp32 accumulate), added into the fp32 buffer
+                dw.add_(logits.t() @ hc)
             else:
                 dw.addmm_(logits.t(), hc)
         if db is not None:

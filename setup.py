@@ -23,7 +23,7 @@ def cpu_extension():
     return Pybind11Extension(
         "fastnlg._C",
         sorted(glob.glob("csrc/cpu/*.cpp")),
-        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"],
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"],
         extra_link_args=["-fopenmp"],
         cxx_std=17,
     )

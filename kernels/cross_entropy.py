@@ -52,11 +52,13 @@ def cross_entropy_kernel(X, LABELS, LOSS, LSE, SCALE, stride_x, V, ignore_index,
             zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a tile of -inf logits: no inf - inf
+            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
             m = m_new
         lse = m + tl.log(d)
         zy = _capped(tl.load(x_row + y).to(tl.float32), softcap, HAS_SOFTCAP)
-        loss = (1.0 - eps) * (lse - zy) + eps * (lse - zsum / V) + z_loss * lse * lse
+        smooth = tl.where(eps > 0.0, eps * (lse - zsum / V), 0.0)  # no 0 * inf from -inf logits
+        loss = (1.0 - eps) * (lse - zy) + smooth + z_loss * lse * lse
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, lse)
         if COMPUTE_GRAD:

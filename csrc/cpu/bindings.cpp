@@ -45,6 +45,11 @@ PYBIND11_MODULE(_C, m) {
     m.def("rope", [](ptr x, ptr cos, ptr sin, ptr out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward, bool d) {
         DISPATCH(d, fastnlg::rope<T>(P<T>(x), P<T>(cos), P<T>(sin), P<T>(out), B, H, T_, D, backward));
     }, nogil);
+    m.def("cross_entropy_fwd", [](ptr x, ptr labels, ptr scale, ptr loss, ptr lse, int64_t N, int64_t V, int64_t stride,
+                                  int64_t ignore_index, double eps, double softcap, double z_loss, bool d) {
+        DISPATCH(d, fastnlg::cross_entropy_fwd<T>(P<T>(x), P<const int64_t>(labels), P<const T>(scale), P<T>(loss),
+                                                  P<T>(lse), N, V, stride, ignore_index, eps, softcap, z_loss));
+    }, nogil);
     m.attr("GLU_SWIGLU") = fastnlg::GLU_SWIGLU;
     m.attr("GLU_GEGLU_TANH") = fastnlg::GLU_GEGLU_TANH;
     m.attr("GLU_GEGLU_ERF") = fastnlg::GLU_GEGLU_ERF;

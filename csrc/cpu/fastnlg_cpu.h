@@ -12,6 +12,9 @@ template <typename T> void layer_norm_fwd(const T* x, const T* w, const T* b, T*
 template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C);
 template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, int kind);
 template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n, int kind);
+template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
+                                            int64_t V, int64_t stride, int64_t ignore_index, double eps,
+                                            double softcap, double z_loss);
 template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
 
 // glu kinds

@@ -16,7 +16,8 @@ gather; no matmul work on them), then token chunks of `chunk_size` rows run
 so the working set is chunk x V, never N x V. For scalar reductions the gradients are computed in the
 forward pass and scaled by grad_output in backward (3 matmuls, as eager); for reduction="none" backward
 recomputes each chunk's logits (4 matmuls). dW accumulates in fp32 when the weight is fp16/bf16.
-Backends for the per-chunk loss: Triton (kernels/cross_entropy.py) and torch (below).
+Backends for the per-chunk loss: Triton (kernels/cross_entropy.py), C++ (csrc/cpu/cross_entropy.cpp, the
+CPU default: three vectorised sweeps per row, no (chunk, V) temporaries) and torch (below).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._dispatch import ptr
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 REDUCTIONS = ("mean", "sum", "none")
 CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 temporaries)
 CUDA_CHUNK_BUDGET = 1024 * 2**20
@@ -43,7 +45,8 @@ def cross_entropy_reference(logits, labels, *, ignore_index=-100, reduction="mea
     safe = torch.where(valid, labels, 0)
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(-1, safe[:, None]).squeeze(-1)
-    loss = (1 - label_smoothing) * nll + label_smoothing * (lse - z.mean(-1)) + z_loss * lse * lse
+    smooth = label_smoothing * (lse - z.mean(-1)) if label_smoothing > 0 else 0.0  # no 0 * inf (-inf logits)
+    loss = (1 - label_smoothing) * nll + smooth + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return _reduce(loss, valid.sum(), reduction, num_items_in_batch)
 
@@ -71,7 +74,7 @@ def _ce_chunk_torch(logits, labels, scale, ignore_index, eps, softcap, z_loss):
     safe = torch.where(valid, labels, 0)
     lse = torch.logsumexp(z, dim=-1)
     zy = z.gather(-1, safe[:, None]).squeeze(-1)
-    loss = (1 - eps) * (lse - zy) + eps * (lse - z.mean(-1)) + z_loss * lse * lse
+    loss = (1 - eps) * (lse - zy) + (eps * (lse - z.mean(-1)) if eps > 0 else 0.0) + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if scale is not None:
         g = torch.exp(z - lse[:, None]).mul_((1 + 2 * z_loss * lse)[:, None]).sub_(eps / z.shape[-1])
@@ -83,12 +86,35 @@ def _ce_chunk_torch(logits, labels, scale, ignore_index, eps, softcap, z_loss):
     return loss, lse
 
 
+def _ce_chunk_cpp(logits, labels, scale, ignore_index, eps, softcap, z_loss):
+    """C++ twin: works in fp32/fp64 (fp16/bf16 chunks are upcast, and the gradient copied back)."""
+    from fastnlg import _C
+
+    acc = _acc(logits)
+    work = logits if logits.dtype == acc and logits.stride(-1) == 1 else logits.to(acc).contiguous()
+    n, V = work.shape
+    loss = torch.empty(n, dtype=acc)
+    lse = torch.empty(n, dtype=acc)
+    labels = labels.contiguous()
+    scale = None if scale is None else scale.to(acc).contiguous()
+    _C.cross_entropy_fwd(ptr(work), ptr(labels), ptr(scale), ptr(loss), ptr(lse), n, V, work.stride(0),
+                         ignore_index, eps, softcap or 0.0, z_loss, acc == torch.float64)
+    if scale is not None and work is not logits:
+        logits.copy_(work)
+    return loss, lse
+
+
+_CHUNK_FNS = {"torch": _ce_chunk_torch, "cpp": _ce_chunk_cpp}
+
+
 def _ce_chunk(logits, labels, scale, ignore_index, eps, softcap, z_loss):
-    if _backend.choose("cross_entropy", logits, BACKENDS) == "triton":
+    """(loss, lse) per row of a (n, V) chunk; with `scale` (n,) the scaled gradient overwrites logits."""
+    backend = _backend.choose("cross_entropy", logits, BACKENDS)
+    if backend == "triton":
         from fastnlg.kernels import cross_entropy as k
 
         return k.forward(logits, labels, scale, ignore_index, eps, softcap, z_loss)
-    return _ce_chunk_torch(logits, labels, scale, ignore_index, eps, softcap, z_loss)
+    return _CHUNK_FNS[backend](logits, labels, scale, ignore_index, eps, softcap, z_loss)
 
 
 def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch):

@@ -1,0 +1,142 @@
+// Cross-entropy rows for the chunked (fused linear) loss: loss, log-sum-exp and, optionally, the
+// gradient written in place of the logits. Same math as kernels/cross_entropy.py:
+//
+//   z = c tanh(x / c) (softcap c, else z = x),   lse = m + log sum_v exp(z_v - m),  m = max_v z_v
+//   loss = (1 - eps)(lse - z_y) + eps (lse - mean_v z) + zl lse^2          (0 where y == ignore_index)
+//   dx_v = scale * [softmax(z)_v (1 + 2 zl lse) - eps / V - (1 - eps) [v == y]] * (1 - (z_v / c)^2)
+//
+// Three sweeps per row (max + sum z; sum exp; gradient), each a vectorisable loop over V; a row of
+// 32k-256k fp32 logits (128 KB-1 MB) stays in L2 between sweeps. Rows are split over OpenMP threads.
+// fp32 uses exp_f32 below (Cephes' expf polynomial, ~1 ulp) because glibc's expf is not vectorised
+// without -ffast-math, which we do not use (it drops NaN/Inf semantics). The fp32 entry point is built
+// twice (baseline x86-64 and x86-64-v3 = AVX2 + FMA) and picked at load time on CPUs that have it.
+#include "fastnlg_cpu.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTNLG_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTNLG_CLONES
+#endif
+
+namespace fastnlg {
+
+// e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for exactness), e^r by the
+// degree-6 Cephes polynomial on |r| <= ln2 / 2. Selects, not branches, so `omp simd` vectorises it (with
+// -fno-trapping-math, which lets GCC if-convert the comparisons). x < -87.3 (e^x below the smallest normal
+// float, and -inf) gives exactly 0; x is capped at 88; NaN propagates (the comparisons keep it).
+static inline float exp_f32(float x) {
+    const bool underflow = x < -87.3365f;
+    x = underflow ? -87.3365f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return underflow ? 0.0f : p * scale;
+}
+
+static inline float vexp(float x) { return exp_f32(x); }
+static inline double vexp(double x) { return std::exp(x); }
+
+template <typename T>
+static inline T capped(T x, T c, bool cap) { return cap ? c * std::tanh(x / c) : x; }
+
+template <typename T>
+static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const T* scale_i, T* loss, T* lse,
+                                                          int64_t V, int64_t ignore_index, T eps, T c, bool cap, T zl) {
+    const bool valid = y != ignore_index;
+    T m = -std::numeric_limits<T>::infinity(), sz = 0;
+    if (cap) {
+        for (int64_t v = 0; v < V; ++v) {
+            const T z = c * std::tanh(xr[v] / c);
+            m = z > m ? z : m;
+            sz += z;
+        }
+    } else {
+#pragma omp simd reduction(max : m) reduction(+ : sz)
+        for (int64_t v = 0; v < V; ++v) {
+            m = xr[v] > m ? xr[v] : m;
+            sz += xr[v];
+        }
+    }
+    if (sz != sz) m = sz;  // a NaN logit (max ignores it) makes the row NaN, as in torch
+    T s = 0;
+    if (cap) {
+        for (int64_t v = 0; v < V; ++v) s += vexp(c * std::tanh(xr[v] / c) - m);
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t v = 0; v < V; ++v) s += vexp(xr[v] - m);
+    }
+    const T l = m + std::log(s);
+    const T zy = valid ? capped(xr[y], c, cap) : T(0);
+    const T smooth = eps > 0 ? eps * (l - sz / T(V)) : T(0);  // no 0 * inf from -inf logits
+    *loss = valid ? (1 - eps) * (l - zy) + smooth + zl * l * l : T(0);
+    *lse = l;
+    if (scale_i == nullptr) return;
+    const T sc = valid ? *scale_i : T(0), a = (1 + 2 * zl * l) * sc, b = eps / T(V) * sc;
+    if (cap) {
+        for (int64_t v = 0; v < V; ++v) {
+            const T t = std::tanh(xr[v] / c);
+            xr[v] = (vexp(c * t - l) * a - b) * (1 - t * t);
+        }
+        if (valid) {
+            const T t = zy / c;
+            xr[y] -= (1 - eps) * sc * (1 - t * t);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) xr[v] = vexp(xr[v] - l) * a - b;
+        if (valid) xr[y] -= (1 - eps) * sc;
+    }
+}
+
+// The per-row fp32 kernel, cloned per ISA (the clone is picked once, at load time, by an ifunc).
+FASTNLG_CLONES static void ce_row_f32(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
+                                      int64_t ignore_index, float eps, float c, bool cap, float zl) {
+    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+}
+
+static void ce_row_f64(double* xr, int64_t y, const double* scale_i, double* loss, double* lse, int64_t V,
+                       int64_t ignore_index, double eps, double c, bool cap, double zl) {
+    ce_row<double>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+}
+
+template <typename T, typename Row>
+static void ce_rows(Row row, T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N, int64_t V,
+                    int64_t stride, int64_t ignore_index, double eps, double softcap, double z_loss) {
+    const bool cap = softcap > 0;
+    const T c = cap ? T(softcap) : T(1);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < N; ++i)
+        row(x + i * stride, labels[i], scale ? scale + i : nullptr, loss + i, lse + i, V, ignore_index, T(eps), c, cap,
+            T(z_loss));
+}
+
+template <>
+void cross_entropy_fwd<float>(float* x, const int64_t* labels, const float* scale, float* loss, float* lse, int64_t N,
+                              int64_t V, int64_t stride, int64_t ignore_index, double eps, double softcap,
+                              double z_loss) {
+    ce_rows<float>(ce_row_f32, x, labels, scale, loss, lse, N, V, stride, ignore_index, eps, softcap, z_loss);
+}
+
+template <>
+void cross_entropy_fwd<double>(double* x, const int64_t* labels, const double* scale, double* loss, double* lse,
+                               int64_t N, int64_t V, int64_t stride, int64_t ignore_index, double eps, double softcap,
+                               double z_loss) {
+    ce_rows<double>(ce_row_f64, x, labels, scale, loss, lse, N, V, stride, ignore_index, eps, softcap, z_loss);
+}
+
+}  // namespace fastnlg

@@ -1,0 +1,160 @@
+"""A causal LM's lm_head + loss without the (tokens x vocab) logits.
+
+`FusedLMHead` is an `nn.Linear` (same `weight`/`bias` Parameters, so tied embeddings, state_dict keys and
+`get_output_embeddings()` are unchanged) with one more method, `loss(hidden, labels, ...)`, which runs
+`fastnlg.ops.fused_linear_cross_entropy` with Hugging Face's causal-LM loss semantics
+(`transformers.loss.loss_utils.ForCausalLMLoss`):
+
+    labels (B, T) -> pad one ignore_index on the right, drop the first: shift_labels[b, t] = labels[b, t + 1]
+    loss = CE(logit_scale * hidden @ W^T (+ b), with softcap), mean over non-ignored tokens,
+           or sum / num_items_in_batch when the Trainer passes num_items_in_batch.
+
+`causal_lm_forward` is a drop-in `forward` for CausalLM classes whose forward is "base model -> lm_head ->
+loss_function" (Llama, Mistral, Qwen2/3, Gemma 1/2/3 text, Phi-3, GPT-2, ...): with labels in training mode
+it returns the loss and `logits=None`; otherwise (evaluation, generation, no labels) ordinary logits, and
+the loss on them when labels are given. The patcher decides which classes it applies to (DESIGN.md §4.4).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import cross_entropy, fused_linear_cross_entropy
+
+
+class FusedLMHead(nn.Linear):
+    """nn.Linear(C, V) whose `loss` never materialises the logits. `softcap` (Gemma 2's
+    final_logit_softcapping) and `logit_scale` (a multiplier on the logits) apply to both paths."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, softcap: float | None = None,
+                 logit_scale: float | None = None, ignore_index: int = -100, chunk_size: int | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._configure(softcap, logit_scale, ignore_index, chunk_size)
+
+    def _configure(self, softcap, logit_scale, ignore_index, chunk_size):
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"FusedLMHead: softcap must be > 0 or None, got {softcap}")
+        self.softcap, self.logit_scale = softcap, logit_scale
+        self.ignore_index, self.chunk_size = ignore_index, chunk_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> "FusedLMHead":
+        """Shares `linear`'s Parameters (no copy); `to_linear()` gives an nn.Linear back."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FusedLMHead.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._configure(options.pop("softcap", None), options.pop("logit_scale", None),
+                       options.pop("ignore_index", -100), options.pop("chunk_size", None))
+        if options:
+            raise TypeError(f"FusedLMHead.from_linear: unknown options {sorted(options)}")
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits, exactly as the model would return them (scaled, then softcapped)."""
+        logits = super().forward(hidden)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *, shift_labels=None,
+             num_items_in_batch=None) -> torch.Tensor:
+        """Causal-LM loss of hidden (B, T, C) against labels (B, T) (shifted here) or shift_labels (B, T)
+        (already aligned), with no (B*T, V) tensor in forward or backward."""
+        shift_labels = _shift(labels, shift_labels, self.ignore_index, hidden.shape[:-1])
+        h, weight, bias = hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias
+        if torch.is_autocast_enabled(h.device.type):  # what F.linear would compute in under autocast
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if self.logit_scale is not None:  # s (h W^T + b) = (s h) W^T + s b
+            h = h * self.logit_scale
+            bias = None if bias is None else bias * self.logit_scale
+        return fused_linear_cross_entropy(h, weight, shift_labels.reshape(-1).to(h.device), bias=bias,
+                                          ignore_index=self.ignore_index, softcap=self.softcap,
+                                          num_items_in_batch=_num_items(num_items_in_batch),
+                                          chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", softcap={self.softcap}, logit_scale={self.logit_scale}, fused_loss=True"
+
+
+def _shift(labels, shift_labels, ignore_index, lead_shape):
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("FusedLMHead.loss: pass labels (B, T) or shift_labels (B, T)")
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if tuple(shift_labels.shape) != tuple(lead_shape):
+        raise ValueError(f"FusedLMHead.loss: labels {tuple(shift_labels.shape)} must match hidden's leading "
+                         f"dimensions {tuple(lead_shape)}")
+    return shift_labels
+
+
+def _num_items(n):
+    if n is None:
+        return None
+    return float(n.item() if torch.is_tensor(n) else n)
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+    """forward for a CausalLM whose lm_head is a FusedLMHead (bound by the patcher). Arguments as in
+    Transformers; `num_items_in_batch` and `shift_labels` go to the loss, everything else to the base model."""
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    return_dict = kwargs.pop("return_dict", None)
+    base = getattr(self, self.base_model_prefix)
+    outputs = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = outputs.last_hidden_state
+    head: FusedLMHead = self.lm_head
+    loss = logits = None
+    has_labels = labels is not None or shift_labels is not None
+    if has_labels and self.training and not logits_to_keep:
+        loss = head.loss(hidden, labels, shift_labels=shift_labels, num_items_in_batch=num_items)
+    else:
+        if isinstance(logits_to_keep, int):
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+            logits = head(hidden[:, keep, :])
+        else:
+            logits = head(hidden[:, logits_to_keep, :])
+        if has_labels:
+            sl = _shift(labels, shift_labels, head.ignore_index, logits.shape[:-1])
+            loss = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), sl.reshape(-1).to(logits.device),
+                                 ignore_index=head.ignore_index, num_items_in_batch=_num_items(num_items))
+    cls = CausalLMOutputWithCrossAttentions if getattr(outputs, "cross_attentions", None) is not None \
+        else CausalLMOutputWithPast
+    fields = {"loss": loss, "logits": logits, "past_key_values": getattr(outputs, "past_key_values", None),
+              "hidden_states": getattr(outputs, "hidden_states", None),
+              "attentions": getattr(outputs, "attentions", None)}
+    if cls is CausalLMOutputWithCrossAttentions:
+        fields["cross_attentions"] = outputs.cross_attentions
+    out = cls(**fields)
+    return out.to_tuple() if return_dict is False else out
+
+
+def head_options_from_config(config) -> dict:
+    """FusedLMHead options the known model families keep in their config: Gemma 2/3's
+    final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling (logits are divided by it)."""
+    options = {}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        options["softcap"] = float(text.final_logit_softcapping)
+    if getattr(text, "logit_scale", None) is not None:
+        options["logit_scale"] = float(text.logit_scale)
+    if getattr(text, "logits_scaling", None) is not None:
+        options["logit_scale"] = 1.0 / float(text.logits_scaling)
+    return options

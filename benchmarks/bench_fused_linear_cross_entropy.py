@@ -1,4 +1,9 @@
-"""Fused linear + cross-entropy vs eager F.linear + F.cross_entropy vs torch.compile of it.
+"""Fused linear + cross-entropy vs eager F.linear + F.cross_entropy vs torch.compile of it, and the peers that
+are installed: torch's own chunked F.linear_cross_entropy (torch >= 2.13), Liger, Apple's cut-cross-entropy.
+
+Sizes: quick = one small case; full on CUDA = N 1k-32k x (V, C) in {(32000, 4096), (128256, 4096),
+(256000, 2304), (32000, 2048), (128256, 8192)}; full on CPU = the CPU target case of issue 4,
+N=8192, V=32000, C=1024 (peak memory <= 1/5 of eager's, time <= 1.5x eager's).
 
 FLOPs: the logits matmul is 2 N C V; backward adds dh and dW matmuls (4 N C V). fwd+bwd = 6 N C V
 (fastnlg computes the gradients inside the forward pass for scalar reductions, so its "fwd" row already
@@ -9,6 +14,7 @@ import torch.nn.functional as F
 
 from benchmarks.cases import compiled
 from benchmarks.harness import Bench, Case
+from benchmarks.peers import fused_linear_cross_entropy_peers
 from fastnlg.ops import fused_linear_cross_entropy
 
 
@@ -19,8 +25,11 @@ def eager(hidden, weight, labels):
 def cases(quick, device):
     if quick:
         return [Case("N=1024,V=32000,C=256", {"N": 1024, "V": 32000, "C": 256}, 1024)]
+    if device == "cpu":
+        return [Case("N=8192,V=32000,C=1024", {"N": 8192, "V": 32000, "C": 1024}, 8192)]
     return [Case(f"N={n},V={v},C={c}", {"N": n, "V": v, "C": c}, n)
-            for v, c in ((32000, 4096), (128256, 4096), (256000, 2304)) for n in (1024, 4096, 16384)]
+            for v, c in ((32000, 4096), (128256, 4096), (256000, 2304), (32000, 2048), (128256, 8192))
+            for n in (1024, 4096, 16384, 32768)]
 
 
 def make_inputs(p, device, dtype):
@@ -34,5 +43,6 @@ def flops(p, mode):
 
 
 BENCH = Bench("fused_linear_cross_entropy", cases, make_inputs,
-              {"fastnlg": fused_linear_cross_entropy, "eager": eager, "torch.compile": compiled(eager)},
+              {"fastnlg": fused_linear_cross_entropy, "eager": eager, "torch.compile": compiled(eager),
+               **fused_linear_cross_entropy_peers()},
               flops=flops, modes=("fwd+bwd",), x_label="tokens N")

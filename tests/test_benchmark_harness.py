@@ -23,3 +23,22 @@ def test_harness_writes_report(tmp_path, monkeypatch):
     md = open(paths["md"]).read()
     assert "| N=64,C=256 | float32 | fwd+bwd | fastnlg |" in md and "speedup vs eager" in md
     assert paths["plots"] and all(p.endswith(".png") for p in paths["plots"])
+
+
+def test_every_op_has_a_benchmark():
+    from benchmarks.run import OPS, available_ops
+
+    assert available_ops() == list(OPS)
+
+
+def test_loss_benchmarks_compare_equal_losses():
+    """The implementations a loss benchmark times compute the same loss (so the timings compare like with like)."""
+    from benchmarks import bench_cross_entropy, bench_fused_linear_cross_entropy
+
+    for bench, params in ((bench_cross_entropy.BENCH, {"N": 16, "V": 300}),
+                          (bench_fused_linear_cross_entropy.BENCH, {"N": 16, "V": 300, "C": 32})):
+        inputs = bench.make_inputs(params, "cpu", torch.float32)
+        losses = {name: fn(**inputs) for name, fn in bench.impls.items() if name != "torch.compile"}
+        assert len(losses) >= 2
+        for name, loss in losses.items():
+            torch.testing.assert_close(loss, losses["eager"], rtol=1e-5, atol=1e-5, msg=name)

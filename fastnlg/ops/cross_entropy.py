@@ -278,9 +278,11 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
 
 
 def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
-                  z_loss=0.0, num_items_in_batch=None):
+                  z_loss=0.0, num_items_in_batch=None, inplace_backward=False):
     """Cross-entropy on logits (N, V): one online log-sum-exp pass per row; the gradient is computed in
-    the forward pass into a fresh (N, V) buffer (the logits themselves are left untouched)."""
+    the forward pass into a fresh (N, V) buffer, or, with inplace_backward=True, into the logits' own memory
+    (saves N x V; the logits' values are gone afterwards, and autograd's version counter is bumped so any
+    other use of them in backward raises instead of reading gradients)."""
     op = "cross_entropy"
     check_tensor(op, "logits", logits, ndim=2)
     check_tensor(op, "labels", labels, dtypes=(torch.int64, torch.int32), ndim=1)
@@ -289,21 +291,26 @@ def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", label_
     check_same_device(op, logits=logits, labels=labels)
     num_items = _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     return _CrossEntropy.apply(logits, labels.long(), ignore_index, reduction, float(label_smoothing),
-                               None if softcap is None else float(softcap), float(z_loss), num_items)
+                               None if softcap is None else float(softcap), float(z_loss), num_items,
+                               bool(inplace_backward))
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, eps, softcap, z_loss, num_items):
+    def forward(ctx, logits, labels, ignore_index, reduction, eps, softcap, z_loss, num_items, inplace):
         _, n_valid = _valid_rows("cross_entropy", labels, logits.shape[1], ignore_index)
         opts = (ignore_index, eps, softcap, z_loss)
         scalar = reduction != "none" or num_items is not None
-        work = logits.contiguous().clone() if ctx.needs_input_grad[0] else logits.contiguous()
-        if ctx.needs_input_grad[0]:
+        grad = ctx.needs_input_grad[0]
+        inplace = grad and inplace and logits.is_contiguous()
+        work = logits if inplace else logits.contiguous().clone() if grad else logits.contiguous()
+        if grad:
             denom = num_items if num_items is not None else (max(n_valid, 1) if reduction == "mean" and scalar else 1.0)
             scale = torch.full((logits.shape[0],), 1.0 / denom, dtype=_acc(logits), device=logits.device)
             loss_rows, _ = _ce_chunk(work, labels, scale, *opts)
-            ctx.save_for_backward(work)
+            if inplace:  # the kernels wrote through the pointer: tell autograd the logits changed
+                torch.autograd.graph.increment_version(logits)
+            ctx.save_for_backward(work.detach() if inplace else work)
         else:
             loss_rows, _ = _ce_chunk(work, labels, None, *opts)
         ctx.scalar = scalar
@@ -313,6 +320,6 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         g = grad_out if ctx.scalar else grad_out[:, None]
-        return grad * g.to(grad.dtype), None, None, None, None, None, None, None
+        return grad * g.to(grad.dtype), None, None, None, None, None, None, None, None
 
 

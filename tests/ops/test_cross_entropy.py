@@ -232,3 +232,21 @@ def test_bad_input():
         cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]), reduction="avg")
     with pytest.raises(TypeError, match="labels has dtype torch.float32"):
         cross_entropy(torch.randn(4, 10), torch.ones(4))
+
+
+def test_cross_entropy_inplace_backward():
+    """inplace_backward=True gives the same loss and gradient, reuses the logits' memory, and a second use
+    of the overwritten logits in backward raises instead of reading gradients."""
+    base = torch.randn(6, 50, requires_grad=True)
+    y = torch.randint(0, 50, (6,))
+    x = base * 2
+    loss = cross_entropy(x, y, inplace_backward=True)
+    ptr = x.data_ptr()
+    loss.backward()
+    ref = base.detach().clone().requires_grad_()
+    cross_entropy_reference(ref * 2, y).backward()
+    torch.testing.assert_close(base.grad, ref.grad)
+    assert x.data_ptr() == ptr
+    x2 = base * 2
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ((x2 * x2).sum() + cross_entropy(x2, y, inplace_backward=True)).backward()

@@ -7,12 +7,16 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class DtypeError(TypeError, ValueError):
+    """An unsupported dtype: a TypeError, and a ValueError for callers that catch bad values."""
+
+
 def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | None = None, min_ndim: int | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected one of {names}")
+        raise DtypeError(f"{op}: {name} has dtype {t.dtype}, expected one of {names}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:

@@ -1,0 +1,104 @@
+"""`fastnlg.ops.flash_attention` as a Transformers attention implementation named "fastnlg".
+
+    fastnlg.nn.hf_attention.register()          # once; fastnlg.patch does it
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastnlg")   # or set_attn_implementation
+
+The mask: "fastnlg" reuses Transformers' SDPA mask builder, so a layer receives None (plain causal, nothing
+padded) or a 4-D bool mask (B, 1, T, S), True = attend. A 4-D mask is converted to the kernel's form -
+causal (bottom-right) or not, the layer's sliding window, and a key padding mask (B, S) - and the conversion
+is verified: the mask rebuilt from that form must equal the given one on every query row that can see a key
+(rows that see none are padding queries; the kernel outputs 0 there). A mask the kernel cannot express (a
+document mask, a prefix-LM mask, ...) runs in a masked eager attention instead, with one logged warning per
+kind of mask; never silently wrong. The conversion is cached per mask tensor, since all layers share it.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from ..ops.attention import flash_attention, visible_mask
+
+NAME = "fastnlg"
+logger = logging.getLogger("fastnlg")
+_warned: set = set()
+_cache: list = []  # [(weakref to the mask tensor, its version, window, is_causal, result)]
+
+
+def register() -> None:
+    """Registers "fastnlg" with AttentionInterface (and its mask builder with AttentionMaskInterface)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, fastnlg_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _window(sliding_window):
+    """Transformers' sliding window W (key j visible iff j > pos - W) as (left, right)."""
+    if sliding_window is None or sliding_window <= 0:
+        return None
+    return (int(sliding_window) - 1, -1)
+
+
+def _as_kernel_mask(mask, T, S, window, is_causal):
+    """(causal, key_padding_mask or None) expressing the 4-D bool mask, or None if it cannot be expressed."""
+    for ref, version, w, c, result in _cache:  # the same live tensor object (not just the same address)
+        if ref() is mask and version == mask._version and w == window and c == is_causal:
+            return result
+    allowed = mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 = attend
+    if allowed.shape[1] != 1:
+        result = None
+    else:
+        allowed = allowed[:, 0]  # (B, T, S)
+        kpm = allowed.any(dim=1)  # a key nobody may see is a padded (or windowed-out) key
+        result = None
+        for causal in ((True, False) if is_causal else (False, True)):
+            want = visible_mask(T, S, causal=causal, window=window, device=mask.device, key_padding_mask=kpm)[:, 0]
+            rows = want.any(-1)  # compare the rows that see a key
+            if torch.equal(want & rows[..., None], allowed & rows[..., None]):
+                result = (causal, None if bool(kpm.all()) else kpm)
+                break
+    _cache[:] = [e for e in _cache if e[0]() is not None][-7:]
+    _cache.append((weakref.ref(mask), mask._version, window, is_causal, result))
+    return result
+
+
+def _masked_eager(query, key, value, allowed, scaling, dropout, softcap, training):
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    s = torch.matmul(query, k.transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed, -float("inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    p = torch.nn.functional.dropout(p, dropout, training=training and dropout > 0)
+    return torch.matmul(p.to(v.dtype), v)
+
+
+def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """Transformers' attention-function contract: q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
+    ((B, T, Hq, D), None)."""
+    T, S = query.shape[2], key.shape[2]
+    window = _window(sliding_window)
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is None:
+        form = (bool(is_causal), None)  # bottom-right causal: a single query row (decode) sees every key
+    else:
+        form = _as_kernel_mask(attention_mask, T, S, window, bool(is_causal))
+    if form is None:
+        kind = (tuple(attention_mask.shape[1:2]), str(attention_mask.dtype), window)
+        if kind not in _warned:
+            _warned.add(kind)
+            logger.warning("fastnlg attention: this %s mask %s is not causal/window + key padding; running masked "
+                           "eager attention for it", attention_mask.dtype, tuple(attention_mask.shape))
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        out = _masked_eager(query, key, value, allowed, scaling or query.shape[-1] ** -0.5, dropout, softcap,
+                            module.training)
+    else:
+        causal, kpm = form
+        out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,
+                              window=window, softcap=softcap, key_padding_mask=kpm)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,115 @@
+"""attn_implementation="fastnlg" in tiny Transformers models: logits and gradients equal eager attention
+(with left padding, sliding windows, softcapping, GQA), generation unchanged, and a mask the kernel cannot
+express falls back with a warning instead of a wrong answer."""
+import copy
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fastnlg.nn import hf_attention  # noqa: E402
+
+VOCAB = 64
+
+
+def _config(family):
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64}
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "mistral":  # sliding window shorter than the sequence
+        return transformers.MistralConfig(sliding_window=5, **common)
+    if family == "gemma2":  # softcap + alternating sliding/global layers
+        return transformers.Gemma2Config(head_dim=8, sliding_window=4, attn_logit_softcapping=5.0,
+                                         query_pre_attn_scalar=8, **common)
+    raise ValueError(family)
+
+
+def _models(family):
+    hf_attention.register()
+    torch.manual_seed(0)
+    cfg = _config(family)
+    cfg._attn_implementation = "eager"
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("fastnlg")
+    assert ours.config._attn_implementation == "fastnlg"
+    return ref, ours
+
+
+def _batch(pad):
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[0, :4] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    if pad:  # the last pad position predicts the first real token: with no key to attend, its output is
+        labels[0, 4] = -100  # 0 here (as flash-attn) and a uniform average in eager; keep it out of the loss
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("pad", [False, True], ids=["nopad", "leftpad"])
+def test_logits_and_grads_match_eager(family, pad, backend, use_backend, monkeypatch):
+    use_backend(backend)
+    calls = []
+    kernel = hf_attention.flash_attention
+    monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    monkeypatch.setattr(hf_attention, "_masked_eager", None)  # the fallback must not be needed here
+    ref, ours = _models(family)
+    ids, mask, labels = _batch(pad)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()  # logits of padding positions are not compared (kernel: 0-attention rows)
+    torch.testing.assert_close(out.logits[keep], out_ref.logits[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2  # one per layer, through the kernel
+    if pad:
+        assert calls[0]["key_padding_mask"] is not None
+    out_ref.loss.backward()
+    out.loss.backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_with_kv_cache_unchanged(family):
+    ref, ours = _models(family)
+    ids, mask, _ = _batch(pad=True)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "attention_mask": mask}
+    assert torch.equal(ours.eval().generate(ids, **kw), ref.eval().generate(ids, **kw))
+
+
+def test_inexpressible_mask_falls_back_with_one_warning(caplog):
+    """A block-diagonal (document) mask is not causal + padding: masked eager attention runs, said once."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.training = False
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    allowed[3:, :3] = False  # two documents
+    mask = allowed[None, None]
+    with caplog.at_level(logging.WARNING, logger="fastnlg"):
+        out, _ = hf_attention.fastnlg_attention_forward(module, q, k, v, mask, scaling=0.3)
+        hf_attention.fastnlg_attention_forward(module, q, k, v, mask.clone(), scaling=0.3)
+    assert sum("not causal/window + key padding" in r.message for r in caplog.records) == 1
+    s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~mask, -float("inf"))
+    torch.testing.assert_close(out, (torch.softmax(s, -1) @ v).transpose(1, 2))
+
+
+def test_mask_conversion_is_not_fooled_by_a_reused_address():
+    """The conversion cache is keyed by the live tensor object: a new mask (even at a recycled address)
+    is converted again."""
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    causal = torch.tril(torch.ones(5, 5, dtype=torch.bool))
+    m1 = causal.expand(2, 1, 5, 5).clone()
+    out1, _ = hf_attention.fastnlg_attention_forward(module, q, k, v, m1, scaling=0.3)
+    m1[0, :, :, :2] = False  # same storage, now left-padded: version bump must be seen
+    out2, _ = hf_attention.fastnlg_attention_forward(module, q, k, v, m1, scaling=0.3)
+    assert not torch.allclose(out1[0, 2:], out2[0, 2:])
+    torch.testing.assert_close(out1[1], out2[1])

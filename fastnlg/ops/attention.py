@@ -209,6 +209,14 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     if _backend.choose("flash_attention", q, BACKENDS) == "torch":
         return attention_reference(q, k, v, causal=causal, softmax_scale=scale, dropout_p=dropout_p, window=window,
                                    softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+    from fastnlg.kernels import attention as kern
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and kern.decode_eligible(q, k, dropout_p, cu_seqlens):  # flash-decoding (KV cache)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+        return kern.decode(q, k, v, causal=bool(causal), scale=scale, softcap=None if softcap is None else float(softcap),
+                           window=_window(window), key_padding_mask=kpm)
     return _FlashAttention.apply(q, k, v, bool(causal), scale, float(dropout_p), _window(window),
                                  None if softcap is None else float(softcap), key_padding_mask, cu_seqlens,
                                  max_seqlen or longest)

@@ -216,3 +216,32 @@ def test_bad_input(kwargs, match):
         extra["dropout_p"] = kwargs["dropout_p"]
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v, **extra)
+
+
+DECODE_CASES = [  # (B, Hq, Hkv, T, S, D, options): few query rows per kv head, a longer KV cache
+    (2, 4, 1, 1, 150, 32, {"causal": True}),
+    (1, 8, 2, 3, 97, 40, {"causal": True, "window": (20, -1), "softcap": 4.0}),
+    (2, 2, 2, 1, 80, 16, {"causal": True, "kpm": True}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_ids)
+@pytest.mark.parametrize("n_splits", [None, 1, 3])
+def test_flash_decoding(device, case, n_splits, use_backend, monkeypatch):
+    """Split-K decoding (no grad) equals the reference, for any number of key splits."""
+    from fastnlg.kernels import attention as kern
+
+    use_backend("triton")
+    B, Hq, Hkv, T, S, D, kw = _split(case, device)
+    q, k, v, _ = _inputs(B, Hq, Hkv, T, S, D, device, torch.float32)
+    assert kern.decode_eligible(q, k, 0.0, None)
+    calls = []
+    decode = kern.decode
+    monkeypatch.setattr(kern, "decode", lambda *a, **k_: calls.append(1) or decode(*a, **k_, n_splits=n_splits))
+    with torch.no_grad():
+        out = flash_attention(q, k, v, **kw)
+    assert calls
+    ref = attention_reference(q.double(), k.double(), v.double(), **kw)
+    low = _eager_lowp(q, k, v, **kw)
+    assert_by_rule("out", out, low, ref, torch.float32)

@@ -174,6 +174,23 @@ def _check(q, k, v, causal, softmax_scale, dropout_p, window, softcap, key_paddi
     return None
 
 
+def _sdpa(q, k, v, causal, scale, dropout_p, window, key_padding_mask, cu_seqlens):
+    """The torch backend (CPU default): PyTorch SDPA with the spec's mask. Rows that see no key get an
+    all-true mask row (no NaN in forward or backward) and a zeroed output, as the spec says."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    plain = window is None and key_padding_mask is None and cu_seqlens is None and (not causal or T == S)
+    if plain:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                                                scale=scale, enable_gqa=gqa)
+    ok = visible_mask(T, S, causal=causal, window=window, device=q.device, key_padding_mask=key_padding_mask,
+                      cu_seqlens=cu_seqlens)  # (B or 1, 1, T, S)
+    empty = ~ok.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ok | empty, dropout_p=dropout_p,
+                                                           scale=scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, dropout_p, window, softcap, kpm, cu_seqlens, max_seqlen):
@@ -207,8 +224,11 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
                      max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if _backend.choose("flash_attention", q, BACKENDS) == "torch":
-        return attention_reference(q, k, v, causal=causal, softmax_scale=scale, dropout_p=dropout_p, window=window,
-                                   softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+        if softcap is not None or q.dtype == torch.float64:  # SDPA has no softcap; fp64 is the spec itself
+            return attention_reference(q, k, v, causal=causal, softmax_scale=scale, dropout_p=dropout_p,
+                                       window=window, softcap=softcap, key_padding_mask=key_padding_mask,
+                                       cu_seqlens=cu_seqlens)
+        return _sdpa(q, k, v, causal, scale, dropout_p, window, key_padding_mask, cu_seqlens)
     from fastnlg.kernels import attention as kern
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -59,6 +59,8 @@ CASES = [  # (B, Hq, Hkv, T, S, D, options)
     (1, 2, 1, 41, 41, 16, {"causal": True, "varlen": [0, 7, 8, 30, 41]}),
     (2, 4, 2, 23, 23, 24, {"causal": True, "window": (6, -1), "softcap": 3.0, "kpm": True}),
     (1, 2, 2, 1, 37, 16, {"causal": True}),                       # decode row
+    (1, 2, 1, 18, 18, 96, {"causal": True}),                      # D = 96 padded to 128
+    (1, 1, 1, 9, 9, 256, {"causal": False}),                      # the largest head dim
 ]
 
 
@@ -245,3 +247,22 @@ def test_flash_decoding(device, case, n_splits, use_backend, monkeypatch):
     ref = attention_reference(q.double(), k.double(), v.double(), **kw)
     low = _eager_lowp(q, k, v, **kw)
     assert_by_rule("out", out, low, ref, torch.float32)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "softcap" not in c[6]], ids=_ids)
+def test_torch_backend_sdpa_path(case, use_backend):
+    """The CPU default (SDPA with the spec's mask) against the fp64 spec, gradients included."""
+    use_backend("torch")
+    B, Hq, Hkv, T, S, D, kw = _split(case, "cpu")
+    q64, k64, v64, do64 = _inputs(B, Hq, Hkv, T, S, D, "cpu")
+    ours_in = [t.float().requires_grad_() for t in (q64, k64, v64)]
+    out = flash_attention(*ours_in, **kw)
+    ours = (out, *torch.autograd.grad(out, ours_in, do64.float()))
+    ref_in = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    ref_o = attention_reference(*ref_in, **kw)
+    ref = (ref_o, *torch.autograd.grad(ref_o, ref_in, do64))
+    low_in = [t.float().requires_grad_() for t in (q64, k64, v64)]
+    low_o = _eager_lowp(*low_in, **kw)
+    low = (low_o, *torch.autograd.grad(low_o, low_in, do64.float()))
+    for name, o, l, r in zip(("out", "dq", "dk", "dv"), ours, low, ref):
+        assert_by_rule(name, o, l, r, torch.float32)

@@ -1,0 +1,108 @@
+"""NF4 against bitsandbytes (which runs on CPU here): packed bytes, absmax and double-quant statistics,
+dequantisation, Params4bit round trips, safetensors, bad input."""
+import pytest
+import torch
+
+from fastnlg.quant import NF4Weight, quantize_nf4
+from fastnlg.quant.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_8bit_reference, quantize_8bit_reference
+
+bnb = pytest.importorskip("bitsandbytes")
+bf = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [((64, 96), 64), ((256, 1024), 64), ((333, 6), 128), ((4096 * 3 + 6,), 4096), ((40, 50), 256),
+          ((2, 11008), 512), ((7, 2), 64)]  # real and odd shapes, every block size family, short last blocks
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+
+def test_codes_are_bitsandbytes_codes():
+    assert torch.equal(NF4_CODE, bf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(DYNAMIC_CODE, bf.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,blocksize", SHAPES, ids=str)
+def test_single_quant_equals_bitsandbytes(shape, blocksize, dtype):
+    W = _weight(shape, dtype)
+    packed, state = bf.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+    ours = quantize_nf4(W, blocksize=blocksize, double_quant=False)
+    assert torch.equal(ours.packed, packed.reshape(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    torch.testing.assert_close(ours.dequantize().reshape(-1), bf.dequantize_4bit(packed, state).reshape(-1),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,blocksize", SHAPES, ids=str)
+def test_double_quant_matches_bitsandbytes(shape, blocksize):
+    """Packed bytes, offset and the 8-bit blocks' scales are equal. The 8-bit absmax codes are bitsandbytes'
+    except where its CPU search (BinSearch) leaves round-to-nearest: there ours is the nearest code, so the
+    decoded absmax is never further from the true one than theirs."""
+    W = _weight(shape, torch.bfloat16)
+    packed, state = bf.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    ours = quantize_nf4(W, blocksize=blocksize, double_quant=True)
+    assert torch.equal(ours.packed, packed.reshape(-1))
+    assert torch.equal(ours.offset, state.offset)
+    assert torch.equal(ours.absmax2, state.state2.absmax)
+    scaled = state.state2.absmax.repeat_interleave(256)[: ours.absmax.numel()] > 0  # 0/0 blocks: any code
+    same = (ours.absmax == state.absmax)[scaled].float().mean().item() if scaled.any() else 1.0
+    assert same > 0.98, same
+    exact = quantize_nf4(W, blocksize=blocksize, double_quant=False).absmax
+    theirs = dequantize_8bit_reference(state.absmax, state.state2.absmax) + state.offset
+    assert torch.all((ours.absmax_fp32() - exact).abs() <= (theirs - exact).abs() + 1e-9)
+
+
+def test_8bit_quant_is_round_to_nearest():
+    x = torch.randn(256 * 4)
+    q, scale = quantize_8bit_reference(x)
+    normed = x.reshape(-1, 256) / scale[:, None]
+    err = (DYNAMIC_CODE[q.long()].reshape(-1, 256) - normed).abs()
+    best = (DYNAMIC_CODE[None, None, :] - normed[..., None]).abs().amin(-1)
+    assert torch.equal(err, best)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bnb_params_round_trip(double_quant):
+    """bitsandbytes Params4bit -> NF4Weight -> Params4bit is lossless, and dequantises identically."""
+    W = _weight((128, 256), torch.bfloat16)
+    param = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", blocksize=64,
+                              compress_statistics=double_quant)._quantize("cpu")
+    ours = NF4Weight.from_bnb(param)
+    torch.testing.assert_close(ours.dequantize(), bf.dequantize_4bit(param.data, param.quant_state), rtol=0, atol=0)
+    back = ours.to_bnb()
+    assert torch.equal(back.data, param.data)
+    torch.testing.assert_close(bf.dequantize_4bit(back.data, back.quant_state), ours.dequantize(), rtol=0, atol=0)
+    mine = quantize_nf4(W, 64, double_quant).to_bnb()  # ours -> bitsandbytes dequantises it right
+    torch.testing.assert_close(bf.dequantize_4bit(mine.data, mine.quant_state),
+                               quantize_nf4(W, 64, double_quant).dequantize(), rtol=0, atol=0)
+
+
+def test_safetensors_round_trip(tmp_path):
+    w = quantize_nf4(_weight((64, 128), torch.float16), 64, True)
+    path = tmp_path / "w.safetensors"
+    w.save(str(path))
+    back = NF4Weight.load(str(path))
+    assert back.shape == w.shape and back.dtype == w.dtype and back.blocksize == 64 and back.double_quant
+    assert torch.equal(back.dequantize(), w.dequantize())
+
+
+def test_dequantize_error_is_bounded():
+    """Each element is within half an NF4 step (the widest gap, 0.3038) of its block's absmax."""
+    W = _weight((64, 64), torch.float32)
+    w = quantize_nf4(W, 64, False)
+    err = (w.dequantize() - W).abs().reshape(-1, 64)
+    assert torch.all(err <= 0.5 * 0.3039 * w.absmax[:, None])
+
+
+@pytest.mark.parametrize("W,blocksize,match", [
+    (torch.zeros(3, 5), 64, r"15 elements .* multiple of 2"),
+    (torch.zeros(4, 4), 100, r"blocksize must be one of"),
+    (torch.zeros(4, 4, dtype=torch.float64), 64, r"dtype torch.float64"),
+    (torch.tensor([[0.0, 1.0], [float("nan"), 2.0]]), 64, r"NaN/Inf \(first at index \(1, 0\): nan\)"),
+    (torch.tensor([0.0, float("inf")]), 64, r"NaN/Inf \(first at index \(1,\): inf\)"),
+])
+def test_bad_input(W, blocksize, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_nf4(W, blocksize)

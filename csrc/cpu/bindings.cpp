@@ -50,6 +50,12 @@ PYBIND11_MODULE(_C, m) {
         DISPATCH(d, fastnlg::cross_entropy_fwd<T>(P<T>(x), P<const int64_t>(labels), P<const T>(scale), P<T>(loss),
                                                   P<T>(lse), N, V, stride, ignore_index, eps, softcap, z_loss));
     }, nogil);
+    m.def("nf4_quantize", [](ptr x, ptr packed, ptr absmax, int64_t n, int64_t bs) {
+        fastnlg::nf4_quantize(P<const float>(x), P<unsigned char>(packed), P<float>(absmax), n, bs);
+    }, nogil);
+    m.def("nf4_dequantize", [](ptr packed, ptr absmax, ptr out, int64_t n, int64_t bs) {
+        fastnlg::nf4_dequantize(P<const unsigned char>(packed), P<const float>(absmax), P<float>(out), n, bs);
+    }, nogil);
     m.attr("GLU_SWIGLU") = fastnlg::GLU_SWIGLU;
     m.attr("GLU_GEGLU_TANH") = fastnlg::GLU_GEGLU_TANH;
     m.attr("GLU_GEGLU_ERF") = fastnlg::GLU_GEGLU_ERF;

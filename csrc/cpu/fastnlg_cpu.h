@@ -17,6 +17,9 @@ template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const 
                                             double softcap, double z_loss);
 template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
 
+void nf4_quantize(const float* x, unsigned char* packed, float* absmax, int64_t n, int64_t blocksize);
+void nf4_dequantize(const unsigned char* packed, const float* absmax, float* out, int64_t n, int64_t blocksize);
+
 // glu kinds
 constexpr int GLU_SWIGLU = 0, GLU_GEGLU_TANH = 1, GLU_GEGLU_ERF = 2;
 

@@ -51,19 +51,24 @@ extensions = [cpu_extension()]
 if os.environ.get("FASTNLG_BUILD_CUDA") == "1":
     if shutil.which("nvcc") is None:
         raise RuntimeError("FASTNLG_BUILD_CUDA=1 but nvcc is not on PATH")
-    cuda_home = os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+    # nvcc may be a wrapper script: its dry run names the include folder it really uses
+    dry = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull], capture_output=True, text=True).stderr
+    found = [line.split('INCLUDES="-I', 1)[1].split('"', 1)[0] for line in dry.splitlines() if 'INCLUDES="-I' in line]
+    cuda_include = os.path.normpath(found[0]) if found else os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                                        "include")
+    cuda_libs = [os.path.normpath(os.path.join(cuda_include, "..", d)) for d in ("lib", "lib64")]
     extensions.append(
         Pybind11Extension(
             "fastnlg._C_cuda",
             ["csrc/cuda/bindings_cuda.cpp"],
-            include_dirs=[os.path.join(cuda_home, "include")],
-            library_dirs=[os.path.join(cuda_home, "lib64")],
+            include_dirs=[cuda_include, "csrc/cuda"],
+            library_dirs=[d for d in cuda_libs if os.path.isdir(d)],
             cxx_std=17,
         )
     )
 
 setup(
-    packages=["fastnlg", "fastnlg.ops", "fastnlg.nn", "fastnlg.kernels"],
+    packages=["fastnlg", "fastnlg.ops", "fastnlg.nn", "fastnlg.quant", "fastnlg.kernels"],
     package_dir={"fastnlg.kernels": "kernels"},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExtWithCuda},

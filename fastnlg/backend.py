@@ -39,6 +39,15 @@ def has_cpp() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def has_cuda_ext() -> bool:
+    try:
+        from fastnlg import _C_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def requested_backend() -> str | None:
     value = os.environ.get("FASTNLG_BACKEND", "").strip().lower()
     if not value:
@@ -68,6 +77,8 @@ def _unusable_reason(backend: str, tensor: torch.Tensor) -> str | None:
     elif backend == "cuda":
         if device.type != "cuda":
             return f"the CUDA backend runs on CUDA tensors (got {device})"
+        if not has_cuda_ext():
+            return "the CUDA extension fastnlg._C_cuda is not built (FASTNLG_BUILD_CUDA=1 pip install -e .)"
     return None
 
 

@@ -14,3 +14,15 @@ for src in "${srcs[@]}"; do
     echo "ok: $src sm_$arch"
   done
 done
+# the host-side bindings: a syntax check against pybind11 and the CUDA headers
+py=${PYTHON:-python3}
+if incs=$("$py" -m pybind11 --includes 2>/dev/null); then
+  # nvcc may be a wrapper script: ask it where its headers are (the dry run prints its INCLUDES)
+  cuda_inc=$(nvcc --dryrun -x cu -c /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
+  cuda_inc=${cuda_inc%/}
+  [ -n "$cuda_inc" ] && [ -f "$cuda_inc/cuda_runtime.h" ] || cuda_inc="${CUDA_HOME:-/usr/local/cuda}/include"
+  for src in csrc/cuda/*.cpp; do
+    g++ -std=c++17 -fsyntax-only $incs -I"$cuda_inc" "$src" || { echo "FAILED: $src"; exit 1; }
+    echo "ok: $src (host syntax)"
+  done
+fi

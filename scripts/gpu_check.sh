@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
 $PY -m pip install -q pybind11 pytest pytest-benchmark matplotlib "numpy<2.4" 2>&1 | tail -1
-$PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
+if command -v nvcc >/dev/null; then  # the CUDA kernels too (csrc/cuda), so the gpu tier tests them
+  FASTNLG_BUILD_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
+else
+  $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -1
+fi
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 out=benchmarks/results/${gpu}-$(date -u +%Y%m%d)
 mkdir -p "$out"

@@ -1,5 +1,6 @@
 """The C++ CPU extension is built and is the default CPU backend where it exists."""
 import os
+import sys
 
 import pytest
 import torch
@@ -47,5 +48,23 @@ def test_nvcc_compiles_cuda_sources():
         pytest.skip("nvcc not on PATH")
     if not sources:
         pytest.skip("csrc/cuda has no CUDA sources yet")
-    proc = subprocess.run(["bash", os.path.join(root, "scripts", "check_nvcc.sh")], capture_output=True, text=True)
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "check_nvcc.sh")], capture_output=True, text=True,
+                          env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_cuda_extension_builds_and_links(tmp_path):
+    """FASTNLG_BUILD_CUDA=1 builds fastnlg._C_cuda (nvcc objects + pybind11 bindings, linked to cudart)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env = dict(os.environ, FASTNLG_BUILD_CUDA="1")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "t"), "--build-lib",
+                           str(tmp_path / "lib")], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list((tmp_path / "lib" / "fastnlg").glob("_C_cuda*.so"))

@@ -119,3 +119,28 @@ def test_dequantize_error_is_bounded():
 def test_bad_input(W, blocksize, match):
     with pytest.raises(ValueError, match=match):
         quantize_nf4(W, blocksize)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_dequantize_and_gemv(dtype, use_backend):
+    """csrc/cuda/nf4.cu (built with FASTNLG_BUILD_CUDA=1): dequantise equals the reference bit for bit, and
+    the GEMV equals x @ dequantised W^T within fp32-accumulation rounding."""
+    from fastnlg import backend
+    from fastnlg.quant import _backends
+
+    if not backend.has_cuda_ext():
+        pytest.skip("fastnlg._C_cuda not built")
+    W = _weight((512, 1024), dtype).cuda()
+    w = quantize_nf4(W, 64, True)
+    use_backend("cuda")
+    deq = w.dequantize()
+    use_backend("torch")
+    torch.testing.assert_close(deq, w.dequantize(), rtol=0, atol=0)
+    x = torch.randn(1024, device="cuda", dtype=dtype)
+    use_backend("cuda")
+    y = _backends.gemv(x, w)
+    ref = x.double() @ deq.double().t()
+    low = (x @ deq.t()).double()
+    assert (y.double() - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3 * ref.abs().max()

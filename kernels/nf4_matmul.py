@@ -1,0 +1,126 @@
+"""Matmuls against an NF4 weight W (out, in) dequantised tile by tile in registers (never whole in memory).
+
+W element (n, k) is e = n * in + k: byte e // 2 (high nibble when e is even), scale absmax[e // BS]:
+    w(n, k) = CODE[q(e)] * absmax[e // BS], cast to the activation dtype (as dequantise-then-matmul does).
+nt: Y (M, out) = X (M, in) W^T (+ bias)     grid (M / BLOCK_M, out / BLOCK_N), loop over in in BLOCK_K tiles
+nn: DX (M, in) = DY (M, out) W              grid (M / BLOCK_M, in / BLOCK_K), loop over out in BLOCK_N tiles
+fp32 accumulation; the packed weight is read once per (row block of X, tile).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import TRITON_DTYPE
+
+CONFIGS = {torch.bfloat16: (64, 64, 64, 8, 3), torch.float16: (64, 64, 64, 8, 3), torch.float32: (32, 32, 32, 4, 2)}
+INTERPRET_BLOCK = 16
+
+
+@triton.jit
+def _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS: tl.constexpr):
+    """(len(offs_n), len(offs_k)) fp32 tile of the dequantised weight (0 outside the matrix)."""
+    ok = (offs_n[:, None] < n_out) & (offs_k[None, :] < n_in)
+    e = offs_n[:, None] * n_in + offs_k[None, :]  # int32: the launcher checks out * in < 2^31
+    byte = tl.load(PACKED + e // 2, mask=ok, other=0).to(tl.int32)
+    q = (byte >> ((1 - (e % 2)) * 4).to(tl.int32)) & 15
+    scale = tl.load(ABSMAX + e // BS, mask=ok, other=0.0)
+    return tl.load(CODE + q) * scale
+
+
+@triton.jit
+def nf4_matmul_nt_kernel(X, PACKED, ABSMAX, CODE, BIAS, Y, M, n_out, n_in, sxm, sym,
+                         HAS_BIAS: tl.constexpr, BS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in), other=0.0)
+        w = _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < n_out, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_out))
+
+
+@triton.jit
+def nf4_matmul_nn_kernel(DY, PACKED, ABSMAX, CODE, DX, M, n_out, n_in, sdym, sdxm, BS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, n_out, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(DY + offs_m[:, None].to(tl.int64) * sdym + offs_n[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_out), other=0.0)
+        w = _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS).to(dy.dtype)
+        acc += tl.dot(dy, w)
+    tl.store(DX + offs_m[:, None].to(tl.int64) * sdxm + offs_k[None, :], acc.to(DX.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in))
+
+
+def _config(dtype):
+    from fastnlg.backend import triton_interpret
+
+    if triton_interpret():
+        return INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
+    return CONFIGS[dtype]
+
+
+def _tables(w):
+    from fastnlg.quant.nf4 import NF4_CODE
+
+    if w.shape[0] * w.shape[1] >= 2**31:
+        raise ValueError(f"nf4 matmul: weight {tuple(w.shape)} has 2^31 or more elements (int32 indexing)")
+
+    return w.packed.contiguous(), w.absmax_fp32().float().contiguous(), NF4_CODE.to(w.device)
+
+
+def matmul_nt(x2: torch.Tensor, w, bias=None) -> torch.Tensor:
+    """x2 (M, in), unit column stride -> (M, out) = x2 W^T (+ bias)."""
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    M, (n_out, n_in) = x2.shape[0], w.shape
+    y = torch.empty(M, n_out, dtype=x2.dtype, device=x2.device)
+    bm, bn, bk, warps, stages = _config(x2.dtype)
+    packed, absmax, code = _tables(w)
+    nf4_matmul_nt_kernel[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
+        x2, packed, absmax, code, bias if bias is not None else y, y, M, n_out, n_in, x2.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BS=w.blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
+    return y
+
+
+def matmul_nn(dy2: torch.Tensor, w) -> torch.Tensor:
+    """dy2 (M, out) -> (M, in) = dy2 W."""
+    dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+    M, (n_out, n_in) = dy2.shape[0], w.shape
+    dx = torch.empty(M, n_in, dtype=dy2.dtype, device=dy2.device)
+    bm, bn, bk, warps, stages = _config(dy2.dtype)
+    packed, absmax, code = _tables(w)
+    nf4_matmul_nn_kernel[(triton.cdiv(M, bm), triton.cdiv(n_in, bk))](
+        dy2, packed, absmax, code, dx, M, n_out, n_in, dy2.stride(0), dx.stride(0), BS=w.blocksize,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return dx
+
+
+def _specs():
+    specs = []
+    for dtype, (bm, bn, bk, warps, stages) in CONFIGS.items():
+        t = "*" + TRITON_DTYPE[dtype]
+        common = {"PACKED": "*u8", "ABSMAX": "*fp32", "CODE": "*fp32", "M": "i32", "n_out": "i32", "n_in": "i32",
+                  "BS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
+                      "signature": {"X": t, "BIAS": t, "Y": t, "sxm": "i32", "sym": "i32", "HAS_BIAS": "constexpr",
+                                    **common},
+                      "constexprs": {"HAS_BIAS": True, **blocks}})
+        specs.append({"kernel": nf4_matmul_nn_kernel, "num_warps": warps, "num_stages": stages,
+                      "signature": {"DY": t, "DX": t, "sdym": "i32", "sdxm": "i32", **common},
+                      "constexprs": blocks})
+    return specs
+
+
+AOT_SPECS = _specs()

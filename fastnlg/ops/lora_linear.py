@@ -28,22 +28,29 @@ def _is_nf4(weight) -> bool:
     return isinstance(weight, NF4Weight)
 
 
-def _dequant_rows(weight, r0: int, r1: int, dtype) -> torch.Tensor:
-    """Rows [r0, r1) of an NF4 weight (out, in), dequantised (elements e = row * in + col, any alignment)."""
+def _dequant_rows(weight, absmax, r0: int, r1: int, dtype) -> torch.Tensor:
+    """Rows [r0, r1) of an NF4 weight (out, in) with its fp32 absmax, dequantised. Rows that start and end on
+    block boundaries run the NF4 dequantise backend (C++ on CPU); others index element by element."""
+    from ..quant import NF4Weight
     from ..quant.nf4 import NF4_CODE
 
-    cols = weight.shape[1]
-    e = torch.arange(r0 * cols, r1 * cols, device=weight.device)
+    cols, bs = weight.shape[1], weight.blocksize
+    e0, e1 = r0 * cols, r1 * cols
+    if e0 % bs == 0 and (e1 % bs == 0 or r1 == weight.shape[0]):
+        part = NF4Weight(weight.packed[e0 // 2: e1 // 2], absmax[e0 // bs: -(-e1 // bs)], (r1 - r0, cols), dtype, bs)
+        return part.dequantize(dtype)
+    e = torch.arange(e0, e1, device=weight.device)
     byte = weight.packed[e // 2].long()
     q = torch.where(e % 2 == 0, byte >> 4, byte & 0xF)
-    vals = NF4_CODE.to(weight.device)[q] * weight.absmax_fp32()[e // weight.blocksize]
-    return vals.reshape(r1 - r0, cols).to(dtype)
+    return (NF4_CODE.to(weight.device)[q] * absmax[e // bs]).reshape(r1 - r0, cols).to(dtype)
 
 
 def _row_chunks(weight, dtype):
+    """Row blocks of at most DEQUANT_CHUNK_BYTES, with the fp32 absmax decoded once."""
     rows, cols = weight.shape
     per = max(1, DEQUANT_CHUNK_BYTES // max(1, cols * (torch.finfo(dtype).bits // 8 + 16)))
-    return [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
+    absmax = weight.absmax_fp32().float()
+    return [(absmax, r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
 
 
 def base_matmul(x2, weight, bias=None):
@@ -55,8 +62,8 @@ def base_matmul(x2, weight, bias=None):
 
         return nf4_matmul.matmul_nt(x2, weight, bias)
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device)
-    for r0, r1 in _row_chunks(weight, x2.dtype):
-        torch.matmul(x2, _dequant_rows(weight, r0, r1, x2.dtype).t(), out=y[:, r0:r1])
+    for absmax, r0, r1 in _row_chunks(weight, x2.dtype):
+        torch.matmul(x2, _dequant_rows(weight, absmax, r0, r1, x2.dtype).t(), out=y[:, r0:r1])
     if bias is not None:
         y += bias
     return y
@@ -71,8 +78,8 @@ def base_matmul_t(dy2, weight):
 
         return nf4_matmul.matmul_nn(dy2, weight)
     dx = torch.zeros(dy2.shape[0], weight.shape[1], dtype=dy2.dtype, device=dy2.device)
-    for r0, r1 in _row_chunks(weight, dy2.dtype):
-        dx.addmm_(dy2[:, r0:r1], _dequant_rows(weight, r0, r1, dy2.dtype))
+    for absmax, r0, r1 in _row_chunks(weight, dy2.dtype):
+        dx.addmm_(dy2[:, r0:r1], _dequant_rows(weight, absmax, r0, r1, dy2.dtype))
     return dx
 
 

@@ -147,3 +147,20 @@ def test_bad_input(kwargs, match):
     bias = torch.randn(*kwargs["bias"]) if "bias" in kwargs else None
     with pytest.raises(ValueError, match=match):
         lora_linear(x, W, A, B, scaling=1.0, bias=bias, dropout_p=kwargs.get("dropout_p", 0.0))
+
+
+def test_nf4_row_chunks_any_alignment(monkeypatch, use_backend):
+    """The CPU NF4 path dequantises row blocks: aligned ones through the NF4 backend, straddling ones element
+    by element; both equal the whole dequantised weight."""
+    import importlib
+
+    mod = importlib.import_module("fastnlg.ops.lora_linear")  # the module (fastnlg.ops.lora_linear is the function)
+
+    use_backend("torch")
+    monkeypatch.setattr(mod, "DEQUANT_CHUNK_BYTES", 3 * 40 * 20)  # ~3 rows per chunk: blocks straddle rows
+    W = torch.randn(10, 40)
+    w = quantize_nf4(W, 64, False)
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(mod.base_matmul(x, w), x @ w.dequantize().t())
+    dy = torch.randn(4, 10)
+    torch.testing.assert_close(mod.base_matmul_t(dy, w), dy @ w.dequantize())

@@ -32,6 +32,18 @@ INTERPRET_BLOCK = 16  # small blocks under TRITON_INTERPRET so CPU tests cross s
 
 
 @triton.jit
+def _head(P, b, h, stride_b, stride_h):
+    """Base pointer of (batch b, head h) in a (B, H, rows, D) tensor."""
+    return P + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _rows(base, rows, stride, offs_d):
+    """(len(rows), BLOCK_D) pointers to base[rows, offs_d]."""
+    return base + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
+
+
+@triton.jit
 def _softcap(s, softcap, HAS_SOFTCAP: tl.constexpr):
     """softcap * tanh(s / softcap), tanh(u) = 2 sigmoid(2u) - 1 (single return; see cross_entropy.py)."""
     z = s
@@ -110,10 +122,10 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-        q = tl.load(q_ptr + (row0 + offs_m)[:, None].to(tl.int64) * sqt + offs_d[None, :],
+        q_ptr = _head(Q, b, h, sqb, sqh)
+        k_ptr = _head(K, b, hk, skb, skh)
+        v_ptr = _head(V, b, hk, svb, svh)
+        q = tl.load(_rows(q_ptr, row0 + offs_m, sqt, offs_d),
                     mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -122,7 +134,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < k_len) & d_ok[None, :]
-            k = tl.load(k_ptr + (row0 + offs_n)[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_ok, other=0.0)
+            k = tl.load(_rows(k_ptr, row0 + offs_n, skt, offs_d), mask=kv_ok, other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N) fp32
             s = _softcap(s, softcap, HAS_SOFTCAP)
             ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
@@ -136,16 +148,16 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh, row0 + offs_m, row0 + offs_n, S, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(v_ptr + (row0 + offs_n)[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(_rows(v_ptr, row0 + offs_n, svt, offs_d), mask=kv_ok, other=0.0)
             acc += tl.dot(p.to(v.dtype), v)
             m_i = m_new
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
         row_ok = offs_m < q_len
-        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + (row0 + offs_m)[:, None].to(tl.int64) * sot
-                 + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + row0 + offs_m, lse, mask=row_ok)
+        tl.store(_rows(_head(O, b, h, sob, soh), row0 + offs_m, sot, offs_d), o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(_head(LSE, b, h, slb, slh) + row0 + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -180,10 +192,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU,
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         kv_ok = (offs_n[:, None] < k_len) & d_ok[None, :]
-        k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + (row0 + offs_n)[:, None].to(tl.int64) * skt
-                    + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + (row0 + offs_n)[:, None].to(tl.int64) * svt
-                    + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(_rows(_head(K, b, hk, skb, skh), row0 + offs_n, skt, offs_d), mask=kv_ok, other=0.0)
+        v = tl.load(_rows(_head(V, b, hk, svb, svh), row0 + offs_n, svt, offs_d), mask=kv_ok, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # query rows that can see keys n0 .. n0 + BLOCK_N - 1 (inverse of _key_range)
@@ -196,15 +206,15 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU,
         hi = tl.where(left >= 0, tl.minimum(q_len, n0 + BLOCK_N + left - off), q_len)
         for g in range(0, GROUP):
             h = hk * GROUP + g
-            q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-            do_ptr = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+            q_ptr = _head(Q, b, h, sqb, sqh)
+            do_ptr = _head(DO, b, h, sdob, sdoh)
             l_ptr = b.to(tl.int64) * slb + h.to(tl.int64) * slh + row0
             bh = b_prog * (Hkv * GROUP) + h
             for m0 in range(lo, hi, BLOCK_M):
                 offs_m = m0 + tl.arange(0, BLOCK_M)
                 q_ok = (offs_m[:, None] < q_len) & d_ok[None, :]
-                q = tl.load(q_ptr + (row0 + offs_m)[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_ok, other=0.0)
-                do = tl.load(do_ptr + (row0 + offs_m)[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_ok,
+                q = tl.load(_rows(q_ptr, row0 + offs_m, sqt, offs_d), mask=q_ok, other=0.0)
+                do = tl.load(_rows(do_ptr, row0 + offs_m, sdot, offs_d), mask=q_ok,
                              other=0.0)
                 lse = tl.load(LSE + l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
                 delta = tl.load(DELTA + l_ptr + offs_m, mask=offs_m < q_len, other=0.0)
@@ -222,10 +232,10 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU,
                     ds = ds * dcap
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q)
         dk = dk * scale
-        tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + (row0 + offs_n)[:, None].to(tl.int64) * sdkt
-                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + (row0 + offs_n)[:, None].to(tl.int64) * sdvt
-                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
+        tl.store(_rows(_head(DK, b, hk, sdkb, sdkh), row0 + offs_n, sdkt, offs_d), dk.to(DK.dtype.element_ty),
+                 mask=kv_ok)
+        tl.store(_rows(_head(DV, b, hk, sdvb, sdvh), row0 + offs_n, sdvt, offs_d), dv.to(DV.dtype.element_ty),
+                 mask=kv_ok)
 
 
 @triton.jit
@@ -247,22 +257,20 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU,
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         q_ok = (offs_m[:, None] < q_len) & d_ok[None, :]
-        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (row0 + offs_m)[:, None].to(tl.int64) * sqt
-                    + offs_d[None, :], mask=q_ok, other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + (row0 + offs_m)[:, None].to(tl.int64) * sdot
-                     + offs_d[None, :], mask=q_ok, other=0.0)
+        q = tl.load(_rows(_head(Q, b, h, sqb, sqh), row0 + offs_m, sqt, offs_d), mask=q_ok, other=0.0)
+        do = tl.load(_rows(_head(DO, b, h, sdob, sdoh), row0 + offs_m, sdot, offs_d), mask=q_ok, other=0.0)
         l_ptr = b.to(tl.int64) * slb + h.to(tl.int64) * slh + row0
         lse = tl.load(LSE + l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
         delta = tl.load(DELTA + l_ptr + offs_m, mask=offs_m < q_len, other=0.0)
-        k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        k_ptr = _head(K, b, hk, skb, skh)
+        v_ptr = _head(V, b, hk, svb, svh)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         lo, hi = _key_range(m0, q_len, k_len, left, right, BLOCK_M, BLOCK_N, CAUSAL)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < k_len) & d_ok[None, :]
-            k = tl.load(k_ptr + (row0 + offs_n)[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_ptr + (row0 + offs_n)[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_ok, other=0.0)
+            k = tl.load(_rows(k_ptr, row0 + offs_n, skt, offs_d), mask=kv_ok, other=0.0)
+            v = tl.load(_rows(v_ptr, row0 + offs_n, svt, offs_d), mask=kv_ok, other=0.0)
             p, dcap = _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM,
                                   b.to(tl.int64) * skpm, lse, CAUSAL, HAS_SOFTCAP, HAS_KPM)
             dp = tl.dot(do, tl.trans(v))
@@ -274,8 +282,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU,
                 ds = ds * dcap
             dq += tl.dot(ds.to(k.dtype), k)
         dq = dq * scale
-        tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + (row0 + offs_m)[:, None].to(tl.int64) * sdqt
-                 + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok)
+        tl.store(_rows(_head(DQ, b, h, sdqb, sdqh), row0 + offs_m, sdqt, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
 def _config_table(backward, dtype):
@@ -370,8 +377,8 @@ def attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KPM,
     h = hk * GROUP + g
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + i[:, None] * sqt + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_ptr = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_ptr = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    k_ptr = _head(K, b, hk, skb, skh)
+    v_ptr = _head(V, b, hk, svb, svh)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -381,7 +388,7 @@ def attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KPM,
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < hi) & d_ok[None, :]
-        k = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = tl.load(_rows(k_ptr, offs_n, skt, offs_d), mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
         s = _softcap(s, softcap, HAS_SOFTCAP)
         ok = _visible(i, offs_n, T, S, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
@@ -392,7 +399,7 @@ def attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KPM,
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(_rows(v_ptr, offs_n, svt, offs_d), mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     empty = l_i == 0.0

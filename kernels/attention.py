@@ -99,6 +99,16 @@ def _seq_bounds(CU, b, T, S, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_program(CU, T, S, Hq, GROUP, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (query block, batch-or-sequence x query head) program works on: (pid_bh, tensor batch index,
+    query head, kv head, first row, q_len, k_len, first query row of the block)."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    b, row0, q_len, k_len = _seq_bounds(CU, pid_bh // Hq, T, S, IS_VARLEN)
+    return pid_bh, b, h, h // GROUP, row0, q_len, k_len, tl.program_id(0) * BLOCK_M
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, cols, s_total, dropout_p):
     offsets = rows[:, None] * s_total + cols[None, :]
     return tl.rand(seed + bh, offsets) >= dropout_p
@@ -111,13 +121,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
                     CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                     IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b_prog = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    b, row0, q_len, k_len = _seq_bounds(CU, b_prog, T, S, IS_VARLEN)
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, row0, q_len, k_len, m0 = _query_program(CU, T, S, Hq, GROUP, BLOCK_M, IS_VARLEN)
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -245,13 +249,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU,
                        CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                        IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b_prog = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GROUP
-    b, row0, q_len, k_len = _seq_bounds(CU, b_prog, T, S, IS_VARLEN)
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, row0, q_len, k_len, m0 = _query_program(CU, T, S, Hq, GROUP, BLOCK_M, IS_VARLEN)
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)

@@ -2,7 +2,8 @@
 
 W element (n, k) is e = n * in + k: byte e // 2 (high nibble when e is even), scale absmax[e // BS]:
     w(n, k) = CODE[q(e)] * absmax[e // BS], cast to the activation dtype (as dequantise-then-matmul does).
-nt: Y (M, out) = X (M, in) W^T (+ bias)     grid (M / BLOCK_M, out / BLOCK_N), loop over in in BLOCK_K tiles
+nt: Y (M, out) = X (M, in) W^T (+ bias) (+ s U B^T: the LoRA branch added in the epilogue, so Y is written
+    once)                                   grid (M / BLOCK_M, out / BLOCK_N), loop over in in BLOCK_K tiles
 nn: DX (M, in) = DY (M, out) W              grid (M / BLOCK_M, in / BLOCK_K), loop over out in BLOCK_N tiles
 fp32 accumulation; the packed weight is read once per (row block of X, tile).
 """
@@ -28,9 +29,9 @@ def _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS: tl.constexpr)
 
 
 @triton.jit
-def nf4_matmul_nt_kernel(X, PACKED, ABSMAX, CODE, BIAS, Y, M, n_out, n_in, sxm, sym,
-                         HAS_BIAS: tl.constexpr, BS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def nf4_matmul_nt_kernel(X, PACKED, ABSMAX, CODE, BIAS, U, LB, Y, M, n_out, n_in, r, sxm, sym, sum_, slb, scaling,
+                         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -42,6 +43,13 @@ def nf4_matmul_nt_kernel(X, PACKED, ABSMAX, CODE, BIAS, Y, M, n_out, n_in, sxm, 
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < n_out, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:  # the LoRA branch in the epilogue: acc += s U B^T, U = d(x) A^T (M, r), B (out, r)
+        offs_r = tl.arange(0, BLOCK_R)
+        u = tl.load(U + offs_m[:, None].to(tl.int64) * sum_ + offs_r[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < r), other=0.0)
+        lb = tl.load(LB + offs_n[:, None].to(tl.int64) * slb + offs_r[None, :],
+                     mask=(offs_n[:, None] < n_out) & (offs_r[None, :] < r), other=0.0)
+        acc += scaling * tl.dot(u, tl.trans(lb))
     tl.store(Y + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_out))
 
@@ -79,17 +87,25 @@ def _tables(w):
     return w.packed.contiguous(), w.absmax_fp32().float().contiguous(), NF4_CODE.to(w.device)
 
 
-def matmul_nt(x2: torch.Tensor, w, bias=None) -> torch.Tensor:
-    """x2 (M, in), unit column stride -> (M, out) = x2 W^T (+ bias)."""
+MAX_RANK = 256  # LoRA ranks the epilogue holds in registers (BLOCK_R = next power of 2 >= r, >= 16)
+
+
+def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=0.0) -> torch.Tensor:
+    """x2 (M, in), unit column stride -> (M, out) = x2 W^T (+ bias) (+ scaling lora_u lora_B^T), written once."""
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     M, (n_out, n_in) = x2.shape[0], w.shape
     y = torch.empty(M, n_out, dtype=x2.dtype, device=x2.device)
     bm, bn, bk, warps, stages = _config(x2.dtype)
     packed, absmax, code = _tables(w)
+    lora = lora_u is not None
+    u = lora_u.contiguous() if lora else y
+    lb = lora_B.contiguous() if lora else y
+    r = lora_u.shape[1] if lora else 1
     nf4_matmul_nt_kernel[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
-        x2, packed, absmax, code, bias if bias is not None else y, y, M, n_out, n_in, x2.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BS=w.blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        num_stages=stages)
+        x2, packed, absmax, code, bias if bias is not None else y, u, lb, y, M, n_out, n_in, r, x2.stride(0),
+        y.stride(0), u.stride(0), lb.stride(0), float(scaling), HAS_BIAS=bias is not None, HAS_LORA=lora,
+        BS=w.blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        num_warps=warps, num_stages=stages)
     return y
 
 
@@ -113,10 +129,13 @@ def _specs():
         common = {"PACKED": "*u8", "ABSMAX": "*fp32", "CODE": "*fp32", "M": "i32", "n_out": "i32", "n_in": "i32",
                   "BS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
         blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-        specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
-                      "signature": {"X": t, "BIAS": t, "Y": t, "sxm": "i32", "sym": "i32", "HAS_BIAS": "constexpr",
-                                    **common},
-                      "constexprs": {"HAS_BIAS": True, **blocks}})
+        for rank in (16, 64, MAX_RANK):  # the LoRA epilogue at the ranks people use, and the largest
+            specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
+                          "signature": {"X": t, "BIAS": t, "U": t, "LB": t, "Y": t, "r": "i32", "sxm": "i32",
+                                        "sym": "i32", "sum_": "i32", "slb": "i32", "scaling": "fp32",
+                                        "HAS_BIAS": "constexpr", "HAS_LORA": "constexpr", "BLOCK_R": "constexpr",
+                                        **common},
+                          "constexprs": {"HAS_BIAS": True, "HAS_LORA": True, "BLOCK_R": rank, **blocks}})
         specs.append({"kernel": nf4_matmul_nn_kernel, "num_warps": warps, "num_stages": stages,
                       "signature": {"DY": t, "DX": t, "sdym": "i32", "sdxm": "i32", **common},
                       "constexprs": blocks})

@@ -9,7 +9,8 @@ Saved for backward (and nothing else): x itself (the caller's tensor: q/k/v proj
 PEFT saves a dropout copy per adapter), u (N x r), the dropout RNG seed (the mask m is regenerated, not
 stored) and the weights. The NF4 base is never dequantised whole: Triton dequantises tile by tile inside the
 matmul (kernels/nf4_matmul.py, on CUDA and under the interpreter) and the torch path (CPU) dequantises
-blocks of output rows of at most DEQUANT_CHUNK_BYTES.
+blocks of output rows of at most DEQUANT_CHUNK_BYTES. On Triton the LoRA term s u B^T is added in the NF4
+matmul's epilogue, so y is written once.
 """
 from __future__ import annotations
 
@@ -69,6 +70,18 @@ def base_matmul(x2, weight, bias=None):
     return y
 
 
+def _base_plus_lora(x2, weight, bias, u, lora_B, scaling):
+    """x2 W^T + b + s u B^T. NF4 on Triton: the LoRA term is added in the matmul's epilogue (y written once);
+    otherwise the base product is followed by an in-place addmm into the same y."""
+    from fastnlg.kernels import nf4_matmul
+
+    if (_is_nf4(weight) and u.shape[1] <= nf4_matmul.MAX_RANK
+            and _backend.choose("lora_linear", x2, BACKENDS) == "triton"):
+        return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
+    y = base_matmul(x2, weight, bias)
+    return y.addmm_(u, lora_B.t(), alpha=scaling)
+
+
 def base_matmul_t(dy2, weight):
     """dy2 (N, out) @ W (out, in) for dense or NF4 W: the base part of dx."""
     if not _is_nf4(weight):
@@ -109,8 +122,7 @@ class _LoRALinear(torch.autograd.Function):
             seed = int(torch.randint(0, 2**62, (1,)).item())
             xd = x2 * _dropout_mask(seed, x2.shape, dropout_p, x2.device) / (1 - dropout_p)
         u = xd @ lora_A.t()  # (N, r)
-        y = base_matmul(x2, weight, bias)
-        y.addmm_(u, lora_B.t(), alpha=scaling)  # the LoRA branch added into y: one output tensor
+        y = _base_plus_lora(x2, weight, bias, u, lora_B, scaling)
         ctx.save_for_backward(x, u, lora_A, lora_B)
         ctx.weight, ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = weight, scaling, dropout_p, seed, bias is not None
         return y.reshape(*lead, y.shape[-1])

@@ -164,3 +164,17 @@ def test_nf4_row_chunks_any_alignment(monkeypatch, use_backend):
     torch.testing.assert_close(mod.base_matmul(x, w), x @ w.dequantize().t())
     dy = torch.randn(4, 10)
     torch.testing.assert_close(mod.base_matmul_t(dy, w), dy @ w.dequantize())
+
+
+def test_triton_nf4_adds_lora_in_the_epilogue(monkeypatch, use_backend):
+    """On Triton the NF4 forward is one kernel writing y once (no separate base matmul + addmm)."""
+    import importlib
+
+    mod = importlib.import_module("fastnlg.ops.lora_linear")
+    use_backend("triton")
+    monkeypatch.setattr(mod, "base_matmul", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not fused")))
+    W, A, B, b = _params(48, 40, 4, torch.float32)
+    w = quantize_nf4(W, 64, True)
+    x = torch.randn(6, 48)
+    y = lora_linear(x, w, A, B, scaling=1.5, bias=b)
+    torch.testing.assert_close(y, lora_linear_reference(x, w, A, B, scaling=1.5, bias=b), rtol=1e-4, atol=1e-5)

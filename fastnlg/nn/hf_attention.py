@@ -84,6 +84,8 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
     T, S = query.shape[2], key.shape[2]
     window = _window(sliding_window)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != S:
+        attention_mask = attention_mask[:, :, :, :S]  # static caches build masks longer than the keys in use
     if attention_mask is None:
         form = (bool(is_causal), None)  # bottom-right causal: a single query row (decode) sees every key
     else:

@@ -113,3 +113,18 @@ def test_mask_conversion_is_not_fooled_by_a_reused_address():
     out2, _ = hf_attention.fastnlg_attention_forward(module, q, k, v, m1, scaling=0.3)
     assert not torch.allclose(out1[0, 2:], out2[0, 2:])
     torch.testing.assert_close(out1[1], out2[1])
+
+
+def test_mask_conversion_is_cached_across_layers(monkeypatch):
+    """All layers share one mask tensor: it is converted (one host sync) once, not once per layer."""
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    calls = []
+    real = hf_attention.visible_mask
+    monkeypatch.setattr(hf_attention, "visible_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tril(torch.ones(5, 5, dtype=torch.bool)).expand(2, 1, 5, 5).clone()
+    mask[0, :, :, :2] = False
+    for _ in range(4):
+        hf_attention.fastnlg_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert len(calls) == 1

@@ -8,7 +8,8 @@ padded) or a 4-D bool mask (B, 1, T, S), True = attend. A 4-D mask is converted 
 causal (bottom-right) or not, the layer's sliding window, and a key padding mask (B, S) - and the conversion
 is verified: the mask rebuilt from that form must equal the given one on every query row that can see a key
 (rows that see none are padding queries; the kernel outputs 0 there). A mask the kernel cannot express (a
-document mask, a prefix-LM mask, ...) runs in a masked eager attention instead, with one logged warning per
+document mask, a prefix-LM mask, ...) runs in the spec's attention under that mask instead
+(`masked_attention_reference`, materialising (T, S)), with one logged warning per
 kind of mask; never silently wrong. The conversion is cached per mask tensor, since all layers share it.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import weakref
 
 import torch
 
-from ..ops.attention import flash_attention, visible_mask
+from ..ops.attention import flash_attention, masked_attention_reference, visible_mask
 
 NAME = "fastnlg"
 logger = logging.getLogger("fastnlg")
@@ -65,18 +66,6 @@ def _as_kernel_mask(mask, T, S, window, is_causal):
     return result
 
 
-def _masked_eager(query, key, value, allowed, scaling, dropout, softcap, training):
-    rep = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    s = torch.matmul(query, k.transpose(-1, -2)).float() * scaling
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~allowed, -float("inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    p = torch.nn.functional.dropout(p, dropout, training=training and dropout > 0)
-    return torch.matmul(p.to(v.dtype), v)
-
-
 def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """Transformers' attention-function contract: q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
@@ -97,8 +86,8 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
             logger.warning("fastnlg attention: this %s mask %s is not causal/window + key padding; running masked "
                            "eager attention for it", attention_mask.dtype, tuple(attention_mask.shape))
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        out = _masked_eager(query, key, value, allowed, scaling or query.shape[-1] ** -0.5, dropout, softcap,
-                            module.training)
+        out = masked_attention_reference(query, key, value, allowed, softmax_scale=scaling, softcap=softcap,
+                                         dropout_p=dropout if module.training else 0.0)
     else:
         causal, kpm = form
         out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,

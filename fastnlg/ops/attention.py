@@ -70,19 +70,26 @@ def attention_reference(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0
                         key_padding_mask=None, cu_seqlens=None, max_seqlen=None, dropout_mask=None):
     """The spec in plain torch (materialises (T, S); fp32 math, fp64 for fp64 inputs). `dropout_mask`
     (B, Hq, T, S) bool is the keep mask to use when dropout_p > 0 (tests pass the kernel's)."""
-    B, Hq, T, D = q.shape
-    S, Hkv = k.shape[2], k.shape[1]
+    ok = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device,
+                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+    return masked_attention_reference(q, k, v, ok, softmax_scale=softmax_scale, softcap=softcap,
+                                      dropout_p=dropout_p, dropout_mask=dropout_mask)
+
+
+def masked_attention_reference(q, k, v, allowed, *, softmax_scale=None, softcap=None, dropout_p=0.0,
+                               dropout_mask=None):
+    """Attention under any bool mask `allowed` (broadcastable to (B, Hq, T, S), True = attend): the spec's
+    arithmetic for a given mask. A row with no allowed key outputs 0."""
+    Hq, D = q.shape[1], q.shape[3]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    rep = Hq // Hkv
+    rep = Hq // k.shape[1]
     kk = k.to(acc).repeat_interleave(rep, dim=1)
     vv = v.to(acc).repeat_interleave(rep, dim=1)
     s = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    ok = visible_mask(T, S, causal=causal, window=window, device=q.device, key_padding_mask=key_padding_mask,
-                      cu_seqlens=cu_seqlens)
-    s = s.masked_fill(~ok, -float("inf"))
+    s = s.masked_fill(~allowed, -float("inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     l = p.sum(-1, keepdim=True)

@@ -58,7 +58,7 @@ def test_logits_and_grads_match_eager(family, pad, backend, use_backend, monkeyp
     calls = []
     kernel = hf_attention.flash_attention
     monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
-    monkeypatch.setattr(hf_attention, "_masked_eager", None)  # the fallback must not be needed here
+    monkeypatch.setattr(hf_attention, "masked_attention_reference", None)  # the fallback must not be needed here
     ref, ours = _models(family)
     ids, mask, labels = _batch(pad)
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)

@@ -26,7 +26,7 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_same_device, check_same_dtype, check_tensor
-from ._dispatch import ptr
+from ._dispatch import native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 REDUCTIONS = ("mean", "sum", "none")
@@ -61,8 +61,7 @@ def _reduce(loss_rows, n_valid, reduction, num_items_in_batch):
     return loss_rows.sum() / torch.clamp(torch.as_tensor(n_valid, device=loss_rows.device), min=1)
 
 
-def _acc(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+_acc = native_dtype  # accumulation dtype: fp64 for fp64 inputs, else fp32
 
 
 def _ce_chunk_torch(logits, labels, scale, ignore_index, eps, softcap, z_loss):
@@ -91,7 +90,7 @@ def _ce_chunk_cpp(logits, labels, scale, ignore_index, eps, softcap, z_loss):
     from fastnlg import _C
 
     acc = _acc(logits)
-    work = logits if logits.dtype == acc and logits.stride(-1) == 1 else logits.to(acc).contiguous()
+    work = logits if logits.dtype == acc and logits.stride(-1) == 1 else to_native(logits, acc)
     n, V = work.shape
     loss = torch.empty(n, dtype=acc)
     lse = torch.empty(n, dtype=acc)

@@ -9,8 +9,8 @@ Saved for backward (and nothing else): x itself (the caller's tensor: q/k/v proj
 PEFT saves a dropout copy per adapter), u (N x r), the dropout RNG seed (the mask m is regenerated, not
 stored) and the weights. The NF4 base is never dequantised whole: Triton dequantises tile by tile inside the
 matmul (kernels/nf4_matmul.py, on CUDA and under the interpreter) and the torch path (CPU) dequantises
-blocks of output rows of at most DEQUANT_CHUNK_BYTES. On Triton the LoRA term s u B^T is added in the NF4
-matmul's epilogue, so y is written once.
+blocks of output rows of at most DEQUANT_CHUNK_BYTES through the NF4 dequantise backend. On Triton the LoRA
+term s u B^T is added in the NF4 matmul's epilogue, so y is written once.
 """
 from __future__ import annotations
 
@@ -30,20 +30,16 @@ def _is_nf4(weight) -> bool:
 
 
 def _dequant_rows(weight, absmax, r0: int, r1: int, dtype) -> torch.Tensor:
-    """Rows [r0, r1) of an NF4 weight (out, in) with its fp32 absmax, dequantised. Rows that start and end on
-    block boundaries run the NF4 dequantise backend (C++ on CPU); others index element by element."""
+    """Rows [r0, r1) of an NF4 weight (out, in) with its fp32 absmax, dequantised through the NF4 backend
+    (C++ on CPU) on the whole quantisation blocks that cover them (rows need not start on a block)."""
     from ..quant import NF4Weight
-    from ..quant.nf4 import NF4_CODE
 
-    cols, bs = weight.shape[1], weight.blocksize
+    cols, bs, n = weight.shape[1], weight.blocksize, weight.shape[0] * weight.shape[1]
     e0, e1 = r0 * cols, r1 * cols
-    if e0 % bs == 0 and (e1 % bs == 0 or r1 == weight.shape[0]):
-        part = NF4Weight(weight.packed[e0 // 2: e1 // 2], absmax[e0 // bs: -(-e1 // bs)], (r1 - r0, cols), dtype, bs)
-        return part.dequantize(dtype)
-    e = torch.arange(e0, e1, device=weight.device)
-    byte = weight.packed[e // 2].long()
-    q = torch.where(e % 2 == 0, byte >> 4, byte & 0xF)
-    return (NF4_CODE.to(weight.device)[q] * absmax[e // bs]).reshape(r1 - r0, cols).to(dtype)
+    b0, b1 = e0 // bs, -(-e1 // bs)  # the blocks elements [e0, e1) lie in; block starts are even
+    f0, f1 = b0 * bs, min(n, b1 * bs)
+    part = NF4Weight(weight.packed[f0 // 2: f1 // 2], absmax[b0:b1], (f1 - f0,), dtype, bs)
+    return part.dequantize(dtype)[e0 - f0: e1 - f0].reshape(r1 - r0, cols)
 
 
 def _row_chunks(weight, dtype):
@@ -73,11 +69,11 @@ def base_matmul(x2, weight, bias=None):
 def _base_plus_lora(x2, weight, bias, u, lora_B, scaling):
     """x2 W^T + b + s u B^T. NF4 on Triton: the LoRA term is added in the matmul's epilogue (y written once);
     otherwise the base product is followed by an in-place addmm into the same y."""
-    from fastnlg.kernels import nf4_matmul
+    if _is_nf4(weight) and _backend.choose("lora_linear", x2, BACKENDS) == "triton":
+        from fastnlg.kernels import nf4_matmul
 
-    if (_is_nf4(weight) and u.shape[1] <= nf4_matmul.MAX_RANK
-            and _backend.choose("lora_linear", x2, BACKENDS) == "triton"):
-        return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
+        if u.shape[1] <= nf4_matmul.MAX_RANK:
+            return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
     y = base_matmul(x2, weight, bias)
     return y.addmm_(u, lora_B.t(), alpha=scaling)
 

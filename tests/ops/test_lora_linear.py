@@ -150,8 +150,8 @@ def test_bad_input(kwargs, match):
 
 
 def test_nf4_row_chunks_any_alignment(monkeypatch, use_backend):
-    """The CPU NF4 path dequantises row blocks: aligned ones through the NF4 backend, straddling ones element
-    by element; both equal the whole dequantised weight."""
+    """The CPU NF4 path dequantises row blocks through the NF4 backend on the quantisation blocks covering
+    them, whether or not a row block starts on a block boundary; both equal the whole dequantised weight."""
     import importlib
 
     mod = importlib.import_module("fastnlg.ops.lora_linear")  # the module (fastnlg.ops.lora_linear is the function)

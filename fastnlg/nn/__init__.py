@@ -1,8 +1,8 @@
 """nn.Module wrappers around fastnlg.ops, shaped like the Hugging Face modules they replace."""
 from .norms import FastLayerNorm, FastRMSNorm
 from .mlp import FastGatedMLP
-from .lora import LoRALinear, UnsupportedLoRA
+from .lora import LoRALinear, UnsupportedLoRA, peft_lora_forward, peft_state
 from .lm_head import FusedLMHead, causal_lm_forward, head_options_from_config
 
 __all__ = ["FastRMSNorm", "FastLayerNorm", "FastGatedMLP", "FusedLMHead", "causal_lm_forward", "head_options_from_config",
-           "LoRALinear", "UnsupportedLoRA"]
+           "LoRALinear", "UnsupportedLoRA", "peft_lora_forward", "peft_state"]

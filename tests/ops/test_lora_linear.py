@@ -75,6 +75,72 @@ def test_dropout_mask_replayed_in_backward():
         torch.testing.assert_close(o, r)
 
 
+def _adapters(d_in, d_out, ranks, dtype, device="cpu"):
+    g = torch.Generator().manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa
+    return [mk(r, d_in) * d_in ** -0.5 for r in ranks], [mk(d_out, r) * 0.1 for r in ranks]
+
+
+def test_gradcheck_several_adapters_fp64():
+    """Three adapters of different ranks and scalings sum as PEFT's active adapters do; none = the base layer."""
+    W, _, _, b = _params(7, 5, 3, torch.float64)
+    As, Bs = _adapters(7, 5, [3, 1, 2], torch.float64)
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    ts = [t.requires_grad_() for t in (*As, *Bs, b)]
+    fn = lambda x_, *t: lora_linear(x_, W, t[:3], t[3:6], scaling=[1.7, 0.5, 2.0], bias=t[6])  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *ts))
+    torch.testing.assert_close(fn(x, *ts), lora_linear_reference(x, W, As, Bs, scaling=[1.7, 0.5, 2.0], bias=b))
+    assert torch.autograd.gradcheck(lambda x_, c: lora_linear(x_, W, [], [], scaling=[], bias=c), (x, b))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_several_adapters_against_reference(device, backend, base, use_backend):
+    """NF4 on Triton adds all adapters in the matmul epilogue as one rank-sum(r_i) term."""
+    use_backend(backend)
+    d_in, d_out, ranks, ss = 96, 80, [8, 4], [2.0, 0.25]
+    W64 = _params(d_in, d_out, 1, torch.float64, device)[0]
+    weight = quantize_nf4(W64.float(), 64) if base == "nf4" else W64.float()
+    As, Bs = _adapters(d_in, d_out, ranks, torch.float32, device)
+    x = torch.randn(2, 9, d_in, device=device)
+    dy = torch.randn(2, 9, d_out, device=device)
+    leaves = [t.clone().requires_grad_() for t in (x, *As, *Bs)]
+    y = lora_linear(leaves[0], weight, leaves[1:3], leaves[3:], scaling=ss)
+    ours = (y, *torch.autograd.grad(y, leaves, dy))
+    w64 = weight.dequantize(torch.float64) if base == "nf4" else W64
+    leaves64 = [t.double().requires_grad_() for t in (x, *As, *Bs)]
+    y64 = lora_linear_reference(leaves64[0], w64, leaves64[1:3], leaves64[3:], scaling=ss)
+    ref = (y64, *torch.autograd.grad(y64, leaves64, dy.double()))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-4)
+
+
+def test_several_adapters_each_with_its_own_dropout_mask():
+    """Each adapter draws its own mask (seeds in adapter order), and backward replays each."""
+    from fastnlg.ops.lora_linear import _dropout_mask
+
+    W = _params(32, 24, 1, torch.float64)[0]
+    As, Bs = _adapters(32, 24, [4, 2, 3], torch.float64)
+    ps = [0.3, 0.0, 0.5]
+    x = torch.randn(5, 32, dtype=torch.float64)
+    dy = torch.randn(5, 24, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, *As, *Bs)]
+        y = fn(leaves[0], leaves[1:4], leaves[4:])
+        return (y, *torch.autograd.grad(y, leaves, dy))
+    torch.manual_seed(3)
+    ours = grads(lambda x_, a, b: lora_linear(x_, W, a, b, scaling=[2.0, 1.0, 0.5], dropout_p=ps))
+    torch.manual_seed(3)
+    seeds = [int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else None for p in ps]
+    masks = [None if s is None else _dropout_mask(s, (5, 32), p, torch.device("cpu")) for s, p in zip(seeds, ps)]
+    assert not torch.equal(masks[0], masks[2])
+    ref = grads(lambda x_, a, b: lora_linear_reference(x_, W, a, b, scaling=[2.0, 1.0, 0.5], dropout_p=ps,
+                                                       dropout_mask=masks))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r)
+
+
 def _peft_layer(d_in, d_out, r, alpha, use_rslora, bias):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -138,6 +204,8 @@ def test_saves_less_than_peft():
     ({"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\)"),
     ({"adtype": torch.float64}, r"must share a dtype"),
     ({"wgrad": True}, r"base weight is frozen"),
+    ({"several": ([(4, 32), (2, 32)], [(20, 4), (20, 3)])}, r"lora_A\[1\] \(r, in\) \(2, 32\), lora_B\[1\]"),
+    ({"several": ([(4, 32)], [(20, 4), (20, 4)])}, r"1 lora_A, 2 lora_B"),
 ])
 def test_bad_input(kwargs, match):
     x = torch.randn(3, 32)
@@ -145,6 +213,8 @@ def test_bad_input(kwargs, match):
     A = torch.randn(*kwargs.get("A", (4, 32)), dtype=kwargs.get("adtype", torch.float32))
     B = torch.randn(*kwargs.get("B", (20, 4)))
     bias = torch.randn(*kwargs["bias"]) if "bias" in kwargs else None
+    if "several" in kwargs:
+        A, B = ([torch.randn(*shape) for shape in shapes] for shapes in kwargs["several"])
     with pytest.raises(ValueError, match=match):
         lora_linear(x, W, A, B, scaling=1.0, bias=bias, dropout_p=kwargs.get("dropout_p", 0.0))
 

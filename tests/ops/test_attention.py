@@ -58,6 +58,8 @@ CASES = [  # (B, Hq, Hkv, T, S, D, options)
     (2, 2, 1, 19, 19, 16, {"causal": True, "kpm": True}),
     (1, 2, 1, 41, 41, 16, {"causal": True, "varlen": [0, 7, 8, 30, 41]}),
     (2, 4, 2, 23, 23, 24, {"causal": True, "window": (6, -1), "softcap": 3.0, "kpm": True}),
+    (1, 4, 2, 45, 45, 16, {"causal": True, "varlen": [0, 12, 13, 45], "window": (5, -1), "softcap": 2.5}),
+    (1, 2, 2, 30, 30, 24, {"causal": False, "varlen": [0, 10, 30], "window": (4, 3)}),  # two-sided, packed
     (1, 2, 2, 1, 37, 16, {"causal": True}),                       # decode row
     (1, 2, 1, 18, 18, 96, {"causal": True}),                      # D = 96 padded to 128
     (1, 1, 1, 9, 9, 256, {"causal": False}),                      # the largest head dim
@@ -131,6 +133,15 @@ def test_kernel_fp32(device, case, use_backend):
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[9]], ids=_ids)
 def test_kernel_fp16(device, case, use_backend):
     _check_kernel(case, device, torch.float16, use_backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [(1, 2, 1, 1000, 1000, 16, {"causal": True, "window": (300, -1)}),
+                                  (1, 2, 2, 999, 1000, 16, {"causal": False, "kpm": True})], ids=_ids)
+def test_kernel_long_odd_lengths(device, case, use_backend):
+    """Lengths of about 1000, not multiples of any block: many key blocks per row, partial last blocks."""
+    _check_kernel(case, device, torch.float32, use_backend)
 
 
 @pytest.mark.gpu

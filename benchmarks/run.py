@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import json
 import os
 import sys
 
@@ -27,6 +28,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def available_ops():
     return [op for op, mod in OPS.items() if importlib.util.find_spec(f"benchmarks.{mod}") is not None]
+
+
+def _write_tuned_configs(out: str) -> None:
+    """The tile configs the kernels measured fastest on this device, per problem key (kernels/_autotune.py)."""
+    from fastnlg.kernels import _autotune
+
+    chosen = _autotune.chosen()
+    if chosen:
+        with open(os.path.join(out, "tuned_configs.json"), "w") as f:
+            json.dump([{"key": [str(part) for part in key], "config": list(cfg)} for key, cfg in chosen.items()],
+                      f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -60,6 +72,7 @@ def main(argv=None) -> int:
         rows += run_benchmarks(bench, device=device, dtype=dtype, quick=quick, impls=chosen, rep=rep,
                                warmup=3 if device == "cuda" else 1)
     paths = write_report(rows, out, title=f"fastnlg op benchmarks ({device}, {str(dtype).replace('torch.', '')})")
+    _write_tuned_configs(out)
     print(f"\n{len(rows)} measurements -> {paths['md']}, {paths['csv']}, {paths['json']}, plots: {len(paths['plots'])}")
     return 0 if rows else 1
 

@@ -14,6 +14,8 @@ Backward, FA2 without atomics, Delta = rowsum(dO * O) precomputed:
 Dropout: keep_ij = rand(seed + bh, row_i * S_total + col_j) >= p (Philox; forward and backward draw the
 same numbers). Variable length: with IS_VARLEN the batch axis indexes packed sequences [CU[n], CU[n+1]).
 The head dim is padded to BLOCK_D (a power of 2) inside the kernel with masked loads.
+Tiles: BLOCK_M x BLOCK_N (and warps, stages) are measured per problem shape on the GPU at hand from the
+candidates in FWD_CONFIGS / BWD_CONFIGS (kernels/_autotune.py); the kernels are correct for any of them.
 """
 import torch
 import triton
@@ -21,14 +23,29 @@ import triton.language as tl
 
 from ._launch import TRITON_DTYPE
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim; every entry must fit the 99 KB shared
-# memory of sm_86/sm_89 (checked by the AOT tier), so consumer GPUs run every config.
-# fp32 inputs (rare on a GPU, but supported) take tiles of half the size: twice the bytes per element.
-FWD_CONFIGS = {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)}
-BWD_CONFIGS = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 1), 256: (32, 32, 8, 1)}
-FWD_CONFIGS_FP32 = {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2), 256: (16, 16, 4, 1)}
-BWD_CONFIGS_FP32 = {32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 16, 4, 1)}
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, the first the default: the
+# launchers time them on the GPU at hand and keep the fastest per problem shape (kernels/_autotune.py).
+# Every entry fits the 99 KB shared memory of sm_86/sm_89 (the AOT tier compiles all of them), so consumer
+# GPUs can run each one; D = 256 backward has room for 32 x 32 tiles only. D = 32 (tiny models) gets one
+# config, to spend CI's compile time where tuning pays. The backward table serves the dK/dV and the dQ
+# kernel, tuned separately. fp32 inputs (rare on a GPU, but supported) take one config of half the tile
+# size: twice the bytes per element.
+FWD_CONFIGS = {
+    32: [(128, 64, 8, 3)],
+    64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+}
+BWD_CONFIGS = {
+    32: [(64, 64, 4, 2)],
+    64: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+    128: [(64, 64, 8, 1), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
+    256: [(32, 32, 8, 1), (32, 32, 4, 2)],
+}
+FWD_CONFIGS_FP32 = {32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 16, 4, 1)]}
+BWD_CONFIGS_FP32 = {32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(32, 32, 4, 1)], 256: [(16, 16, 4, 1)]}
 INTERPRET_BLOCK = 16  # small blocks under TRITON_INTERPRET so CPU tests cross several blocks quickly
+INTERPRET_CONFIG = (INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1)  # tests set other tile shapes here
 
 
 @triton.jit
@@ -289,14 +306,31 @@ def _config_table(backward, dtype):
     return BWD_CONFIGS if backward else FWD_CONFIGS
 
 
-def _blocks(D, backward, dtype):
+def _candidates(D, backward, dtype):
+    """(BLOCK_D, the configs to choose from) for head dim D."""
     from fastnlg.backend import triton_interpret
 
     block_d = max(32, triton.next_power_of_2(D))
     if triton_interpret():
-        return INTERPRET_BLOCK, INTERPRET_BLOCK, block_d, 4, 1
-    bm, bn, warps, stages = _config_table(backward, dtype)[block_d]
-    return bm, bn, block_d, warps, stages
+        return block_d, [INTERPRET_CONFIG]
+    return block_d, _config_table(backward, dtype)[block_d]
+
+
+def _tuned_launch(name, kernel, grid_rows, n_heads_prog, args, flags, D, backward, dtype, sizes, device):
+    """Launch `kernel` with the config measured fastest for this problem (kernels/_autotune.py): grid
+    (cdiv(grid_rows, BLOCK_M or BLOCK_N), n_heads_prog), the rows' block being BLOCK_N for the dK/dV kernel."""
+    from . import _autotune
+
+    block_d, configs = _candidates(D, backward, dtype)
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        rows_block = bn if name == "attn_bwd_dkdv" else bm
+        kernel[(triton.cdiv(grid_rows, rows_block), n_heads_prog)](
+            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
+    key = (name, dtype, block_d, *flags.values(), *(triton.next_power_of_2(max(1, n)) for n in sizes))
+    launch(_autotune.pick(key, configs, launch, device))
 
 
 def _common(q, k, cu_seqlens, max_seqlen, key_padding_mask):
@@ -311,22 +345,25 @@ def _common(q, k, cu_seqlens, max_seqlen, key_padding_mask):
     return B, Hq, Hkv, T, S, D, varlen, n_prog_b, rows_q, rows_k, kpm, cu
 
 
+def _flags(causal, softcap, key_padding_mask, varlen, dropout_p):
+    return dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_KPM=key_padding_mask is not None,
+                IS_VARLEN=varlen, DROPOUT=dropout_p > 0)
+
+
 def forward(q, k, v, *, causal, scale, softcap, window, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, seed):
     """q (B, Hq, T, D), k/v (B, Hkv, S, D), unit stride in D; key_padding_mask (B, S) uint8 or None;
     cu_seqlens int32 (n + 1,) with B = 1. -> (o like q, lse (B, Hq, T) fp32)."""
-    B, Hq, Hkv, T, S, D, varlen, nb, rows_q, _, kpm, cu = _common(q, k, cu_seqlens, max_seqlen, key_padding_mask)
+    B, Hq, Hkv, T, S, D, varlen, nb, rows_q, rows_k, kpm, cu = _common(q, k, cu_seqlens, max_seqlen,
+                                                                       key_padding_mask)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    bm, bn, bd, warps, stages = _blocks(D, False, q.dtype)
-    grid = (triton.cdiv(rows_q, bm), nb * Hq)
     left, right = window
-    attn_fwd_kernel[grid](q, k, v, o, lse, kpm, cu, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                          *o.stride()[:3], lse.stride(0), lse.stride(1),
-                          key_padding_mask.stride(0) if key_padding_mask is not None else 0,
-                          T, S, Hq, Hq // Hkv, D, scale, softcap or 1.0, left, right, dropout_p, seed,
-                          CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_KPM=key_padding_mask is not None,
-                          IS_VARLEN=varlen, DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                          num_warps=warps, num_stages=stages)
+    args = (q, k, v, o, lse, kpm, cu, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            lse.stride(0), lse.stride(1), key_padding_mask.stride(0) if key_padding_mask is not None else 0,
+            T, S, Hq, Hq // Hkv, D, scale, softcap or 1.0, left, right, dropout_p, seed)
+    flags = _flags(causal, softcap, key_padding_mask, varlen, dropout_p)
+    _tuned_launch("attn_fwd", attn_fwd_kernel, rows_q, nb * Hq, args, flags, D, False, q.dtype,
+                  (rows_q, rows_k, nb * Hq), q.device)
     return o, lse
 
 
@@ -336,19 +373,18 @@ def backward(do, q, k, v, o, lse, *, causal, scale, softcap, window, key_padding
     B, Hq, Hkv, T, S, D, varlen, nb, rows_q, rows_k, kpm, cu = _common(q, k, cu_seqlens, max_seqlen, key_padding_mask)
     delta = (do.float() * o.float()).sum(-1)  # (B, Hq, T)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bm, bn, bd, warps, stages = _blocks(D, True, q.dtype)
     left, right = window
     skpm = key_padding_mask.stride(0) if key_padding_mask is not None else 0
-    common = dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_KPM=key_padding_mask is not None,
-                  IS_VARLEN=varlen, DROPOUT=dropout_p > 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
-                  num_stages=stages)
-    args = (D, scale, softcap or 1.0, left, right, dropout_p, seed)
+    flags = _flags(causal, softcap, key_padding_mask, varlen, dropout_p)
+    scalars = (D, scale, softcap or 1.0, left, right, dropout_p, seed)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], lse.stride(0), lse.stride(1))
-    attn_bwd_dkdv_kernel[(triton.cdiv(rows_k, bn), nb * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, kpm, cu, *strides, *dk.stride()[:3], *dv.stride()[:3], skpm,
-        T, S, Hkv, Hq // Hkv, *args, **common)
-    attn_bwd_dq_kernel[(triton.cdiv(rows_q, bm), nb * Hq)](
-        q, k, v, do, lse, delta, dq, kpm, cu, *strides, *dq.stride()[:3], skpm, T, S, Hq, Hq // Hkv, *args, **common)
+    sizes = (rows_q, rows_k, nb * Hq)
+    _tuned_launch("attn_bwd_dkdv", attn_bwd_dkdv_kernel, rows_k, nb * Hkv,
+                  (q, k, v, do, lse, delta, dk, dv, kpm, cu, *strides, *dk.stride()[:3], *dv.stride()[:3], skpm,
+                   T, S, Hkv, Hq // Hkv, *scalars), flags, D, True, q.dtype, sizes, q.device)
+    _tuned_launch("attn_bwd_dq", attn_bwd_dq_kernel, rows_q, nb * Hq,
+                  (q, k, v, do, lse, delta, dq, kpm, cu, *strides, *dq.stride()[:3], skpm, T, S, Hq, Hq // Hkv,
+                   *scalars), flags, D, True, q.dtype, sizes, q.device)
     return dq, dk, dv
 
 
@@ -483,10 +519,11 @@ def _specs():
     flags = {"CAUSAL": True, "HAS_SOFTCAP": True, "HAS_KPM": True, "IS_VARLEN": True, "DROPOUT": True}
     for kernel, backward in ((attn_fwd_kernel, False), (attn_bwd_dkdv_kernel, True), (attn_bwd_dq_kernel, True)):
         for dtype in (torch.bfloat16, torch.float32):
-            for block_d, (bm, bn, warps, stages) in _config_table(backward, dtype).items():
-                specs.append({"kernel": kernel, "signature": _signature(kernel, dtype), "num_warps": warps,
-                              "num_stages": stages,
-                              "constexprs": {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}})
+            for block_d, configs in _config_table(backward, dtype).items():
+                for bm, bn, warps, stages in configs:
+                    specs.append({"kernel": kernel, "signature": _signature(kernel, dtype), "num_warps": warps,
+                                  "num_stages": stages,
+                                  "constexprs": {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}})
     for dtype, table in DECODE_BLOCK_N.items():
         for block_d, block_n in table.items():
             sig = _signature(attn_decode_kernel, dtype)

@@ -135,6 +135,17 @@ def test_kernel_fp16(device, case, use_backend):
     _check_kernel(case, device, torch.float16, use_backend)
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (64, 16)])
+@pytest.mark.parametrize("case", [CASES[3], CASES[9], CASES[10]], ids=_ids)
+def test_kernel_any_tile_shape(tiles, case, use_backend, monkeypatch):
+    """The tuner may pick any BLOCK_M x BLOCK_N of the tables (square or not): each gives the same attention
+    (interpreter, where the tile shape is set by hand)."""
+    from fastnlg.kernels import attention as kern
+
+    monkeypatch.setattr(kern, "INTERPRET_CONFIG", (*tiles, 4, 1))
+    _check_kernel(case, "cpu", torch.float32, use_backend)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [(1, 2, 1, 1000, 1000, 16, {"causal": True, "window": (300, -1)}),

@@ -1,0 +1,66 @@
+"""Block sizes chosen by measurement, for the tiled kernels (attention) whose best tile depends on the GPU.
+
+A launcher passes its problem key (kernel, dtype, head dim, feature flags, power-of-2 buckets of the sizes),
+its candidate configs (all in the file's AOT_SPECS, so each one compiles and fits the shared memory of every
+target) and a function that launches one config. The first call with a key on a CUDA device launches each
+candidate once (compile + warm-up), then times REPS launches of each with CUDA events; the fastest is kept
+for that key and device for the rest of the process. The outputs of those launches are overwritten by the
+caller's own launch with the winner, so the kernels must not accumulate into their outputs (ours store).
+
+No measurement (the first candidate, the file's default) under TRITON_INTERPRET, on CPU tensors, during CUDA
+graph capture, with FASTNLG_AUTOTUNE=0, or with a single candidate. `chosen()` lists what was picked (the
+benchmark reports record it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+REPS = 3
+_BEST: dict = {}
+
+
+def _measure_allowed(device: torch.device) -> bool:
+    from fastnlg.backend import triton_interpret
+
+    return (device.type == "cuda" and not triton_interpret() and os.environ.get("FASTNLG_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _time_ms(launch, cfg) -> float:
+    launch(cfg)  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPS):
+        launch(cfg)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / REPS
+
+
+def pick(key: tuple, candidates, launch, device: torch.device):
+    """The config to run `key` with: measured once per (key, device), else the first candidate."""
+    candidates = list(candidates)
+    if len(candidates) == 1 or not _measure_allowed(device):
+        return candidates[0]
+    full_key = (*key, str(device))
+    best = _BEST.get(full_key)
+    if best is None:
+        from triton.runtime.errors import OutOfResources
+
+        times = {}
+        for cfg in candidates:
+            try:
+                times[cfg] = _time_ms(launch, cfg)
+            except OutOfResources:  # a GPU with less shared memory than the AOT targets
+                continue
+        if not times:
+            raise RuntimeError(f"no candidate config of {key[0]} could launch on {device}: {candidates}")
+        best = _BEST[full_key] = min(times, key=times.get)
+    return best
+
+
+def chosen() -> dict:
+    """{key: config} picked so far in this process."""
+    return dict(_BEST)

@@ -1,0 +1,75 @@
+"""kernels/_autotune.py: the first candidate wherever nothing can be measured; on a GPU the fastest measured
+config, kept per (key, device), skipping configs that do not fit the device (time measurement is faked here,
+the gpu tier measures for real)."""
+import pytest
+import torch
+
+from fastnlg.kernels import _autotune
+
+
+def test_first_candidate_without_a_gpu():
+    calls = []
+    assert _autotune.pick(("k",), [(1,), (2,)], calls.append, torch.device("cpu")) == (1,)
+    assert calls == []  # nothing launched, nothing cached
+    assert not any(key[0] == "k" for key in _autotune.chosen())
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    timings, launched = {}, []
+
+    def time_ms(launch, cfg):
+        launch(cfg)
+        t = timings[cfg]
+        if isinstance(t, Exception):
+            raise t
+        return t
+    monkeypatch.setattr(_autotune, "_measure_allowed", lambda device: True)
+    monkeypatch.setattr(_autotune, "_time_ms", time_ms)
+    monkeypatch.setattr(_autotune, "_BEST", {})
+    return timings, launched
+
+
+def test_fastest_is_kept_per_key_and_device(fake_gpu):
+    timings, launched = fake_gpu
+    timings.update({(1,): 3.0, (2,): 1.0, (3,): 2.0})
+    dev = torch.device("cuda", 0)
+    assert _autotune.pick(("attn", 64), [(1,), (2,), (3,)], launched.append, dev) == (2,)
+    assert launched == [(1,), (2,), (3,)]
+    assert _autotune.pick(("attn", 64), [(1,), (2,), (3,)], launched.append, dev) == (2,)
+    assert len(launched) == 3  # cached: no second measurement
+    timings[(2,)] = 9.0
+    assert _autotune.pick(("attn", 64), [(1,), (2,), (3,)], launched.append, torch.device("cuda", 1)) == (3,)
+    assert _autotune.pick(("attn", 128), [(1,), (2,), (3,)], launched.append, dev) == (3,)
+    assert len(_autotune.chosen()) == 3
+
+
+def test_configs_that_do_not_fit_are_skipped(fake_gpu):
+    from triton.runtime.errors import OutOfResources
+
+    timings, launched = fake_gpu
+    timings.update({(1,): OutOfResources(200_000, 101_376, "shared memory"), (2,): 5.0})
+    assert _autotune.pick(("x",), [(1,), (2,)], launched.append, torch.device("cuda")) == (2,)
+    timings[(2,)] = OutOfResources(200_000, 101_376, "shared memory")
+    with pytest.raises(RuntimeError, match="no candidate config of y could launch"):
+        _autotune.pick(("y",), [(1,), (2,)], launched.append, torch.device("cuda"))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("FASTNLG_AUTOTUNE", "0")
+    assert not _autotune._measure_allowed(torch.device("cuda"))
+
+
+def test_every_attention_candidate_is_aot_compiled():
+    """The tuner only picks configs the AOT tier compiled for sm_80/86/89/90."""
+    from fastnlg.kernels import attention as kern
+
+    compiled = {(s["kernel"].fn.__name__, s["constexprs"]["BLOCK_D"], s["constexprs"]["BLOCK_M"],
+                 s["constexprs"]["BLOCK_N"], s["num_warps"], s["num_stages"]) for s in kern.AOT_SPECS}
+    for tables, kernels in (((kern.FWD_CONFIGS, kern.FWD_CONFIGS_FP32), ("attn_fwd_kernel",)),
+                            ((kern.BWD_CONFIGS, kern.BWD_CONFIGS_FP32), ("attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"))):
+        for table in tables:
+            for block_d, configs in table.items():
+                for name in kernels:
+                    for cfg in configs:
+                        assert (name, block_d, *cfg) in compiled

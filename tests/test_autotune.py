@@ -73,3 +73,26 @@ def test_every_attention_candidate_is_aot_compiled():
                 for name in kernels:
                     for cfg in configs:
                         assert (name, block_d, *cfg) in compiled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_measures_its_tiles_on_the_gpu(monkeypatch):
+    """A real measurement: forward and both backward kernels pick a config from their tables, and the result
+    equals the untuned default's."""
+    from fastnlg.kernels import attention as kern
+    from fastnlg.ops import flash_attention
+
+    monkeypatch.setattr(_autotune, "_BEST", {})
+    q, k, v = (torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = flash_attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    picked = {key[0]: cfg for key, cfg in _autotune.chosen().items()}
+    assert picked["attn_fwd"] in kern.FWD_CONFIGS[128]
+    assert picked["attn_bwd_dkdv"] in kern.BWD_CONFIGS[128] and picked["attn_bwd_dq"] in kern.BWD_CONFIGS[128]
+    monkeypatch.setenv("FASTNLG_AUTOTUNE", "0")
+    out0 = flash_attention(q, k, v, causal=True)
+    grads0 = torch.autograd.grad(out0, (q, k, v), torch.ones_like(out0))
+    for a, b in zip((out, *grads), (out0, *grads0)):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,250 @@
+"""fastnlg.patch on tiny Transformers models of each family in the table, plain and under PEFT LoRA:
+the same loss, gradients, eval logits and generations as the unpatched model, the report, and unpatch
+restoring the original modules, functions and outputs exactly."""
+import copy
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastnlg  # noqa: E402
+from fastnlg.patching import table  # noqa: E402
+
+VOCAB = 61
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"]
+NORMS = {"qwen3": 2 * 4 + 1, "gemma2": 2 * 4 + 1}  # per layer: + q/k norms (Qwen3), + post norms (Gemma 2)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backends(request, monkeypatch):
+    """The CPU defaults (C++ / torch), as users run on CPU; test_patched_model_on_triton runs the Triton
+    kernels under the interpreter (slow: one family)."""
+    if "triton" not in request.node.name:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _config(family):
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64}
+    if family == "llama":
+        return transformers.LlamaConfig(tie_word_embeddings=False, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(sliding_window=6, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if family == "qwen3":  # per-head q/k RMSNorm
+        return transformers.Qwen3Config(head_dim=8, **common)
+    if family == "gemma":  # (1 + w) norms, GeGLU, tied embeddings
+        return transformers.GemmaConfig(head_dim=8, hidden_act="gelu_pytorch_tanh", **common)
+    if family == "gemma2":  # + logit softcaps, sliding layers
+        return transformers.Gemma2Config(head_dim=8, sliding_window=5, final_logit_softcapping=3.0,
+                                         attn_logit_softcapping=4.0, query_pre_attn_scalar=8, **common)
+    if family == "gpt2":  # LayerNorm, no rope, attention dropout off here
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    raise ValueError(family)
+
+
+def _model(family):
+    torch.manual_seed(0)
+    cfg = _config(family)
+    cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():  # non-trivial norm weights (Gemma's start at 0, Llama's at 1)
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 3] = -100  # the first real token of the padded row sees no key before it: out of the loss
+    return ids, mask, labels
+
+
+def _train_step(model):
+    ids, mask, labels = _batch()
+    model.train()
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _types(model):
+    return [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_matches_unpatched(family):
+    _check_patched(family)
+
+
+def test_patched_model_on_triton(use_backend):
+    use_backend("triton")
+    _check_patched("llama")
+
+
+def _check_patched(family):
+    ref = _model(family)
+    ours = copy.deepcopy(ref)
+    types_before, keys_before = _types(ours), list(ours.state_dict())
+    report = fastnlg.patch(ours)
+    rope_module = type(ours).__module__
+    if family != "gpt2":
+        assert report.count("norm") == NORMS.get(family, 2 * 2 + 1)
+        assert report.count("mlp") == 2 and report.count("rope") == 1
+        assert sys.modules[rope_module].apply_rotary_pos_emb.__fastnlg_original__
+    else:
+        assert report.count("norm") == 2 * 2 + 1 and report.count("rope") == 0
+        assert any(e.what == "mlp" and "GPT2MLP" in e.detail for e in report.skipped)
+    assert report.count("cross_entropy") == 1 and report.count("attention") == 1
+    assert list(ours.state_dict()) == keys_before  # the same Parameters under the same names
+    assert "fastnlg.patch" in str(report)
+
+    out_ref, g_ref = _train_step(ref)
+    out, g = _train_step(ours)
+    assert out.logits is None  # training with labels: the fused loss, no logits
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    ids, mask, _ = _batch()
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        keep = mask.bool()
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[keep],
+                                   ref(input_ids=ids, attention_mask=mask).logits[keep], rtol=1e-4, atol=1e-4)
+        gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids[:1], **gen), ref.generate(ids[:1], **gen))
+
+    fastnlg.unpatch(ours)
+    assert _types(ours) == types_before and "forward" not in ours.__dict__
+    assert ours.config._attn_implementation == "eager"
+    rope_fn = getattr(sys.modules[rope_module], "apply_rotary_pos_emb", None)  # GPT-2 has none
+    assert not hasattr(rope_fn, "__fastnlg_original__")
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_patch_twice_and_unpatch_unpatched_are_errors():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="was not patched"):
+        fastnlg.unpatch(model)
+    fastnlg.patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        fastnlg.patch(model)
+    fastnlg.unpatch(model)
+
+
+def test_rope_function_shared_by_two_models_is_restored_after_both():
+    module = sys.modules["transformers.models.llama.modeling_llama"]
+    original = module.apply_rotary_pos_emb
+    a, b = _model("llama"), _model("llama")
+    fastnlg.patch(a)
+    fastnlg.patch(b)
+    fastnlg.unpatch(a)
+    assert module.apply_rotary_pos_emb is not original  # b still uses it
+    fastnlg.unpatch(b)
+    assert module.apply_rotary_pos_emb is original
+
+
+def test_options_and_unknown_types_are_reported():
+    model = _model("llama")
+    report = fastnlg.patch(model, attention=False, rope=False, mlp=False)
+    assert report.count("attention") == report.count("rope") == report.count("mlp") == 0
+    assert report.count("norm") == 5 and model.config._attn_implementation == "eager"
+    fastnlg.unpatch(model)
+
+    class CustomNorm(torch.nn.Module):
+        def forward(self, x):
+            return x
+    model.model.norm = CustomNorm()
+    report = fastnlg.patch(model)
+    assert ("model.norm", "norm", "CustomNorm: type not in the table") in report.skipped
+    fastnlg.unpatch(model)
+
+
+peft = pytest.importorskip("peft")
+
+
+def _peft_model(**cfg):
+    base = _model("llama")
+    config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                                "lora_dropout": 0.0, "init_lora_weights": False, **cfg})
+    return peft.get_peft_model(base, config)
+
+
+def test_peft_model_matches_and_saves_unchanged(tmp_path, monkeypatch):
+    import fastnlg.nn.lora as lora_module
+
+    ref = _peft_model()
+    ours = copy.deepcopy(ref)
+    report = fastnlg.patch(ours)
+    assert report.count("lora") == 2 * 3 and report.count("cross_entropy") == 1
+    out_ref, g_ref = _train_step(ref)
+    calls = []
+    fused = lora_module.lora_linear
+    monkeypatch.setattr(lora_module, "lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    out, g = _train_step(ours)
+    assert len(calls) == 2 * 3  # every LoRA layer ran the fused op
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=1e-5)
+    assert g.keys() == g_ref.keys() and all("lora_" in name for name in g)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    ours.save_pretrained(str(tmp_path / "ours"))
+    ref.save_pretrained(str(tmp_path / "ref"))
+    from safetensors.torch import load_file
+
+    saved, saved_ref = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "ref"))
+    assert saved.keys() == saved_ref.keys()
+    fastnlg.unpatch(ours)
+    assert not any("forward" in m.__dict__ for m in ours.modules())
+
+
+def test_peft_dora_is_skipped_with_its_reason_and_runs_peft():
+    model = _peft_model(use_dora=True)
+    report = fastnlg.patch(model)
+    assert report.count("lora") == 0
+    assert any(e.what == "lora" and "variant" in e.detail for e in report.skipped)
+    assert "skipped" in str(report)
+    fastnlg.unpatch(model)
+
+
+def test_lora_state_changed_after_patching_falls_back_to_peft(caplog):
+    ref = _peft_model()
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours)
+    ids, mask, labels = _batch()
+    ref.eval(), ours.eval()  # PEFT takes adapter_names in eval mode only
+    with caplog.at_level("WARNING", logger="fastnlg"):
+        with torch.no_grad():  # a mixed-adapter batch is PEFT's path
+            y = ours(input_ids=ids, attention_mask=mask, adapter_names=["default", "default"]).logits
+    assert "runs PEFT's forward" in caplog.text
+    with torch.no_grad():
+        y_ref = ref(input_ids=ids, attention_mask=mask, adapter_names=["default", "default"]).logits
+    keep = mask.bool()  # padding queries see no key: 0 in the kernel, a uniform average in eager
+    torch.testing.assert_close(y[keep], y_ref[keep], rtol=1e-4, atol=1e-4)
+    fastnlg.unpatch(ours)
+
+
+def test_table_names_exist_in_transformers():
+    """Table entries are real Transformers classes / modules of this version (a rename shows up here)."""
+    import importlib
+
+    for module_name in table.ROPE_MODULES:
+        module = importlib.import_module(module_name)
+        assert callable(module.apply_rotary_pos_emb)
+    names = set(table.RMS_NORMS) | set(table.GATED_MLPS) | set(table.CAUSAL_LMS)
+    found = set()
+    for module_name in table.ROPE_MODULES + ("transformers.models.gpt2.modeling_gpt2",):
+        found |= set(vars(importlib.import_module(module_name)))
+    assert names <= found, names - found

@@ -11,7 +11,9 @@ fails a row whose shared memory exceeds the target's per-block limit (DESIGN.md 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import pkgutil
@@ -51,18 +53,22 @@ def all_specs():
     return [spec for mod in kernel_modules() for spec in getattr(mod, "AOT_SPECS", ())]
 
 
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    from triton.backends.nvidia.compiler import get_ptxas
+def _ptxas_usage(ptx: str, arch: int, log: str = "") -> tuple[int, int]:
+    """(registers, spill bytes) from the `ptxas -v` log Triton printed while compiling (TRITON_DUMP_PTXAS_LOG),
+    or, when the kernel came from Triton's cache (no ptxas run), from running ptxas -v on the PTX here."""
+    text = log
+    if "Used " not in text:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas(arch).path
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    text = out.stdout + out.stderr
+        ptxas = get_ptxas(arch).path
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+        text = out.stdout + out.stderr
     regs = max((int(m) for m in re.findall(r"Used (\d+) registers", text)), default=0)
     spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text))
     return regs, spills
@@ -77,14 +83,17 @@ def compile_one(spec: dict, arch: int) -> AotRow:
     sig = spec["signature"]
     config = ",".join(f"{k}={v}" for k, v in spec["constexprs"].items())
     config += f",num_warps={spec['num_warps']},dtypes=" + "/".join(sorted({v for v in sig.values() if v and v.startswith('*')}))
+    log = io.StringIO()
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"])
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)})
+        with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log: no second ptxas run
+            triton.knobs.nvidia.dump_ptxas_log = True
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)})
     except Exception as exc:  # a config that does not compile is a failing row, reported with its error
         return AotRow(name, arch, config, 0, 0, 0, False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     shared = int(compiled.metadata.shared)
-    regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    regs, spills = _ptxas_usage(compiled.asm["ptx"], arch, log.getvalue())
     ok = shared <= SMEM_LIMIT[arch]
     err = "" if ok else f"shared memory {shared} B exceeds sm_{arch} limit {SMEM_LIMIT[arch]} B"
     return AotRow(name, arch, config, shared, regs, spills, ok, err)

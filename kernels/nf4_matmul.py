@@ -13,8 +13,19 @@ import triton.language as tl
 
 from ._launch import TRITON_DTYPE
 
-CONFIGS = {torch.bfloat16: (64, 64, 64, 8, 3), torch.float16: (64, 64, 64, 8, 3), torch.float32: (32, 32, 32, 4, 2)}
+# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the first the default; the launchers measure
+# them per problem shape on the GPU at hand (kernels/_autotune.py) and the AOT tier compiles every one. The
+# LoRA epilogue holds U (BLOCK_M x r) and B (BLOCK_N x r) tiles: above LORA_TUNED_RANK only the default
+# config is used (larger tiles would not fit 99 KB of shared memory at r = 256).
+CONFIGS = {
+    torch.bfloat16: [(64, 64, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (16, 128, 32, 4, 3),
+                     (128, 128, 32, 8, 3)],
+    torch.float32: [(32, 32, 32, 4, 2)],
+}
+CONFIGS[torch.float16] = CONFIGS[torch.bfloat16]
+LORA_TUNED_RANK = 64
 INTERPRET_BLOCK = 16
+INTERPRET_CONFIG = (INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1)  # tests set other tile shapes here
 
 
 @triton.jit
@@ -70,12 +81,25 @@ def nf4_matmul_nn_kernel(DY, PACKED, ABSMAX, CODE, DX, M, n_out, n_in, sdym, sdx
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in))
 
 
-def _config(dtype):
+def _candidates(dtype, rank=0):
     from fastnlg.backend import triton_interpret
 
     if triton_interpret():
-        return INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
-    return CONFIGS[dtype]
+        return [INTERPRET_CONFIG]
+    return CONFIGS[dtype] if rank <= LORA_TUNED_RANK else CONFIGS[dtype][:1]
+
+
+def _tuned_launch(name, kernel, grid, args, kwargs, dtype, sizes, device, rank=0):
+    """Launch with the config measured fastest for (name, dtype, rank, power-of-2 sizes); grid(cfg)."""
+    from . import _autotune
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        kernel[grid(bm, bn, bk)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                 num_stages=stages)
+
+    key = (name, dtype, rank, *(triton.next_power_of_2(max(1, n)) for n in sizes))
+    launch(_autotune.pick(key, _candidates(dtype, rank), launch, device))
 
 
 def _tables(w):
@@ -95,17 +119,17 @@ def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     M, (n_out, n_in) = x2.shape[0], w.shape
     y = torch.empty(M, n_out, dtype=x2.dtype, device=x2.device)
-    bm, bn, bk, warps, stages = _config(x2.dtype)
     packed, absmax, code = _tables(w)
     lora = lora_u is not None
     u = lora_u.contiguous() if lora else y
     lb = lora_B.contiguous() if lora else y
     r = lora_u.shape[1] if lora else 1
-    nf4_matmul_nt_kernel[(triton.cdiv(M, bm), triton.cdiv(n_out, bn))](
-        x2, packed, absmax, code, bias if bias is not None else y, u, lb, y, M, n_out, n_in, r, x2.stride(0),
-        y.stride(0), u.stride(0), lb.stride(0), float(scaling), HAS_BIAS=bias is not None, HAS_LORA=lora,
-        BS=w.blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        num_warps=warps, num_stages=stages)
+    _tuned_launch("nf4_matmul_nt", nf4_matmul_nt_kernel, lambda bm, bn, bk: (triton.cdiv(M, bm), triton.cdiv(n_out, bn)),
+                  (x2, packed, absmax, code, bias if bias is not None else y, u, lb, y, M, n_out, n_in, r, x2.stride(0),
+                   y.stride(0), u.stride(0), lb.stride(0), float(scaling)),
+                  dict(HAS_BIAS=bias is not None, HAS_LORA=lora, BS=w.blocksize,
+                       BLOCK_R=max(16, triton.next_power_of_2(r))),
+                  x2.dtype, (M, n_out, n_in), x2.device, rank=r if lora else 0)
     return y
 
 
@@ -114,31 +138,33 @@ def matmul_nn(dy2: torch.Tensor, w) -> torch.Tensor:
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
     M, (n_out, n_in) = dy2.shape[0], w.shape
     dx = torch.empty(M, n_in, dtype=dy2.dtype, device=dy2.device)
-    bm, bn, bk, warps, stages = _config(dy2.dtype)
     packed, absmax, code = _tables(w)
-    nf4_matmul_nn_kernel[(triton.cdiv(M, bm), triton.cdiv(n_in, bk))](
-        dy2, packed, absmax, code, dx, M, n_out, n_in, dy2.stride(0), dx.stride(0), BS=w.blocksize,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    _tuned_launch("nf4_matmul_nn", nf4_matmul_nn_kernel, lambda bm, bn, bk: (triton.cdiv(M, bm), triton.cdiv(n_in, bk)),
+                  (dy2, packed, absmax, code, dx, M, n_out, n_in, dy2.stride(0), dx.stride(0)), dict(BS=w.blocksize),
+                  dy2.dtype, (M, n_out, n_in), dy2.device)
     return dx
 
 
 def _specs():
     specs = []
-    for dtype, (bm, bn, bk, warps, stages) in CONFIGS.items():
-        t = "*" + TRITON_DTYPE[dtype]
-        common = {"PACKED": "*u8", "ABSMAX": "*fp32", "CODE": "*fp32", "M": "i32", "n_out": "i32", "n_in": "i32",
-                  "BS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-        blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-        for rank in (16, 64, MAX_RANK):  # the LoRA epilogue at the ranks people use, and the largest
-            specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
-                          "signature": {"X": t, "BIAS": t, "U": t, "LB": t, "Y": t, "r": "i32", "sxm": "i32",
-                                        "sym": "i32", "sum_": "i32", "slb": "i32", "scaling": "fp32",
-                                        "HAS_BIAS": "constexpr", "HAS_LORA": "constexpr", "BLOCK_R": "constexpr",
-                                        **common},
-                          "constexprs": {"HAS_BIAS": True, "HAS_LORA": True, "BLOCK_R": rank, **blocks}})
-        specs.append({"kernel": nf4_matmul_nn_kernel, "num_warps": warps, "num_stages": stages,
-                      "signature": {"DY": t, "DX": t, "sdym": "i32", "sdxm": "i32", **common},
-                      "constexprs": blocks})
+    for dtype in (torch.bfloat16, torch.float32):
+        for i, (bm, bn, bk, warps, stages) in enumerate(CONFIGS[dtype]):
+            t = "*" + TRITON_DTYPE[dtype]
+            common = {"PACKED": "*u8", "ABSMAX": "*fp32", "CODE": "*fp32", "M": "i32", "n_out": "i32",
+                      "n_in": "i32", "BS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                      "BLOCK_K": "constexpr"}
+            blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            # the LoRA epilogue at the ranks people use, and (default config only) the largest
+            for rank in (16, LORA_TUNED_RANK) + ((MAX_RANK,) if i == 0 else ()):
+                specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
+                              "signature": {"X": t, "BIAS": t, "U": t, "LB": t, "Y": t, "r": "i32", "sxm": "i32",
+                                            "sym": "i32", "sum_": "i32", "slb": "i32", "scaling": "fp32",
+                                            "HAS_BIAS": "constexpr", "HAS_LORA": "constexpr",
+                                            "BLOCK_R": "constexpr", **common},
+                              "constexprs": {"HAS_BIAS": True, "HAS_LORA": True, "BLOCK_R": rank, **blocks}})
+            specs.append({"kernel": nf4_matmul_nn_kernel, "num_warps": warps, "num_stages": stages,
+                          "signature": {"DY": t, "DX": t, "sdym": "i32", "sdxm": "i32", **common},
+                          "constexprs": blocks})
     return specs
 
 

@@ -75,6 +75,20 @@ def test_every_attention_candidate_is_aot_compiled():
                         assert (name, block_d, *cfg) in compiled
 
 
+def test_every_nf4_matmul_candidate_is_aot_compiled():
+    from fastnlg.kernels import nf4_matmul as kern
+
+    compiled = {(s["kernel"].fn.__name__, s["constexprs"].get("BLOCK_R"), s["constexprs"]["BLOCK_M"],
+                 s["constexprs"]["BLOCK_N"], s["constexprs"]["BLOCK_K"], s["num_warps"], s["num_stages"])
+                for s in kern.AOT_SPECS}
+    for dtype in (torch.bfloat16, torch.float32):
+        for rank in (16, kern.LORA_TUNED_RANK, kern.MAX_RANK):
+            for cfg in kern.CONFIGS[dtype][:1] if rank > kern.LORA_TUNED_RANK else kern.CONFIGS[dtype]:
+                assert ("nf4_matmul_nt_kernel", rank, *cfg) in compiled
+        for cfg in kern.CONFIGS[dtype]:
+            assert ("nf4_matmul_nn_kernel", None, *cfg) in compiled
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_measures_its_tiles_on_the_gpu(monkeypatch):

@@ -47,19 +47,21 @@ def _dropout_p(module, name) -> float:
                           "nn.Identity")
 
 
-_NF4_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NF4_VIEWS: dict = {}  # id(param) -> (weakref to the param, its data pointer and quant_state id, NF4Weight)
 
 
 def _nf4_view(param):
-    """The NF4Weight over a Params4bit's bytes, cached per parameter until its data or quant_state changes."""
+    """The NF4Weight over a Params4bit's bytes, cached per parameter until its data or quant_state changes.
+    (Keyed by id with a weakref check: a WeakKeyDictionary would compare tensors with ==.)"""
     from ..quant import NF4Weight
 
     key = (param.data.data_ptr(), id(param.quant_state))
-    hit = _NF4_VIEWS.get(param)
-    if hit is None or hit[0] != key:
-        hit = (key, NF4Weight.from_bnb(param))
-        _NF4_VIEWS[param] = hit
-    return hit[1]
+    hit = _NF4_VIEWS.get(id(param))
+    if hit is None or hit[0]() is not param or hit[1] != key:
+        for stale in [k for k, v in _NF4_VIEWS.items() if v[0]() is None]:
+            del _NF4_VIEWS[stale]
+        hit = _NF4_VIEWS[id(param)] = (weakref.ref(param), key, NF4Weight.from_bnb(param))
+    return hit[2]
 
 
 def _base_weight(base):

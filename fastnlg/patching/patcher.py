@@ -16,7 +16,8 @@ original Parameters), so optimizers, checkpoints and PEFT's save_pretrained see 
 - lora: PEFT LoRA linear layers -> forward computed by fastnlg.ops.lora_linear from the layer's live state
   (on the instance: set_adapter, merge, disable_adapter and save_pretrained keep working). A state it cannot
   run (DoRA, ...) is skipped at patch time; if the state changes to one later, that call runs PEFT's own
-  forward and says so once in the log.
+  forward and says so once in the log. A bitsandbytes 4-bit layer without an adapter keeps bitsandbytes'
+  forward (reported as skipped).
 """
 from __future__ import annotations
 
@@ -194,6 +195,10 @@ def _patch_lora(model, report, undo):
             report.patched.append(Entry(path, "lora", f"{type(module).__name__} -> lora_linear"))
         elif qual.startswith("peft.tuners.lora.") and hasattr(module, "lora_A"):
             report.skipped.append(Entry(path, "lora", f"PEFT LoRA {type(module).__name__}: not a linear layer"))
+        elif type(module).__name__ == "Linear4bit" and not qual.startswith("peft."):
+            parent = model.get_submodule(path.rpartition(".")[0])
+            if not hasattr(parent, "lora_A"):  # a base layer under a PEFT LoRA layer is that layer's business
+                report.skipped.append(Entry(path, "linear4bit", "4-bit layer without LoRA: bitsandbytes' own path"))
 
 
 def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = True, norm: bool = True,

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 class Entry(NamedTuple):
     path: str  # module path in the model ("" for the model itself, "module:..." for a function)
-    what: str  # attention | cross_entropy | norm | rope | mlp | lora
+    what: str  # attention | cross_entropy | norm | rope | mlp | lora | linear4bit
     detail: str  # what replaced it, or why it was skipped
 
 

@@ -55,6 +55,11 @@ def test_from_peft_linear4bit_uses_the_nf4_bytes():
     assert ours.base_weight.packed.data_ptr() == q.weight.data.data_ptr()  # no copy, no re-quantisation
     x = torch.randn(3, 128)
     torch.testing.assert_close(ours(x), model(x), rtol=1e-4, atol=1e-4)
+    from fastnlg.nn.lora import _nf4_view, peft_state
+
+    for _ in range(2):  # the NF4 view is cached per parameter (a second lookup must not compare tensors)
+        torch.testing.assert_close(peft_lora_forward(layer, x), model(x), rtol=1e-4, atol=1e-4)
+    assert peft_state(layer).weight is _nf4_view(q.weight)
 
 
 @pytest.mark.parametrize("cfg,match", [({"use_dora": True}, "DoRA"), ({"lora_dropout": 0.1}, None)])

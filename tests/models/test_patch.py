@@ -248,3 +248,40 @@ def test_table_names_exist_in_transformers():
     for module_name in table.ROPE_MODULES + ("transformers.models.gpt2.modeling_gpt2",):
         found |= set(vars(importlib.import_module(module_name)))
     assert names <= found, names - found
+
+
+def _quantize_linears(model, names):
+    """bitsandbytes 4-bit NF4 layers in place of the named nn.Linear projections (as load_in_4bit does)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for path, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and path.rsplit(".", 1)[-1] in names:
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  quant_type="nf4", compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         blocksize=64)._quantize("cpu")
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, q)
+    return model
+
+
+def test_qlora_model_matches_peft_on_bitsandbytes():
+    """A 4-bit (bnb NF4) model under PEFT LoRA: the LoRA layers run lora_linear over the NF4 bytes; 4-bit
+    layers without an adapter stay bitsandbytes' and are reported."""
+    base = _quantize_linears(_model("llama"), {"q_proj", "v_proj", "k_proj"})
+    try:
+        ref = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        lora_dropout=0.0, init_lora_weights=False))
+    except Exception as exc:  # PEFT's bnb layer may need a CUDA build of bitsandbytes
+        pytest.skip(f"PEFT cannot wrap Linear4bit here: {exc}")
+    ours = copy.deepcopy(ref)
+    report = fastnlg.patch(ours)
+    assert report.count("lora") == 2 * 2
+    assert [e.path for e in report.skipped if e.what == "linear4bit"] == [
+        f"base_model.model.model.layers.{i}.self_attn.k_proj" for i in range(2)]
+    out_ref, g_ref = _train_step(ref)
+    out, g = _train_step(ours)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=1e-5)
+    assert g.keys() == g_ref.keys() and all("lora_" in name for name in g)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    fastnlg.unpatch(ours)

@@ -86,10 +86,15 @@ def compile_one(spec: dict, arch: int) -> AotRow:
     log = io.StringIO()
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"])
-        with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log: no second ptxas run
-            triton.knobs.nvidia.dump_ptxas_log = True
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)})
+        dump = triton.knobs.nvidia.dump_ptxas_log
+        triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log: no second ptxas run
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                          options={"num_warps": spec["num_warps"],
+                                                   "num_stages": spec.get("num_stages", 3)})
+        finally:
+            triton.knobs.nvidia.dump_ptxas_log = dump  # the caller's JIT compiles stay quiet
     except Exception as exc:  # a config that does not compile is a failing row, reported with its error
         return AotRow(name, arch, config, 0, 0, 0, False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     shared = int(compiled.metadata.shared)

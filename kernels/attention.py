@@ -70,6 +70,25 @@ def _softcap(s, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(rows of q, rows of k) fp32 scores softcap(scale Q K^T), before masking: the one definition the
+    forward, decode and backward kernels share."""
+    return _softcap(tl.dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One key block of the online softmax over masked scores s (-inf = invisible): the block's
+    P = exp(s - m'), the rescale factor exp(m - m') for what was accumulated, m' and l' (a row that has
+    seen no key yet keeps m = -inf and P = 0)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: key j visible to query i (bottom-right aligned positions)."""
     pos = offs_m + (k_len - q_len)
@@ -156,22 +175,15 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < k_len) & d_ok[None, :]
             k = tl.load(_rows(k_ptr, row0 + offs_n, skt, offs_d), mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N) fp32
-            s = _softcap(s, softcap, HAS_SOFTCAP)
             ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
-            s = tl.where(ok, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            s = tl.where(ok, _scores(q, k, scale, softcap, HAS_SOFTCAP), -float("inf"))  # (BLOCK_M, BLOCK_N)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
             acc = acc * alpha[:, None]
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh, row0 + offs_m, row0 + offs_n, S, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             v = tl.load(_rows(v_ptr, row0 + offs_n, svt, offs_d), mask=kv_ok, other=0.0)
             acc += tl.dot(p.to(v.dtype), v)
-            m_i = m_new
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -185,8 +197,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
 def _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, lse,
                 CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr):
     """P = exp(S - LSE) (0 where invisible) and the softcap derivative factor dS/dS_raw."""
-    s = tl.dot(q, tl.trans(k)) * scale
-    z = _softcap(s, softcap, HAS_SOFTCAP)
+    z = _scores(q, k, scale, softcap, HAS_SOFTCAP)
     ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL, HAS_KPM)
     p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
     t = z / softcap
@@ -423,19 +434,12 @@ def attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KPM,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < hi) & d_ok[None, :]
         k = tl.load(_rows(k_ptr, offs_n, skt, offs_d), mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = _softcap(s, softcap, HAS_SOFTCAP)
         ok = _visible(i, offs_n, T, S, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
         ok = ok & row_ok[:, None] & (offs_n[None, :] < hi)
-        s = tl.where(ok, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        s = tl.where(ok, _scores(q, k, scale, softcap, HAS_SOFTCAP), -float("inf"))
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         v = tl.load(_rows(v_ptr, offs_n, svt, offs_d), mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, -float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))

@@ -126,7 +126,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0):
         super().__init__()
-        several = not isinstance(lora_A, (torch.Tensor, nn.Parameter))
+        several = not isinstance(lora_A, torch.Tensor)
         self.base_weight = weight
         self.bias = bias
         self.lora_A = nn.ParameterList(lora_A if several else [lora_A])

@@ -121,8 +121,7 @@ def lora_linear_reference(x, weight, lora_A, lora_B, *, scaling, bias=None, drop
     masks = dropout_mask if isinstance(dropout_mask, (list, tuple)) else (dropout_mask,) * len(As)
     y = torch.nn.functional.linear(x, w, bias)
     for A, B, s, p, m in zip(As, Bs, ss, ps, masks):
-        xd = x * m / (1 - p) if p > 0 else x
-        y = y + s * ((xd @ A.t()) @ B.t())
+        y = y + s * ((_keep(x, m if p > 0 else None, p) @ A.t()) @ B.t())
     return y
 
 
@@ -130,8 +129,14 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def _dropped(x2, seed, p):
-    return x2 if seed is None else x2 * _dropout_mask(seed, x2.shape, p, x2.device) / (1 - p)
+def _seed_mask(seed, x2, p):
+    """The keep mask drawn from `seed` (None: this adapter has no dropout)."""
+    return None if seed is None else _dropout_mask(seed, x2.shape, p, x2.device)
+
+
+def _keep(t, mask, p):
+    """Inverted dropout t * m / (1 - p) with keep mask m (None: t itself)."""
+    return t if mask is None else t * mask / (1 - p)
 
 
 def _cat(ts, dim):
@@ -160,7 +165,8 @@ class _LoRALinear(torch.autograd.Function):
         if k == 0:
             y, u = base_matmul(x2, weight, bias), None
         else:
-            u = _cat([_dropped(x2, seed, p) @ A.t() for A, seed, p in zip(As, seeds, ps)], 1)  # (N, R)
+            u = _cat([_keep(x2, _seed_mask(seed, x2, p), p) @ A.t()
+                      for A, seed, p in zip(As, seeds, ps)], 1)  # (N, R)
             sv = _column_scales(scalings, [A.shape[0] for A in As], u)
             y = _base_plus_lora(x2, weight, bias, u if k == 1 else u * sv, _cat(Bs, 1), sv if k == 1 else 1.0)
         ctx.save_for_backward(x, u, *adapters)
@@ -191,11 +197,11 @@ class _LoRALinear(torch.autograd.Function):
                     dx.addmm_(gs, _cat(As, 0))
             else:
                 for i, (g, A, seed, p) in enumerate(zip(torch.split(gs, ranks, 1), As, seeds, ps)):
-                    mask = None if seed is None else _dropout_mask(seed, x2.shape, p, x2.device)
+                    mask = _seed_mask(seed, x2, p)
                     if need_a:
-                        d_as[i] = g.t() @ (x2 if mask is None else x2 * mask / (1 - p))
+                        d_as[i] = g.t() @ _keep(x2, mask, p)
                     if need_x:
-                        dx += g @ A if mask is None else (g @ A) * mask / (1 - p)
+                        dx += _keep(g @ A, mask, p)
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         dx = dx.reshape(x.shape) if need_x else None
         return (dx, db, None, None, None, *d_as, *d_bs)

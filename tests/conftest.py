@@ -3,6 +3,7 @@
 Without CUDA, the Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET must be set
 before triton decorates any kernel, so it is set here, before fastnlg is imported.
 """
+import contextlib
 import os
 
 import torch
@@ -52,3 +53,34 @@ def skip_interpreter_bf16(device, backend, dtype):
     ~4x torch's rounding error, and its tl.dot is wrong for bf16): bf16 Triton runs in the gpu tier only."""
     if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("bf16 under the Triton interpreter is not GPU arithmetic; covered by the gpu tier")
+
+
+@pytest.fixture(params=["definition", "bitsandbytes"])
+def bnb_reference(request):
+    """Runs a test against PEFT + bitsandbytes twice: with bitsandbytes' CPU dequantisation replaced by the NF4
+    definition (every machine), and with bitsandbytes' own kernels where their self-check passes for the
+    shapes the test names (skipped with the reason elsewhere). tests/bnb_oracle.py says why."""
+    from tests import bnb_oracle
+
+    def reference(shapes, blocksize=64, dtype=torch.float32, nested=True):
+        if request.param == "definition":
+            return bnb_oracle.dequantize_by_definition()
+        for shape in shapes:
+            exact, why = bnb_oracle.bnb_dequantize_is_exact(shape, blocksize, dtype, nested)
+            if not exact:
+                pytest.skip(why)
+        return contextlib.nullcontext()
+    return reference
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _break_bnb_on_request():
+    """FASTNLG_TEST_BREAK_BNB=1: bitsandbytes' CPU dequantisation made wrong for the whole run, to show that
+    no verdict depends on bitsandbytes' CPU kernels being right (the guarded tests skip or use the definition)."""
+    if os.environ.get("FASTNLG_TEST_BREAK_BNB") != "1":
+        yield
+        return
+    from tests import bnb_oracle
+
+    with bnb_oracle.broken_bnb_dequantize():
+        yield

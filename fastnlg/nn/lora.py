@@ -47,15 +47,16 @@ def _dropout_p(module, name) -> float:
                           "nn.Identity")
 
 
-_NF4_VIEWS: dict = {}  # id(param) -> (weakref to the param, its data pointer and quant_state id, NF4Weight)
+_NF4_VIEWS: dict = {}  # id(param) -> (weakref to the param, (data pointer, quant_state id, layout), NF4Weight)
 
 
 def _nf4_view(param):
-    """The NF4Weight over a Params4bit's bytes, cached per parameter until its data or quant_state changes.
+    """The NF4Weight over a Params4bit's bytes, cached per parameter until its data, quant_state or layout
+    changes (bitsandbytes' CPU repacking replaces the data and edits the quant_state in place).
     (Keyed by id with a weakref check: a WeakKeyDictionary would compare tensors with ==.)"""
     from ..quant import NF4Weight
 
-    key = (param.data.data_ptr(), id(param.quant_state))
+    key = (param.data.data_ptr(), id(param.quant_state), getattr(param.quant_state, "packing_format_for_cpu", False))
     hit = _NF4_VIEWS.get(id(param))
     if hit is None or hit[0]() is not param or hit[1] != key:
         for stale in [k for k, v in _NF4_VIEWS.items() if v[0]() is None]:

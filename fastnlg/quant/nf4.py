@@ -115,6 +115,38 @@ def dequantize_nf4_reference(packed, absmax, shape, dtype, blocksize=64):
     return (vals * absmax.repeat_interleave(blocksize)[:n]).reshape(shape).to(dtype)
 
 
+BNB_CPU_BLOCK_N = 32  # output rows per tile in bitsandbytes' AVX512-BF16 CPU layout
+
+
+def _from_bnb_cpu_layout(data, state):
+    """What a Params4bit holds after bitsandbytes' `_convert_weight_packed_for_cpu` -> NF4Weight arguments.
+
+    On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place on its first forward in eval
+    mode without grad. Its data becomes (N, K/2) uint8, read as tiles of 32 bytes (the (N/32 * K/2, 32) view):
+        tile (n // 32, k) holds the 64 nibbles of rows n // 32 * 32 ... + 31, columns 2k and 2k + 1;
+        lane (n % 32) * 2 + j of the tile is element (n, 2k + j);
+        byte i of the tile = lane (32 + i) << 4 | lane i,
+    and absmax is decoded from the double quantisation, rounded to bf16 and stored as (K / blocksize, N).
+    From then on bitsandbytes computes with W = NF4_CODE[q] * bf16(absmax); this returns exactly that weight
+    in the standard layout (a copy: packed bytes high nibble first, absmax in fp32, no double quantisation),
+    never the repacked bytes read as standard NF4."""
+    N, K = (int(s) for s in state.shape)
+    bs = state.blocksize
+    absmax = state.absmax
+    if (data.dtype != torch.uint8 or tuple(data.shape) != (N, K // 2) or N % BNB_CPU_BLOCK_N or K % bs
+            or tuple(absmax.shape) != (K // bs, N)):
+        raise ValueError(
+            f"NF4Weight.from_bnb: the Params4bit is in bitsandbytes' CPU-packed layout (packing_format_for_cpu) "
+            f"but its tensors are not what that layout holds for shape {(N, K)}, blocksize {bs}: data "
+            f"{tuple(data.shape)} {data.dtype}, absmax {tuple(absmax.shape)}; refusing to guess")
+    tiles = data.reshape(-1, BNB_CPU_BLOCK_N)  # (N/32 * K/2, 32)
+    lanes = torch.cat([tiles & 0xF, tiles >> 4], dim=-1)  # (N/32 * K/2, 64)
+    q = lanes.reshape(N // BNB_CPU_BLOCK_N, K // 2, BNB_CPU_BLOCK_N, 2).transpose(1, 2).reshape(-1)  # (N*K,)
+    packed = (q[0::2] << 4) | q[1::2]
+    dtype = getattr(state, "original_dtype", state.dtype)
+    return packed.contiguous(), absmax.t().reshape(-1).float(), (N, K), dtype, bs
+
+
 class NF4Weight:
     """A weight in NF4. packed (n/2,) uint8; absmax fp32 (blocks,) or, double-quantised, uint8 (blocks,)
     with offset (fp32 scalar tensor) and absmax2 fp32 (ceil(blocks / 256),); shape/dtype of the original."""
@@ -161,6 +193,8 @@ class NF4Weight:
                              "to its device first")
         if state.quant_type != "nf4":
             raise ValueError(f"NF4Weight.from_bnb: quant_type {state.quant_type!r} is not 'nf4'")
+        if getattr(state, "packing_format_for_cpu", False):
+            return cls(*_from_bnb_cpu_layout(param.data, state))
         packed = param.data.reshape(-1).view(torch.uint8) if param.data.dtype != torch.uint8 else param.data.reshape(-1)
         if state.nested:
             s2 = state.state2

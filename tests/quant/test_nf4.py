@@ -1,10 +1,12 @@
 """NF4 against bitsandbytes (which runs on CPU here): packed bytes, absmax and double-quant statistics,
-dequantisation, Params4bit round trips, safetensors, bad input."""
+dequantisation (against the definition everywhere, against bitsandbytes' CPU kernel where it is right:
+tests/bnb_oracle.py), Params4bit round trips and bitsandbytes' CPU-packed layout, safetensors, bad input."""
 import pytest
 import torch
 
 from fastnlg.quant import NF4Weight, quantize_nf4
 from fastnlg.quant.nf4 import DYNAMIC_CODE, NF4_CODE, dequantize_8bit_reference, quantize_8bit_reference
+from tests import bnb_oracle as oracle
 from tests.conftest import backend_params
 
 BACKENDS = backend_params()
@@ -30,7 +32,9 @@ def test_codes_are_bitsandbytes_codes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,blocksize", SHAPES, ids=str)
 def test_single_quant_equals_bitsandbytes(shape, blocksize, dtype, device, backend, use_backend):
-    """Every backend (torch, C++, Triton) produces bitsandbytes' bytes and dequantised values."""
+    """Every backend (torch, C++, Triton) produces bitsandbytes' bytes and absmax, and dequantises them to
+    the definition code[nibble] * absmax bit for bit (bitsandbytes' own CPU dequantisation is not that
+    definition on every CPU: see tests/bnb_oracle.py and test_dequantize_equals_bitsandbytes)."""
     if device == "cpu" and backend == "triton" and (dtype != torch.float32 or torch.Size(shape).numel() > 20000):
         pytest.skip("the interpreter is slow: Triton runs the small shapes in fp32 on CPU, all of them on a GPU")
     use_backend(backend)
@@ -43,7 +47,42 @@ def test_single_quant_equals_bitsandbytes(shape, blocksize, dtype, device, backe
     assert deq.dtype == dtype and deq.shape == W.shape
     if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
         return  # the interpreter's fp32 -> bf16 cast truncates instead of rounding: the gpu tier checks this
-    torch.testing.assert_close(deq.cpu().reshape(-1), bf.dequantize_4bit(packed, state).reshape(-1), rtol=0, atol=0)
+    expected = oracle.definition_dequantize(packed, state.absmax, blocksize, shape, dtype)
+    torch.testing.assert_close(deq.cpu(), expected, rtol=0, atol=0)
+    if device == "cuda":  # bitsandbytes' CUDA kernel as a second, independent implementation
+        torch.testing.assert_close(deq, bf.dequantize_4bit(packed.cuda(), state.to("cuda")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,blocksize", SHAPES, ids=str)
+def test_dequantize_equals_bitsandbytes(shape, blocksize, dtype, nested, use_backend):
+    """Ours equals bitsandbytes' own CPU dequantisation, where that is right on this CPU (self-checked)."""
+    exact, why = oracle.bnb_dequantize_is_exact(shape, blocksize, dtype, nested)
+    if not exact:
+        pytest.skip(why)
+    use_backend("cpp")
+    W = _weight(shape, dtype)
+    packed, state = bf.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    ours = NF4Weight(packed.reshape(-1), state.absmax, shape, dtype, blocksize,
+                     state.offset.reshape(()) if nested else None, state.state2.absmax if nested else None)
+    torch.testing.assert_close(ours.dequantize(), bf.dequantize_4bit(packed, state), rtol=0, atol=0)
+
+
+def test_bitsandbytes_made_wrong_is_detected():
+    """The self-check that guards every comparison with bitsandbytes catches a wrong CPU kernel, and the
+    definition override gives back the right values: no verdict depends on bitsandbytes being right."""
+    W = _weight((64, 128), torch.float32)
+    packed, state = bf.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    expected = oracle.definition_dequantize_state(packed, state)
+    with oracle.broken_bnb_dequantize():
+        exact, why = oracle.bnb_dequantize_is_exact((64, 128), 64, torch.float32, True)
+        assert not exact and "wrong on this CPU" in why
+        assert not torch.equal(bf.dequantize_4bit(packed, state), expected)
+        with oracle.dequantize_by_definition():
+            assert torch.equal(bf.dequantize_4bit(packed, state), expected)
+    with oracle.dequantize_by_definition():
+        assert oracle.bnb_dequantize_is_exact((64, 96), 64, torch.float32, True) == (True, "")
 
 
 @pytest.mark.parametrize("shape,blocksize", SHAPES, ids=str)
@@ -77,19 +116,61 @@ def test_8bit_quant_is_round_to_nearest():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_bnb_params_round_trip(double_quant, use_backend):
-    """bitsandbytes Params4bit -> NF4Weight -> Params4bit is lossless, and dequantises identically."""
+    """bitsandbytes Params4bit -> NF4Weight -> Params4bit is lossless, and both dequantise to the definition
+    (and to bitsandbytes' own dequantisation where that is right on this CPU)."""
     use_backend("cpp")
     W = _weight((128, 256), torch.bfloat16)
     param = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", blocksize=64,
                               compress_statistics=double_quant)._quantize("cpu")
+    bnb_exact = oracle.bnb_dequantize_is_exact((128, 256), 64, torch.bfloat16, double_quant)[0]
     ours = NF4Weight.from_bnb(param)
-    torch.testing.assert_close(ours.dequantize(), bf.dequantize_4bit(param.data, param.quant_state), rtol=0, atol=0)
+    torch.testing.assert_close(ours.dequantize(), oracle.definition_dequantize_state(param.data, param.quant_state),
+                               rtol=0, atol=0)
     back = ours.to_bnb()
     assert torch.equal(back.data, param.data)
-    torch.testing.assert_close(bf.dequantize_4bit(back.data, back.quant_state), ours.dequantize(), rtol=0, atol=0)
-    mine = quantize_nf4(W, 64, double_quant).to_bnb()  # ours -> bitsandbytes dequantises it right
-    torch.testing.assert_close(bf.dequantize_4bit(mine.data, mine.quant_state),
-                               quantize_nf4(W, 64, double_quant).dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(oracle.definition_dequantize_state(back.data, back.quant_state), ours.dequantize(),
+                               rtol=0, atol=0)
+    mine = quantize_nf4(W, 64, double_quant)
+    mine_bnb = mine.to_bnb()  # ours -> bitsandbytes reads it as the same weight
+    torch.testing.assert_close(oracle.definition_dequantize_state(mine_bnb.data, mine_bnb.quant_state),
+                               mine.dequantize(), rtol=0, atol=0)
+    if bnb_exact:
+        torch.testing.assert_close(bf.dequantize_4bit(param.data, param.quant_state), ours.dequantize(),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(bf.dequantize_4bit(mine_bnb.data, mine_bnb.quant_state), mine.dequantize(),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_bnb_reads_the_cpu_packed_layout(double_quant, dtype, use_backend):
+    """After bitsandbytes' CPU repacking (what Linear4bit does in place on its first eval forward on an
+    AVX512-BF16 CPU), the NF4 view is what bitsandbytes then computes with: code[nibble] * bf16(absmax).
+    bitsandbytes' packing function is called directly, so this runs the same on every CPU."""
+    use_backend("cpp")
+    W = _weight((96, 192), dtype)
+    param = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", blocksize=64,
+                              compress_statistics=double_quant)._quantize("cpu")
+    packed = param.data.clone()
+    absmax = oracle.state_absmax(param.quant_state)
+    with oracle.dequantize_by_definition():  # the repack decodes double-quantised absmax with bitsandbytes' kernel
+        param.data, state = bf._convert_weight_packed_for_cpu(param.data, param.quant_state)
+    assert state.packing_format_for_cpu and param.data.shape == (96, 96)
+    held = state.absmax.t().reshape(-1).float()  # (K / blocksize, N) bf16 -> per-block fp32, row-major blocks
+    torch.testing.assert_close(held, absmax.to(torch.bfloat16).float(), rtol=0, atol=0)
+    view = NF4Weight.from_bnb(param)
+    assert view.shape == W.shape and view.dtype == dtype and not view.double_quant
+    assert torch.equal(view.packed, packed.reshape(-1))
+    expected = oracle.definition_dequantize(packed, held, 64, W.shape, dtype)
+    torch.testing.assert_close(view.dequantize(), expected, rtol=0, atol=0)
+
+
+def test_from_bnb_refuses_a_cpu_layout_it_does_not_know():
+    param = bnb.nn.Params4bit(_weight((64, 64), torch.float32), requires_grad=False, quant_type="nf4",
+                              blocksize=64, compress_statistics=False)._quantize("cpu")
+    param.quant_state.packing_format_for_cpu = True  # flag set, tensors not repacked
+    with pytest.raises(ValueError, match="CPU-packed layout"):
+        NF4Weight.from_bnb(param)
 
 
 def test_safetensors_round_trip(tmp_path):

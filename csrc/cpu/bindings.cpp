@@ -1,6 +1,9 @@
 // pybind11 bindings for fastnlg._C. Pointers arrive as integers (tensor.data_ptr()) with an `is_double`
 // flag choosing the float/double instantiation; the GIL is released while kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
 
 #include "fastnlg_cpu.h"
 
@@ -50,6 +53,8 @@ PYBIND11_MODULE(_C, m) {
         DISPATCH(d, fastnlg::cross_entropy_fwd<T>(P<T>(x), P<const int64_t>(labels), P<const T>(scale), P<T>(loss),
                                                   P<T>(lse), N, V, stride, ignore_index, eps, softcap, z_loss));
     }, nogil);
+    m.def("set_cpu_isa", [](const std::string& isa) { return std::string(fastnlg::set_cpu_isa(isa.c_str())); },
+          "'auto' or 'baseline': which build of the fp32 cross-entropy row kernel runs; returns the one in use");
     m.def("nf4_quantize", [](ptr x, ptr packed, ptr absmax, int64_t n, int64_t bs) {
         fastnlg::nf4_quantize(P<const float>(x), P<unsigned char>(packed), P<float>(absmax), n, bs);
     }, nogil);

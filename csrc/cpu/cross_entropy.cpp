@@ -8,18 +8,17 @@
 // Three sweeps per row (max + sum z; sum exp; gradient), each a vectorisable loop over V; a row of
 // 32k-256k fp32 logits (128 KB-1 MB) stays in L2 between sweeps. Rows are split over OpenMP threads.
 // fp32 uses exp_f32 below (Cephes' expf polynomial, ~1 ulp) because glibc's expf is not vectorised
-// without -ffast-math, which we do not use (it drops NaN/Inf semantics). The fp32 entry point is built
-// twice (baseline x86-64 and x86-64-v3 = AVX2 + FMA) and picked at load time on CPUs that have it.
+// without -ffast-math, which we do not use (it drops NaN/Inf semantics). The fp32 row kernel is built
+// twice (baseline x86-64 and x86-64-v3 = AVX2 + FMA); the v3 build runs on CPUs that have it, and
+// set_cpu_isa("baseline") forces the baseline build, so a test can run both paths on one machine.
 #include "fastnlg_cpu.h"
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTNLG_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTNLG_CLONES
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTNLG_X86_V3 1
 #endif
 
 namespace fastnlg {
@@ -103,10 +102,44 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
     }
 }
 
-// The per-row fp32 kernel, cloned per ISA (the clone is picked once, at load time, by an ifunc).
-FASTNLG_CLONES static void ce_row_f32(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
-                                      int64_t ignore_index, float eps, float c, bool cap, float zl) {
+// The per-row fp32 kernel, built per ISA.
+static void ce_row_f32_baseline(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
+                                int64_t ignore_index, float eps, float c, bool cap, float zl) {
     ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+}
+
+#ifdef FASTNLG_X86_V3
+__attribute__((target("arch=x86-64-v3"))) static void ce_row_f32_v3(float* xr, int64_t y, const float* scale_i,
+                                                                      float* loss, float* lse, int64_t V,
+                                                                      int64_t ignore_index, float eps, float c,
+                                                                      bool cap, float zl) {
+    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+}
+
+static bool cpu_has_v3() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+}
+static bool use_v3 = cpu_has_v3();
+#endif
+
+const char* set_cpu_isa(const char* isa) {
+#ifdef FASTNLG_X86_V3
+    if (std::strcmp(isa, "baseline") == 0) use_v3 = false;
+    else if (std::strcmp(isa, "auto") == 0) use_v3 = cpu_has_v3();
+    return use_v3 ? "x86-64-v3" : "baseline";
+#else
+    (void)isa;
+    return "baseline";
+#endif
+}
+
+static void ce_row_f32(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
+                       int64_t ignore_index, float eps, float c, bool cap, float zl) {
+#ifdef FASTNLG_X86_V3
+    if (use_v3) return ce_row_f32_v3(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+#endif
+    ce_row_f32_baseline(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
 }
 
 static void ce_row_f64(double* xr, int64_t y, const double* scale_i, double* loss, double* lse, int64_t V,

@@ -15,6 +15,9 @@ template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* d
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
                                             double softcap, double z_loss);
+// Which build of the fp32 cross-entropy row kernel runs: "auto" (x86-64-v3 where the CPU has it) or
+// "baseline"; returns the one now in use. For tests and diagnostics.
+const char* set_cpu_isa(const char* isa);
 template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
 
 void nf4_quantize(const float* x, unsigned char* packed, float* absmax, int64_t n, int64_t blocksize);

@@ -65,6 +65,26 @@ def test_flce_options(device, backend, kw, use_backend):
     _check_flce(device, torch.float32, 37, 101, 24, kw, chunk=8)
 
 
+@pytest.fixture(params=["auto", "baseline"])
+def cpu_isa(request):
+    """The C++ fp32 row kernel is built for baseline x86-64 and for x86-64-v3 (AVX2 + FMA), and the CPU picks
+    one: both builds run here on any machine (the v3 one where the CPU has it), so no verdict depends on which
+    the CI machine would pick."""
+    from fastnlg import _C
+
+    used = _C.set_cpu_isa(request.param)
+    if request.param == "baseline":
+        assert used == "baseline"
+    yield used
+    _C.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_flce_cpp_each_isa_build(kw, cpu_isa, use_backend):
+    use_backend("cpp")
+    _check_flce("cpu", torch.float32, 37, 1001, 24, kw, chunk=8)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("N,V,C,chunk", [(1, 1, 8, None), (1, 50, 3, None), (64, 5000, 16, 16), (9, 333, 7, 4)])
 def test_flce_odd_sizes(device, backend, N, V, C, chunk, use_backend):

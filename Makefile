@@ -4,12 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastnlg-installed
 
-$(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/cpu/*)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel first, so nothing pulls a CUDA build
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# CPU machines and GPU machines with a package index alike (scripts/setup_venv.sh says how they differ).
+$(STAMP): requirements.txt pyproject.toml setup.py scripts/setup_venv.sh $(wildcard csrc/cpu/*)
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_venv.sh
 	touch $@
 
 .PHONY: install demo test test-all aot bench gpu

@@ -68,7 +68,8 @@ if os.environ.get("FASTNLG_BUILD_CUDA") == "1":
     )
 
 setup(
-    packages=["fastnlg", "fastnlg.ops", "fastnlg.nn", "fastnlg.quant", "fastnlg.patching", "fastnlg.kernels"],
+    packages=["fastnlg", "fastnlg.ops", "fastnlg.nn", "fastnlg.quant", "fastnlg.patching", "fastnlg.train",
+              "fastnlg.kernels"],
     package_dir={"fastnlg.kernels": "kernels"},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExtWithCuda},

@@ -1,14 +1,32 @@
 """The `fastnlg` command.
 
-    fastnlg demo     the op benchmarks on small sizes with a report (until the trainer lands)
-    fastnlg bench    the benchmark suite (python -m benchmarks.run options; run from the repo root)
-    fastnlg aot      the ahead-of-time compile check of every Triton kernel for sm_80/86/89/90
+    fastnlg demo [--quick]        fine-tune a small model on a data-to-text task, patched vs unpatched, report
+    fastnlg train --config run.yaml --model DIR --train-files data.jsonl ...   (flags override the file)
+    fastnlg eval --model DIR [--adapter DIR] --data eval.jsonl      loss/perplexity/accuracy, BLEU/ROUGE, examples
+    fastnlg generate --model DIR [--adapter DIR] --prompt "..."     (or --prompts-file F, or stdin)
+    fastnlg merge --model DIR --adapter DIR --out DIR               LoRA merged into the base, safetensors
+    fastnlg bench ...             the benchmark suite (python -m benchmarks.run options; from a source checkout)
+    fastnlg aot                   the ahead-of-time compile check of every Triton kernel for sm_80/86/89/90
+
+User errors (bad config, bad data with file and line, missing path) exit with status 2 and one line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+
+class UserError(Exception):
+    pass
+
+
+def _user_errors():
+    """The exceptions that are the user's to fix (imported late, so --help stays fast)."""
+    from .train.config import ConfigError
+    from .train.data import DataError
+
+    return (UserError, ConfigError, DataError, FileNotFoundError)
 
 
 def _repo_root() -> str:
@@ -18,30 +36,222 @@ def _repo_root() -> str:
 def _benchmarks(argv):
     root = _repo_root()
     if not os.path.isdir(os.path.join(root, "benchmarks")):
-        raise SystemExit("fastnlg bench/demo run from a source checkout (benchmarks/ is not installed)")
+        raise UserError("fastnlg bench runs from a source checkout (benchmarks/ is not installed)")
     sys.path.insert(0, root)
     from benchmarks.run import main as run
 
     return run(argv)
 
 
-def main(argv=None) -> int:
+def _train_parser(sub):
+    from .train.config import TrainConfig
+
+    p = sub.add_parser("train", help="fine-tune a model (full, LoRA, BitFit)", epilog=(
+        "example: fastnlg train --model ./my-model --train-files data.jsonl --method lora --max-steps 500 "
+        "--output-dir out/run1"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a YAML or JSON file of TrainConfig keys (flags override it)")
+    p.add_argument("--no-patch", action="store_true", help="the same run without fastnlg.patch, for comparison")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("resume",):
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
+                           help=f"(default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .train.config import TrainConfig, load_config_file
+    from .train.trainer import train
+
+    values = load_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "resume":
+            values[f.name] = v
+    if args.no_patch:
+        values["patch"] = False
+    if args.resume:
+        values["resume"] = True
+    cfg = TrainConfig.from_dict(values)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint in {cfg.output_dir} is intact; continue with the same command "
+              "and --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _load(model_dir, adapter, device):
+    import transformers
+
+    from .train.trainer import pick_device
+
+    for path in (model_dir, adapter):
+        if path and not os.path.isdir(path):
+            raise UserError(f"{path}: no such model folder")
+    dev = pick_device(device)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(dev)
+    if adapter:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter).to(dev)
+    return model, tok, dev
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .train import data
+    from .train.evaluate import generation_metrics, loss_metrics, save_examples
+
+    model, tok, dev = _load(args.model, args.adapter, args.device)
+    samples, fmt = data.load_samples(args.data, tok, args.max_length)
+    metrics = loss_metrics(model, data.pad_rows(samples, tok.pad_token_id), tok.pad_token_id, args.batch_size, dev)
+    examples = []
+    if fmt in ("prompt_completion", "data_to_text") and args.generate > 0:
+        pairs = [data.prompt_of(r, fmt, w) for r, w in data.read_records(args.data)][:args.generate]
+        gen, examples = generation_metrics(model, tok, pairs, dev, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.batch_size)
+        metrics.update(gen)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        if examples:
+            save_examples(examples, os.path.join(args.out, "examples"))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    import transformers
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise UserError(f"{args.prompts_file}: no such file")
+        prompts += [line.rstrip("\n") for line in open(args.prompts_file) if line.strip()]
+    if not prompts and not sys.stdin.isatty():
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give --prompt, --prompts-file or lines on stdin")
+    model, tok, dev = _load(args.model, args.adapter, args.device)
+    model.eval()
+    for prompt in prompts:
+        enc = tok(prompt, return_tensors="pt").to(dev)
+        streamer = transformers.TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, num_beams=args.num_beams,
+                  pad_token_id=tok.pad_token_id, streamer=streamer if args.num_beams == 1 else None)
+        if args.temperature > 0:
+            kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        with torch.no_grad():
+            out = model.generate(**enc, **kw)
+        if args.num_beams > 1:
+            print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    model, tok, _ = _load(args.model, args.adapter, "cpu")
+    if not args.adapter:
+        raise UserError("merge needs --adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"merged model written to {args.out} (loads with transformers.AutoModelForCausalLM, no fastnlg needed)")
+    if args.nf4:
+        from .quant import quantize_nf4
+
+        os.makedirs(os.path.join(args.out, "nf4"), exist_ok=True)
+        for name, mod in merged.named_modules():
+            if type(mod).__name__ == "Linear" and mod.weight.numel() % 2 == 0 and "lm_head" not in name:
+                quantize_nf4(mod.weight.detach()).save(os.path.join(args.out, "nf4", name + ".safetensors"))
+        print(f"NF4 copies of the linear weights in {os.path.join(args.out, 'nf4')}")
+    return 0
+
+
+def build_parser():
     p = argparse.ArgumentParser(prog="fastnlg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fastnlg {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="quick op benchmarks against eager PyTorch, with a report")
+    d = sub.add_parser("demo", help="fine-tune a small model on a data-to-text task, with a report",
+                       epilog="example: fastnlg demo --quick --out out/demo")
+    d.add_argument("--quick", action="store_true", help="CI size (under a minute)")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--device", default="auto")
+    _train_parser(sub)
+    for name, helptext in (("eval", "evaluate a model or adapter on a data file"),
+                           ("generate", "generate from prompts (streams tokens)"),
+                           ("merge", "merge a LoRA adapter into its base model")):
+        s = sub.add_parser(name, help=helptext, epilog=f"example: fastnlg {name} --model out/run1/model"
+                           + (" --adapter out/run1/adapter" if name != "eval" else " --data eval.jsonl"))
+        s.add_argument("--model", required=True, help="a local Transformers model folder")
+        s.add_argument("--adapter", help="a PEFT adapter folder (fastnlg train's adapter/)")
+        s.add_argument("--device", default="auto")
+        if name == "eval":
+            s.add_argument("--data", required=True)
+            s.add_argument("--max-length", type=int, default=512)
+            s.add_argument("--batch-size", type=int, default=16)
+            s.add_argument("--generate", type=int, default=64, help="records to generate for BLEU/ROUGE (0: none)")
+            s.add_argument("--max-new-tokens", type=int, default=64)
+            s.add_argument("--out", help="folder for eval.json and the examples table")
+        elif name == "generate":
+            s.add_argument("--prompt", action="append")
+            s.add_argument("--prompts-file")
+            s.add_argument("--max-new-tokens", type=int, default=64)
+            s.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+            s.add_argument("--top-k", type=int)
+            s.add_argument("--top-p", type=float)
+            s.add_argument("--num-beams", type=int, default=1)
+        else:
+            s.add_argument("--out", required=True)
+            s.add_argument("--nf4", action="store_true", help="also NF4 copies of the linear weights")
     sub.add_parser("bench", help="benchmark suite; extra options go to benchmarks.run", add_help=False)
     sub.add_parser("aot", help="AOT compile check of every Triton kernel", add_help=False)
-    args, rest = p.parse_known_args(argv)
-    if args.cmd == "demo":
-        out = os.path.join(_repo_root(), "benchmarks", "out", "demo")
-        rc = _benchmarks(["--quick", "--out", out] + rest)
-        print(f"\nReport: {os.path.join(out, 'summary.md')}")
-        return rc
-    if args.cmd == "bench":
-        return _benchmarks(rest)
-    from fastnlg.aot import main as aot_main
+    return p
 
-    return aot_main(rest)
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv=None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.cmd not in ("bench", "aot"):
+        print(f"fastnlg {args.cmd}: unknown arguments {' '.join(rest)}", file=sys.stderr)
+        return 2
+    try:
+        if args.cmd == "demo":
+            from .demo import run
+
+            run(args.out, quick=args.quick, device=args.device)
+            return 0
+        if args.cmd == "bench":
+            return _benchmarks(rest)
+        if args.cmd == "aot":
+            from fastnlg.aot import main as aot_main
+
+            return aot_main(rest)
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge}[args.cmd](args)
+    except _user_errors() as exc:
+        print(f"fastnlg {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an out-of-memory is the user's setting to change, anything else is a bug
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            print(f"fastnlg {args.cmd}: out of memory: lower --batch-size or --max-length", file=sys.stderr)
+            return 2
+        print(f"fastnlg {args.cmd}: internal error (a bug; please report it with the traceback above)",
+              file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""The training configuration: one dataclass, validated before anything runs (unknown key, wrong type,
+impossible combination -> ConfigError naming the key and what is allowed)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+METHODS = ("full", "lora", "bitfit")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A bad training configuration; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # a local Transformers model folder
+    train_files: list = field(default_factory=list)
+    output_dir: str = "out"
+    tokenizer: str = ""  # defaults to the model folder
+    eval_files: list = field(default_factory=list)
+    eval_fraction: float = 0.05  # held out from train_files when eval_files is empty
+    max_length: int = 256
+    truncate: bool = True
+    packing: bool = True
+    method: str = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["all-linear"])
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    early_stopping_patience: int = 0  # evaluations without a better eval loss before stopping; 0 = off
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    resume: bool = False
+    patch: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(known))}")
+        cfg = cls(**{k: _coerce(k, v, known[k]) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok, key, allowed):
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed: {allowed}")
+
+        need(bool(self.model), "model", "a local model folder is required")
+        need(os.path.isdir(self.model), "model", "no such folder")
+        need(bool(self.train_files), "train_files", "at least one training file is required")
+        for key in ("train_files", "eval_files"):
+            for path in getattr(self, key):
+                need(os.path.isfile(path), key, f"file {path!r} does not exist")
+        need(self.method in METHODS, "method", f"one of {METHODS}")
+        need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "auto, cpu, cuda[:N]")
+        for key in ("max_length", "max_steps", "batch_size", "grad_accum", "lora_r", "eval_every", "save_every",
+                    "log_every", "max_bad_steps"):
+            need(getattr(self, key) > 0, key, "an integer > 0")
+        for key in ("warmup_steps", "keep_checkpoints", "early_stopping_patience"):
+            need(getattr(self, key) >= 0, key, "an integer >= 0")
+        need(self.learning_rate > 0, "learning_rate", "> 0")
+        need(0 <= self.eval_fraction < 1, "eval_fraction", "in [0, 1)")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+        need(self.precision != "fp16" or self.device not in ("cpu",), "precision",
+             "fp16 needs a CUDA device (CPU autocast runs bf16)")
+        if self.resume:
+            from .checkpoint import list_checkpoints
+
+            need(bool(list_checkpoints(self.output_dir)), "resume",
+                 f"output_dir {self.output_dir!r} holds no checkpoint to resume from")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _coerce(key, value, f):
+    """JSON/YAML/flag values to the field's type; a wrong type names the key."""
+    kind = type(f.default) if f.default is not dataclasses.MISSING else list
+    if kind is list:
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key {key!r} must be {kind.__name__}{' (list of strings)' if kind is list else ''}, "
+                      f"got {value!r}")
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return values

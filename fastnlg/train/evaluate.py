@@ -1,0 +1,108 @@
+"""Evaluation of a causal LM on held-out data: loss, perplexity and token accuracy over the target tokens,
+and generation metrics on prompt/reference pairs: corpus BLEU (sacrebleu, 13a tokenisation) and ROUGE-1/2/L
+F1 (rouge-score, with stemming), with a table of examples saved as markdown and JSONL.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+
+from .data import IGNORE, collate
+
+
+@torch.no_grad()
+def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device) -> dict:
+    """Token-weighted loss, perplexity = exp(loss) and top-1 accuracy over every target token."""
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits.float()[:, :-1]
+        target = labels[:, 1:]
+        keep = target != IGNORE
+        total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        correct += (logits.argmax(-1)[keep] == target[keep]).sum().item()
+        count += int(keep.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation data has no target tokens")
+    loss = total / count
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / count,
+            "eval_tokens": count}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, *, max_new_tokens=64, batch_size=8, do_sample=False, temperature=1.0,
+             top_k=None, top_p=None, num_beams=1, device="cpu") -> tuple[list, dict]:
+    """Completions of the prompts (batched, left-padded) and {"tokens_per_s", "new_tokens"}."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    outputs, new_tokens, start = [], 0, time.perf_counter()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            kw = {"do_sample": do_sample, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
+                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+            if do_sample:
+                kw.update(temperature=temperature, top_k=top_k, top_p=top_p)
+            out = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+            for row in out:
+                row = row.tolist()
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id)]
+                new_tokens += len(row)
+                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    return outputs, {"tokens_per_s": new_tokens / max(elapsed, 1e-9), "new_tokens": new_tokens}
+
+
+def bleu(hypotheses: list, references: list) -> float:
+    """Corpus BLEU (0-100), sacrebleu's defaults (13a tokenisation, exponential smoothing off)."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def rouge(hypotheses: list, references: list) -> dict:
+    """Mean ROUGE-1/2/L F1 (0-100) over the pairs."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for h, r in zip(hypotheses, references):
+        for k, v in scorer.score(r, h).items():
+            sums[k] += v.fmeasure
+    n = max(len(hypotheses), 1)
+    return {k: 100 * v / n for k, v in sums.items()}
+
+
+def generation_metrics(model, tokenizer, pairs: list, device, **gen) -> tuple[dict, list]:
+    """pairs [(prompt, reference)] -> ({bleu, rouge1, rouge2, rougeL, tokens_per_s}, examples)."""
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    outs, speed = generate(model, tokenizer, prompts, device=device, **gen)
+    metrics = {"bleu": bleu(outs, refs), **rouge(outs, refs), "gen_tokens_per_s": speed["tokens_per_s"]}
+    return metrics, [{"input": p, "reference": r, "output": o} for p, r, o in zip(prompts, refs, outs)]
+
+
+def save_examples(examples: list, stem: str) -> None:
+    """`stem`.jsonl and `stem`.md (a table: input, reference, output)."""
+    with open(stem + ".jsonl", "w") as f:
+        for e in examples:
+            f.write(json.dumps(e) + "\n")
+
+    def cell(text):
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    with open(stem + ".md", "w") as f:
+        f.write("| input | reference | output |\n|---|---|---|\n")
+        for e in examples:
+            f.write(f"| {cell(e['input'])} | {cell(e['reference'])} | {cell(e['output'])} |\n")

@@ -1,0 +1,97 @@
+"""The command line: user errors exit 2 with one line naming the problem, --help of every subcommand, and
+train -> eval -> generate -> merge end to end (the merged model loads in plain Transformers with the same
+logits), and the demo in its --quick size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from fastnlg.cli import main
+
+SUBCOMMANDS = ["train", "eval", "generate", "merge", "demo"]
+
+
+def _cli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "fastnlg.cli", *args], capture_output=True, text=True, input=input,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    assert "example:" in capsys.readouterr().out
+
+
+def _train_args(tiny, out, *extra):
+    return ["train", "--model", tiny["model"], "--train-files", tiny["train"], "--output-dir", str(out),
+            "--max-length", "96", "--batch-size", "4", "--progress", "false", "--device", "cpu", *extra]
+
+
+def _one_line_error(r, pattern):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and pattern in last, r.stderr[-2000:]
+    return last
+
+
+def test_user_errors(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--train-files", str(bad))), "bad.jsonl:2: invalid JSON")
+    assert not (tmp_path / "o").exists()  # nothing written before the data is valid
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"modle": "x"}))
+    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--config", str(cfg))), "unknown config key 'modle'")
+    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--max-steps", "many")), "'max_steps' must be int")
+    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--method", "magic")), "method='magic' is not allowed")
+    _one_line_error(_cli("train", "--model", str(tmp_path / "nope"), "--train-files", tiny["train"]),
+                    "model=")
+    _one_line_error(_cli(*_train_args(tiny, tmp_path / "empty", "--resume")), "holds no checkpoint to resume from")
+    _one_line_error(_cli("eval", "--model", str(tmp_path / "nope"), "--data", tiny["eval"]), "no such model folder")
+
+
+def test_train_eval_generate_merge(tiny, tmp_path):
+    out = tmp_path / "run"
+    r = _cli(*_train_args(tiny, out, "--max-steps", "8", "--method", "lora", "--eval-every", "4", "--log-every", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    adapter = str(out / "adapter")
+    r = _cli("eval", "--model", tiny["model"], "--adapter", adapter, "--data", tiny["eval"], "--generate", "4",
+             "--max-new-tokens", "8", "--out", str(tmp_path / "ev"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads(open(tmp_path / "ev" / "eval.json").read())
+    assert {"eval_loss", "eval_perplexity", "bleu", "rougeL"} <= set(metrics)
+    assert (tmp_path / "ev" / "examples.md").exists()
+    r = _cli("generate", "--model", tiny["model"], "--adapter", adapter, "--device", "cpu", "--max-new-tokens", "5",
+             input="Record: city: Oslo\nText:\n")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
+    merged = tmp_path / "merged"
+    r = _cli("merge", "--model", tiny["model"], "--adapter", adapter, "--out", str(merged))
+    assert r.returncode == 0, r.stderr[-3000:]
+    import peft
+
+    ids = torch.tensor([[1, 5, 9, 20, 7]])
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny["model"]),
+                                                  adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_demo_quick(tmp_path):
+    """The README's first command at CI size: every promised file, and the eval loss falls."""
+    r = _cli("demo", "--quick", "--out", str(tmp_path / "demo"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "demo"
+    for name in ("report.md", "metrics.jsonl", "examples.md", "examples.jsonl", "loss.png", "lr.png", "eval.png",
+                 "finetune/adapter/adapter_model.safetensors", "finetune_unpatched/metrics.jsonl", "data/train.jsonl"):
+        assert (out / name).exists(), name
+    summary = json.loads(open(out / "metrics.jsonl").readline())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    report = open(out / "report.md").read()
+    assert "BLEU" in report and "ROUGE-L" in report and "--no-patch" in report

@@ -136,7 +136,7 @@ def cmd_generate(args) -> int:
         if not os.path.isfile(args.prompts_file):
             raise UserError(f"{args.prompts_file}: no such file")
         prompts += [line.rstrip("\n") for line in open(args.prompts_file) if line.strip()]
-    if not prompts and not sys.stdin.isatty():
+    if not prompts and sys.stdin is not None and not sys.stdin.isatty():
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise UserError("no prompt: give --prompt, --prompts-file or lines on stdin")
@@ -157,9 +157,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    model, tok, _ = _load(args.model, args.adapter, "cpu")
     if not args.adapter:
         raise UserError("merge needs --adapter")
+    model, tok, _ = _load(args.model, args.adapter, "cpu")
     merged = model.merge_and_unload()
     merged.save_pretrained(args.out)
     tok.save_pretrained(args.out)

@@ -198,7 +198,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))  # one sync per step
         if finite:
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             state["bad_steps"] = 0
         else:
             state["bad_steps"] += 1

@@ -54,6 +54,7 @@ def test_user_errors(tiny, tmp_path):
                     "model=")
     _one_line_error(_cli(*_train_args(tiny, tmp_path / "empty", "--resume")), "holds no checkpoint to resume from")
     _one_line_error(_cli("eval", "--model", str(tmp_path / "nope"), "--data", tiny["eval"]), "no such model folder")
+    _one_line_error(_cli("merge", "--model", tiny["model"], "--out", str(tmp_path / "m")), "merge needs --adapter")
 
 
 def test_train_eval_generate_merge(tiny, tmp_path):

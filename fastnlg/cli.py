@@ -46,12 +46,17 @@ def _benchmarks(argv):
 def _train_parser(sub):
     from .train.config import TrainConfig
 
-    p = sub.add_parser("train", help="fine-tune a model (full, LoRA, BitFit)", epilog=(
+    p = sub.add_parser("train", help="fine-tune a model (full, LoRA, QLoRA, prompt/prefix tuning, IA3, AdaLoRA, BitFit)", epilog=(
         "example: fastnlg train --model ./my-model --train-files data.jsonl --method lora --max-steps 500 "
-        "--output-dir out/run1"), formatter_class=argparse.RawDescriptionHelpFormatter)
+        "--output-dir out/run1\nexample: fastnlg train --config run.yaml --method qlora --gradient-checkpointing true\n"
+        "example: fastnlg train --config run.yaml --nproc 2 --distributed fsdp    (= torchrun --nproc-per-node 2 -m "
+        "fastnlg.cli train --config run.yaml --distributed fsdp)"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML or JSON file of TrainConfig keys (flags override it)")
     p.add_argument("--no-patch", action="store_true", help="the same run without fastnlg.patch, for comparison")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N processes (torchrun --standalone --nproc-per-node N; DDP or FSDP2 by --distributed, "
+                        "gloo on CPU, NCCL on GPUs); the same as torchrun --nproc-per-node N -m fastnlg.cli train ...")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("resume",):
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
@@ -72,7 +77,11 @@ def cmd_train(args) -> int:
         values["patch"] = False
     if args.resume:
         values["resume"] = True
-    cfg = TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(values)  # validated once, before any process starts
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: needs a number of processes >= 1")
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, args.argv)
     try:
         train(cfg)
     except KeyboardInterrupt:
@@ -80,6 +89,26 @@ def cmd_train(args) -> int:
               "and --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _torchrun(nproc: int, argv: list) -> int:
+    """fastnlg train ... --nproc N -> torchrun --standalone --nproc-per-node N -m fastnlg.cli train ..."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "fastnlg.cli", *rest]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _load(model_dir, adapter, device):
@@ -223,7 +252,9 @@ def _version() -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = build_parser().parse_known_args(argv)
+    args.argv = argv
     if rest and args.cmd not in ("bench", "aot"):
         print(f"fastnlg {args.cmd}: unknown arguments {' '.join(rest)}", file=sys.stderr)
         return 2

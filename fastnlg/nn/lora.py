@@ -76,7 +76,9 @@ def _base_weight(base):
         return weight
     if isinstance(base, nn.Linear):
         return base.weight.detach()
-    raise UnsupportedLoRA(f"base layer {type(base).__name__} is not nn.Linear or bnb Linear4bit")
+    if type(base).__name__ == "NF4Linear":
+        return base.weight
+    raise UnsupportedLoRA(f"base layer {type(base).__name__} is not nn.Linear, bnb Linear4bit or NF4Linear")
 
 
 def peft_state(layer) -> PeftState:

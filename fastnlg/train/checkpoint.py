@@ -3,10 +3,12 @@
 A checkpoint is a folder `checkpoint-<step>/`:
     trainable.safetensors   the trainable Parameters (all of them for full fine-tuning, the adapters for LoRA)
     optimizer.pt, scheduler.pt, scaler.pt   state dicts of tensors and numbers (torch.load(weights_only=True))
-    rng.safetensors         torch (and CUDA) generator states
-    state.json              step, data position, python and numpy RNG states, metrics so far
+    rng-<rank>.safetensors  each process's torch (and CUDA) generator states
+    rng-<rank>.json         each process's python and numpy RNG states
+    state.json              step, world size, data position, trainer counters
 It is written into `.tmp-checkpoint-<step>/`, every file fsynced, then renamed into place and the folder
-fsynced: a kill at any moment leaves the previous checkpoint intact. Only the last `keep` are kept.
+fsynced: a kill at any moment leaves the previous checkpoint intact. Only the last `keep` are kept. Under FSDP
+the tensors are gathered to full ones, so a checkpoint does not depend on how the model was sharded.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ import shutil
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
+from .distributed import Dist
 
 
 def _fsync_dir(path: str) -> None:
@@ -59,31 +64,39 @@ def set_rng_state(tensors: dict, states: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def trainable_state(model) -> dict:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save(output_dir: str, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int) -> str:
+def save(output_dir: str, step: int, model, optimizer, scheduler, scaler, state: dict, keep: int,
+         dist: Dist | None = None) -> str:
+    """Every rank calls this (FSDP gathers its shards); rank 0 writes, each rank adds its RNG state."""
+    dist = dist or Dist.single()
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    if scaler is not None:
-        torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+    trainable = dist.full_state(model, trainable_only=True)
+    optim = dist.optimizer_state(model, optimizer)
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(trainable, os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optim, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        if scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "step": step, "world_size": dist.world}, f)
+    dist.barrier()
     tensors, rng = rng_state()
-    save_file(tensors, os.path.join(tmp, "rng.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({**state, "step": step, "rng": rng}, f)
-    _fsync_tree(tmp)
-    if os.path.exists(final):  # a re-run of the same step: the new one replaces it only once it is complete
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(output_dir)
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    save_file(tensors, os.path.join(tmp, f"rng-{dist.rank}.safetensors"))
+    with open(os.path.join(tmp, f"rng-{dist.rank}.json"), "w") as f:
+        json.dump(rng, f)
+    dist.barrier()
+    if dist.main:
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # a re-run of the same step: the new one replaces it only once it is complete
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(output_dir)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -97,22 +110,25 @@ def list_checkpoints(output_dir: str) -> list:
     return [path for _, path in sorted(found)]
 
 
-def load(path: str, model, optimizer, scheduler, scaler) -> dict:
-    """Restores everything `save` wrote; returns the state.json dict."""
-    params = dict(model.named_parameters())
+def load(path: str, model, optimizer, scheduler, scaler, dist: Dist | None = None) -> dict:
+    """Restores everything `save` wrote (on every rank); returns the state.json dict."""
+    dist = dist or Dist.single()
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state.get("world_size", 1) != dist.world:
+        raise ConfigError(f"resume: {path} was written by {state.get('world_size', 1)} processes, resumed with "
+                         f"{dist.world}; resume with the same number of processes (the data order depends on it)")
+    params = dict(dist.unwrap(model).named_parameters())
     saved = load_file(os.path.join(path, "trainable.safetensors"))
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
     if missing or set(saved) - set(params):
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unknown "
+        raise ConfigError(f"resume: {path} does not match the model (another method or model?)  missing {missing[:3]}, unknown "
                          f"{sorted(set(saved) - set(params))[:3]})")
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    dist.load_params(model, saved)
+    dist.load_optimizer_state(model, optimizer, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
     if scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
         scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    set_rng_state(load_file(os.path.join(path, "rng.safetensors")), state.pop("rng"))
+    with open(os.path.join(path, f"rng-{dist.rank}.json")) as f:
+        set_rng_state(load_file(os.path.join(path, f"rng-{dist.rank}.safetensors")), json.load(f))
     return state

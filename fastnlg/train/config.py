@@ -7,7 +7,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-METHODS = ("full", "lora", "bitfit")
+METHODS = ("full", "lora", "qlora", "prompt-tuning", "prefix", "ia3", "adalora", "bitfit")
+PROMPT_METHODS = ("prompt-tuning", "prefix")  # virtual tokens in front of each row: no packing
+OPTIMIZERS = ("adamw", "adamw8bit")
+DISTRIBUTED = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -31,7 +34,10 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["all-linear"])
+    lora_targets: list = field(default_factory=lambda: ["all-linear"])  # LoRA/QLoRA/AdaLoRA/IA3 target modules
+    adalora_target_r: int = 4  # AdaLoRA: the average rank it prunes lora_r down to
+    num_virtual_tokens: int = 16  # prompt tuning and prefix tuning
+    optimizer: str = "adamw"  # adamw (fused on CUDA, foreach on CPU) | adamw8bit (bitsandbytes, CUDA)
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -41,6 +47,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    offload_activations: bool = False  # checkpointed layer inputs kept in (pinned) CPU memory until backward
+    distributed: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, one shard group per decoder layer)
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
@@ -52,6 +61,8 @@ class TrainConfig:
     patch: bool = True
     device: str = "auto"
     progress: bool = True
+    tensorboard: bool = True  # also log to output_dir/tensorboard when the tensorboard package is installed
+    sync_debug: bool = False  # CUDA: raise on any host synchronisation inside a training step between logs
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -60,6 +71,8 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(known))}")
         cfg = cls(**{k: _coerce(k, v, known[k]) for k, v in values.items()})
+        if cfg.method in PROMPT_METHODS and "packing" not in values:
+            cfg.packing = False  # the default follows the method; packing=true given explicitly is refused
         cfg.validate()
         return cfg
 
@@ -77,9 +90,11 @@ class TrainConfig:
         need(self.method in METHODS, "method", f"one of {METHODS}")
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        need(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "auto, cpu, cuda[:N]")
         for key in ("max_length", "max_steps", "batch_size", "grad_accum", "lora_r", "eval_every", "save_every",
-                    "log_every", "max_bad_steps"):
+                    "log_every", "max_bad_steps", "adalora_target_r", "num_virtual_tokens"):
             need(getattr(self, key) > 0, key, "an integer > 0")
         for key in ("warmup_steps", "keep_checkpoints", "early_stopping_patience"):
             need(getattr(self, key) >= 0, key, "an integer >= 0")
@@ -88,6 +103,22 @@ class TrainConfig:
         need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         need(self.precision != "fp16" or self.device not in ("cpu",), "precision",
              "fp16 needs a CUDA device (CPU autocast runs bf16)")
+        need(not (self.method in PROMPT_METHODS and self.packing), "packing",
+             f"false with method={self.method} (its virtual tokens go in front of every row, so packed samples "
+             "would share them)")
+        need(self.method != "adalora" or self.adalora_target_r <= self.lora_r, "adalora_target_r",
+             f"<= lora_r ({self.lora_r})")
+        need(not self.offload_activations or self.gradient_checkpointing, "offload_activations",
+             "true only with gradient_checkpointing: true (it offloads the checkpointed layer inputs)")
+        if self.optimizer == "adamw8bit":
+            import importlib.util
+
+            import torch
+
+            need(self.device != "cpu" and torch.cuda.is_available(), "optimizer",
+                 "adamw8bit needs a CUDA device (bitsandbytes' 8-bit optimizer); use adamw")
+            need(importlib.util.find_spec("bitsandbytes") is not None, "optimizer",
+                 "adamw8bit needs bitsandbytes installed (pip install bitsandbytes)")
         if self.resume:
             from .checkpoint import list_checkpoints
 

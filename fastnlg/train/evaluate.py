@@ -14,26 +14,37 @@ from .data import IGNORE, collate
 
 
 @torch.no_grad()
-def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device) -> dict:
-    """Token-weighted loss, perplexity = exp(loss) and top-1 accuracy over every target token."""
+def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=None) -> dict:
+    """Token-weighted loss, perplexity = exp(loss) and top-1 accuracy over every target token. Under
+    torchrun each process takes every world-th row (the same number of batches on each, padded with rows
+    that count nothing, so FSDP's collectives line up) and the sums are added over processes."""
     was_training = model.training
     model.eval()
-    total, correct, count = 0.0, 0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+    mine = rows[rank::world]
+    per_rank = -(-len(rows) // world)
+    if len(mine) < per_rank:
+        mine = mine + [{**rows[0], "labels": torch.full_like(rows[0]["labels"], IGNORE)}] * (per_rank - len(mine))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits.float()[:, :-1]
+        logits = model(**batch, use_cache=False).logits
+        logits = logits[:, logits.shape[1] - labels.shape[1]:-1].float()  # prompt tuning puts virtual tokens first
         target = labels[:, 1:]
         keep = target != IGNORE
-        total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
-        correct += (logits.argmax(-1)[keep] == target[keep]).sum().item()
-        count += int(keep.sum())
+        sums[0] += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+        sums[1] += (logits.argmax(-1)[keep] == target[keep]).sum()
+        sums[2] += keep.sum()
+    if dist is not None:
+        dist.all_sum(sums)
     model.train(was_training)
+    total, correct, count = sums.tolist()
     if count == 0:
         raise ValueError("evaluation data has no target tokens")
     loss = total / count
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_token_accuracy": correct / count,
-            "eval_tokens": count}
+            "eval_tokens": int(count)}
 
 
 @torch.no_grad()

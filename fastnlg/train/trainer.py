@@ -23,13 +23,12 @@ import torch
 
 from . import checkpoint, data
 from .config import TrainConfig
+from .distributed import Dist
 from .evaluate import loss_metrics
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return Dist.single().device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -38,25 +37,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _bnb_cuda(cfg: TrainConfig, device) -> bool:
+    """QLoRA on bitsandbytes' NF4 (CUDA with bitsandbytes installed); elsewhere on fastnlg's NF4Linear."""
+    import importlib.util
+
+    return cfg.method == "qlora" and device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+
+
 def load_model_and_tokenizer(cfg: TrainConfig, device):
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)
+    if _bnb_cuda(cfg, device):
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=q,
+                                                                  device_map={"": device}, dtype=torch.bfloat16)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)
+    if cfg.gradient_checkpointing:
+        # offloading needs the reentrant form: its saved inputs go through the saved-tensor hooks
+        kwargs = {"use_reentrant": cfg.offload_activations}
+        if hasattr(model, "activation_checkpointing_enable"):  # Transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if cfg.offload_activations:
+            model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
     return model, tok
 
 
-def prepare_method(model, cfg: TrainConfig):
-    """Which Parameters train: all (full), LoRA adapters through PEFT (lora), or the biases (bitfit)."""
-    if cfg.method == "lora":
-        import peft
+def _targets(cfg: TrainConfig):
+    return "all-linear" if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
 
-        config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_targets if cfg.lora_targets != ["all-linear"] else "all-linear",
-                                 task_type="CAUSAL_LM")
-        return peft.get_peft_model(model, config)
+
+def prepare_method(model, cfg: TrainConfig, log=print):
+    """Which Parameters train: all (full); the biases (bitfit); otherwise PEFT's modules for the method, so
+    the adapter saves and loads in PEFT's format. QLoRA: LoRA over NF4 base layers (bitsandbytes' when the
+    model was loaded 4-bit, else fastnlg's NF4Linear, quantised here after the adapters are attached)."""
+    if cfg.method == "full":
+        return model
     if cfg.method == "bitfit":
         biases = 0
         for name, p in model.named_parameters():
@@ -64,6 +86,33 @@ def prepare_method(model, cfg: TrainConfig):
             biases += name.endswith(".bias")
         if not biases:
             raise ValueError("method=bitfit: this model has no bias Parameters to train")
+        return model
+    import peft
+
+    common = dict(task_type="CAUSAL_LM")
+    if cfg.method in ("lora", "qlora"):
+        config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=_targets(cfg), **common)
+    elif cfg.method == "adalora":
+        config = peft.AdaLoraConfig(init_r=cfg.lora_r, target_r=cfg.adalora_target_r, lora_alpha=cfg.lora_alpha,
+                                    lora_dropout=cfg.lora_dropout, target_modules=_targets(cfg),
+                                    total_step=cfg.max_steps, tinit=min(cfg.warmup_steps, cfg.max_steps // 4),
+                                    tfinal=cfg.max_steps // 4, **common)
+    elif cfg.method == "ia3":
+        targets = None if cfg.lora_targets == ["all-linear"] else cfg.lora_targets  # PEFT's per-model defaults
+        config = peft.IA3Config(target_modules=targets, feedforward_modules=[] if targets else None, **common)
+    elif cfg.method == "prompt-tuning":
+        config = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
+    else:
+        config = peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
+    if cfg.method == "qlora" and getattr(model, "is_loaded_in_4bit", False):
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = peft.get_peft_model(model, config)
+    if cfg.method == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
+        from ..nn import quantize_linears
+
+        done = quantize_linears(model)
+        log(f"qlora: {len(done)} linear layers quantised to NF4 (fastnlg NF4Linear; bitsandbytes' 4-bit needs CUDA)")
     return model
 
 
@@ -85,10 +134,14 @@ def make_rows(samples, cfg: TrainConfig, pad_id: int) -> list:
 
 
 class Batches:
-    """Micro-batches in a seeded order per epoch; `position` (epoch, index) is saved in checkpoints."""
+    """Global micro-batches (batch_size rows per process) in a seeded order per epoch, the same on every
+    process; `position` (epoch, index) is saved in checkpoints. next() -> (this process's batch, target
+    tokens of the whole global micro-batch)."""
 
-    def __init__(self, rows: list, batch_size: int, seed: int, pad_id: int):
+    def __init__(self, rows: list, batch_size: int, seed: int, pad_id: int, dist: Dist | None = None):
+        self.dist = dist or Dist.single()
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.global_size = batch_size * self.dist.world
         self.epoch, self.index = 0, 0
         self._order = self._shuffle()
 
@@ -104,13 +157,14 @@ class Batches:
         self.epoch, self.index = position["epoch"], position["index"]
         self._order = self._shuffle()
 
-    def next(self) -> dict:
-        if self.index >= len(self._order):
+    def next(self) -> tuple[dict, int]:
+        if self.index + self.global_size > len(self._order):  # a global batch never wraps an epoch
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._shuffle()
-        picked = self._order[self.index:self.index + self.batch_size]
-        self.index += self.batch_size
-        return data.collate([self.rows[i] for i in picked], self.pad_id)
+        picked = [self.rows[i] for i in self._order[self.index:self.index + self.global_size]]
+        self.index += self.global_size
+        n = sum(int((r["labels"][1:] != data.IGNORE).sum()) for r in picked)
+        return data.collate(self.dist.shard(picked, self.batch_size), self.pad_id), n
 
 
 def _autocast(cfg, device):
@@ -119,10 +173,42 @@ def _autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
 
 
+def _offload(cfg, device):
+    """Checkpointed layer inputs (saved by the reentrant checkpoint) go to CPU memory until backward."""
+    import contextlib
+
+    if not cfg.offload_activations:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
+def _sync_debug(cfg, device, on: bool) -> None:
+    if cfg.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error" if on else "default")
+
+
+def make_optimizer(params, cfg: TrainConfig, device):
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Runs the configured fine-tuning; returns the last metrics (and eval metrics when evaluated)."""
+    """Runs the configured fine-tuning (on every process under torchrun); returns the last metrics (and eval
+    metrics when evaluated)."""
     cfg.validate()
-    device = pick_device(cfg.device)
+    dist = Dist.from_env(cfg.distributed)
+    try:
+        return _train(cfg, dist, log if dist.main else (lambda *_: None))
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
+    device = dist.device(cfg.device)
     seed_everything(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg, device)
     samples, fmt = data.load_samples(cfg.train_files, tok, cfg.max_length, cfg.truncate)  # DataError before output
@@ -133,71 +219,103 @@ def train(cfg: TrainConfig, log=print) -> dict:
         train_samples, eval_samples = data.split(samples, cfg.eval_fraction, cfg.seed)
     train_rows = make_rows(train_samples, cfg, tok.pad_token_id)
     eval_rows = data.pad_rows(eval_samples, tok.pad_token_id)
+    if len(train_rows) < cfg.batch_size * dist.world:
+        raise data.DataError(f"{cfg.train_files[0]}: {len(train_rows)} training rows, fewer than one global batch "
+                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json())
-    model = prepare_method(model, cfg)
+    if dist.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+    model = prepare_method(model, cfg, log)
     report = None
     if cfg.patch:
         import fastnlg
 
         report = fastnlg.patch(model)
-        with open(os.path.join(cfg.output_dir, "patch_report.txt"), "w") as f:
-            f.write(str(report) + "\n")
+        if dist.main:
+            with open(os.path.join(cfg.output_dir, "patch_report.txt"), "w") as f:
+                f.write(str(report) + "\n")
         log(str(report))
+    core = model  # the unwrapped model: saving, unpatching, AdaLoRA's rank allocation
+    model = dist.wrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    optimizer = make_optimizer(params, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    batches = Batches(train_rows, cfg.batch_size, cfg.seed, tok.pad_token_id)
+    # no host sync per step where the optimizer can skip a step on the device (fused AdamW reads found_inf):
+    # the NaN guard's counter is then read at log steps only
+    lazy_guard = scaler is None and getattr(optimizer, "defaults", {}).get("fused", False)
+    batches = Batches(train_rows, cfg.batch_size, cfg.seed, tok.pad_token_id, dist)
     state = {"best_eval_loss": None, "evals_without_improvement": 0, "bad_steps": 0, "skipped_steps": 0}
     step = 0
     if cfg.resume:
         last = checkpoint.list_checkpoints(cfg.output_dir)[-1]
-        saved = checkpoint.load(last, model, optimizer, scheduler, scaler)
+        saved = checkpoint.load(last, model, optimizer, scheduler, scaler, dist)
         step = saved["step"]
         batches.restore(saved["data_position"])
         state.update(saved["trainer"])
         log(f"resumed from {last} at step {step}")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    _keep_metrics(metrics_path, step if cfg.resume else 0)  # rows after the checkpoint are run again
-    trainable = sum(p.numel() for p in params)
+    if dist.main:
+        _keep_metrics(metrics_path, step if cfg.resume else 0)  # rows after the checkpoint are run again
+    trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log(f"training {cfg.method}: {trainable:,} trainable parameters, {len(train_rows)} rows of "
-        f"{'packed ' if cfg.packing else ''}{fmt} data, {len(eval_rows)} held out, on {device}")
+        f"{'packed ' if cfg.packing else ''}{fmt} data, {len(eval_rows)} held out, on {device}"
+        + (f" x {dist.world} processes ({dist.mode})" if dist.on else ""))
+
+    board = _tensorboard(cfg) if dist.main else None
 
     def write(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if dist.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if board is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        board.add_scalar(k if k.startswith("eval_") else f"train/{k}", v, record["step"])
 
     def save_checkpoint():
         checkpoint.save(cfg.output_dir, step, model, optimizer, scheduler, scaler,
-                        {"data_position": batches.position(), "trainer": state}, cfg.keep_checkpoints)
+                        {"data_position": batches.position(), "trainer": state}, cfg.keep_checkpoints, dist)
 
-    progress = _progress(cfg, step)
+    progress = _progress(cfg, step, dist.main)
     last = {}
     model.train()
     tokens_seen, t0 = 0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    bad_run = torch.zeros((), device=device, dtype=torch.int32)  # consecutive skipped steps (lazy guard)
+    skipped = torch.zeros((), device=device, dtype=torch.int32)
     while step < cfg.max_steps:
+        logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+        _sync_debug(cfg, device, on=step > 0 and not logging)  # the first step tunes kernels
         micro = [batches.next() for _ in range(cfg.grad_accum)]
-        n_step = sum(data.target_tokens(b) for b in micro)
+        n_step = max(sum(n for _, n in micro), 1)
         loss_sum = torch.zeros((), device=device)
-        for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
-            with _autocast(cfg, device):
-                out = model(**b, num_items_in_batch=max(n_step, 1), use_cache=False)  # packing needs no cache
-            loss = out.loss
-            (scaler.scale(loss) if scaler else loss).backward()
+        for i, (b, _) in enumerate(micro):
+            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            with dist.no_grad_sync(model, last=i == len(micro) - 1):
+                with _autocast(cfg, device), _offload(cfg, device):
+                    out = model(**b, num_items_in_batch=n_step, use_cache=False)  # packing needs no cache
+                loss = out.loss
+                # DDP / FSDP average gradients over processes; each loss is already over the global tokens
+                (scaler.scale(loss * dist.world) if scaler else loss * dist.world).backward()
             loss_sum += loss.detach()
-            tokens_seen += int(b["input_ids"].numel())
+            tokens_seen += int(b["input_ids"].numel()) * dist.world
+        dist.all_sum(loss_sum)
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))  # one sync per step
-        if finite:
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        if lazy_guard:
+            optimizer.found_inf = (~finite).float()  # the fused step is skipped on the device
+            optimizer.step()
+            bad_run = torch.where(finite, torch.zeros_like(bad_run), bad_run + 1)
+            skipped += (~finite).int()
+        elif bool(finite):  # one host sync per step
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -211,13 +329,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 scaler.update()
             log(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped "
                 f"({state['bad_steps']} in a row)")
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{cfg.max_bad_steps} non-finite steps in a row at step {step + 1}; "
-                                         "lower learning_rate or use fp32 (last good checkpoint kept)")
+        if cfg.method == "adalora":
+            dist.unwrap(model).base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        _sync_debug(cfg, device, on=False)
+        if lazy_guard and logging:
+            state["bad_steps"], state["skipped_steps"] = int(bad_run), state["skipped_steps"] + int(skipped)
+            skipped.zero_()
+        if state["bad_steps"] >= cfg.max_bad_steps:
+            raise FloatingPointError(f"{cfg.max_bad_steps} non-finite steps in a row at step {step}; "
+                                     "lower learning_rate or use fp32 (last good checkpoint kept)")
+        if logging:
             elapsed = time.perf_counter() - t0
             last = {"step": step, "loss": loss_sum.item(), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
@@ -226,7 +350,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             progress.update(step, last)
             tokens_seen, t0 = 0, time.perf_counter()
         if eval_rows and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            ev = {"step": step, **loss_metrics(model, eval_rows, tok.pad_token_id, cfg.batch_size, device)}
+            ev = {"step": step, **loss_metrics(model, eval_rows, tok.pad_token_id, cfg.batch_size, device, dist)}
             write(ev)
             last.update(ev)
             log(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.2f}, "
@@ -243,13 +367,27 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint()
     progress.close()
-    save_final(model, tok, cfg)
-    plot_metrics(metrics_path, cfg.output_dir)
+    if board is not None:
+        board.close()
+    save_final(model, tok, cfg, dist)
+    if dist.main:
+        plot_metrics(metrics_path, cfg.output_dir)
     if report is not None:
         import fastnlg
 
-        fastnlg.unpatch(model)
+        fastnlg.unpatch(core)
     return last
+
+
+def _tensorboard(cfg: TrainConfig):
+    """A SummaryWriter in output_dir/tensorboard when the tensorboard package is installed, else None."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
 
 
 def _keep_metrics(path: str, upto: int) -> None:
@@ -271,9 +409,9 @@ def _peak_mb(device) -> float:
 
 
 class _progress:
-    def __init__(self, cfg, start):
+    def __init__(self, cfg, start, main=True):
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
@@ -291,11 +429,17 @@ class _progress:
             self.bar.close()
 
 
-def save_final(model, tok, cfg: TrainConfig) -> str:
-    """adapter/ (PEFT format) for LoRA, model/ (Transformers, safetensors) otherwise; with the tokenizer."""
-    path = os.path.join(cfg.output_dir, "adapter" if cfg.method == "lora" else "model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+def save_final(model, tok, cfg: TrainConfig, dist: Dist | None = None) -> str:
+    """adapter/ (PEFT format) for the PEFT methods, model/ (Transformers, safetensors) otherwise; with the
+    tokenizer. Every process calls it (FSDP gathers the shards), the first one writes."""
+    dist = dist or Dist.single()
+    path = os.path.join(cfg.output_dir, "model" if cfg.method in ("full", "bitfit") else "adapter")
+    core = dist.unwrap(model)
+    state = dist.full_state(model, trainable_only=False) if dist.mode == "fsdp" else None
+    if dist.main:
+        core.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
+        tok.save_pretrained(path)
+    dist.barrier()
     return path
 
 

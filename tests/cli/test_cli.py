@@ -72,9 +72,11 @@ def test_train_eval_generate_merge(tiny, tmp_path):
              input="Record: city: Oslo\nText:\n")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
     merged = tmp_path / "merged"
-    r = _cli("merge", "--model", tiny["model"], "--adapter", adapter, "--out", str(merged))
+    r = _cli("merge", "--model", tiny["model"], "--adapter", adapter, "--out", str(merged), "--nf4")
     assert r.returncode == 0, r.stderr[-3000:]
     import peft
+
+    from fastnlg.quant import NF4Weight, quantize_nf4
 
     ids = torch.tensor([[1, 5, 9, 20, 7]])
     plain = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
@@ -82,6 +84,15 @@ def test_train_eval_generate_merge(tiny, tmp_path):
                                                   adapter).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-5)
+    # --nf4: every merged linear weight but the head, as fastnlg's NF4 of exactly that weight
+    linears = {n: m.weight for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    files = sorted(os.listdir(merged / "nf4"))
+    assert files == sorted(n + ".safetensors" for n in linears)
+    for name, w in linears.items():
+        q = NF4Weight.load(str(merged / "nf4" / (name + ".safetensors")))
+        ref = quantize_nf4(w.detach())
+        assert q.shape == w.shape and torch.equal(q.packed, ref.packed) and torch.equal(q.absmax, ref.absmax)
+        assert (q.dequantize(torch.float32) - w).abs().max() <= 0.2 * w.abs().max()
 
 
 def test_demo_quick(tmp_path):

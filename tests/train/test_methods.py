@@ -1,0 +1,154 @@
+"""Every training method through PEFT's own modules (so adapters save and load in PEFT's format), patched and
+unpatched; QLoRA on fastnlg's NF4 base where bitsandbytes' 4-bit needs CUDA; gradient checkpointing with the
+checkpointed layer inputs offloaded; early stopping; TensorBoard logging; the config combinations refused."""
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+import transformers
+
+from fastnlg.train import ConfigError, TrainConfig, data, train
+from fastnlg.train.evaluate import loss_metrics
+
+
+def _cfg(tiny, out, **kw):
+    base = dict(model=tiny["model"], train_files=[tiny["train"]], eval_files=[tiny["eval"]], output_dir=str(out),
+                max_length=96, batch_size=4, max_steps=4, log_every=1, eval_every=4, save_every=4,
+                learning_rate=1e-2, progress=False, device="cpu", tensorboard=False)
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def _rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _losses(out):
+    return [r["loss"] for r in _rows(out) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["qlora", "prompt-tuning", "prefix", "ia3", "adalora"])
+def test_peft_method_trains_saves_and_reloads(tiny, tmp_path, method):
+    """Patched and unpatched runs agree step by step; the saved adapter, loaded by plain PEFT on the base
+    model (for QLoRA: on its NF4 base), gives the trainer's last eval loss."""
+    import peft
+
+    ours = _cfg(tiny, tmp_path / "p", method=method)
+    ref = _cfg(tiny, tmp_path / "u", method=method, patch=False)
+    train(ours, log=lambda *_: None)
+    train(ref, log=lambda *_: None)
+    a, b = _losses(ours.output_dir), _losses(ref.output_dir)
+    assert len(a) == 4 and all(map(torch.isfinite, torch.tensor(a)))
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    assert a[-1] != a[0]  # it trained
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny["model"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny["model"])
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "p" / "adapter"))
+    if method == "qlora":
+        from fastnlg.nn import NF4Linear, quantize_linears
+
+        quantize_linears(loaded)
+        assert sum(isinstance(m, NF4Linear) for m in loaded.modules()) == 14  # 7 linears x 2 layers, not the head
+    samples, _ = data.load_samples(tiny["eval"], tok, 96)
+    ev = loss_metrics(loaded, data.pad_rows(samples, tok.pad_token_id), tok.pad_token_id, 4, "cpu")
+    last = [r for r in _rows(ours.output_dir) if "eval_loss" in r][-1]
+    assert abs(ev["eval_loss"] - last["eval_loss"]) < 1e-4, (ev, last)
+
+
+def test_qlora_adapter_is_a_lora_adapter(tiny, tmp_path):
+    """QLoRA's adapter has exactly LoRA's keys and config (it loads on the full-precision base for merging)."""
+    from safetensors.torch import load_file
+
+    q = _cfg(tiny, tmp_path / "q", method="qlora", max_steps=1)
+    lo = _cfg(tiny, tmp_path / "l", method="lora", max_steps=1)
+    train(q, log=lambda *_: None)
+    train(lo, log=lambda *_: None)
+    keys = [sorted(load_file(os.path.join(c.output_dir, "adapter", "adapter_model.safetensors"))) for c in (q, lo)]
+    assert keys[0] == keys[1] and len(keys[0]) == 28
+
+
+def test_checkpointing_with_offload_gives_the_same_losses(tiny, tmp_path, monkeypatch):
+    """Gradient checkpointing (reentrant, for the offload) and activation offload do not change the losses,
+    and every decoder layer's input went through the offload hook."""
+    shapes = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class Counting(real):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def counted(t):
+                shapes.append(tuple(t.shape))
+                return pack(t)
+            self.pack_hook = counted
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Counting)
+    plain = _cfg(tiny, tmp_path / "a", method="lora", max_steps=3)
+    off = _cfg(tiny, tmp_path / "b", method="lora", max_steps=3, gradient_checkpointing=True,
+               offload_activations=True)
+    train(plain, log=lambda *_: None)
+    assert shapes == []
+    train(off, log=lambda *_: None)
+    torch.testing.assert_close(torch.tensor(_losses(off.output_dir)), torch.tensor(_losses(plain.output_dir)),
+                               rtol=1e-5, atol=1e-6)
+    hidden = [s for s in shapes if s == (4, 96, 32)]  # (batch, max_length, hidden): the layer inputs
+    assert len(hidden) >= 3 * 2, shapes  # steps x layers
+
+
+def test_early_stopping(tiny, tmp_path):
+    """With a learning rate too small to change fp32 weights, the eval loss never improves: patience 2
+    stops the run after the third evaluation and keeps a checkpoint there."""
+    logs = []
+    cfg = _cfg(tiny, tmp_path, method="full", learning_rate=1e-30, max_steps=20, eval_every=1,
+               early_stopping_patience=2, save_every=100)
+    train(cfg, log=logs.append)
+    evals = [r["step"] for r in _rows(cfg.output_dir) if "eval_loss" in r]
+    assert evals == [1, 2, 3]
+    assert any("early stopping at step 3" in m for m in logs)
+    assert os.path.isdir(tmp_path / "checkpoint-3") and not os.path.exists(tmp_path / "checkpoint-20")
+
+
+def test_tensorboard_logging_when_installed(tiny, tmp_path, monkeypatch):
+    """The trainer logs every metric to a SummaryWriter when torch.utils.tensorboard imports (a stand-in
+    here, so the test does not need the tensorboard package), and never needs it."""
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("dir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(_cfg(tiny, tmp_path / "tb", method="lora", max_steps=2, eval_every=2, tensorboard=True),
+          log=lambda *_: None)
+    assert calls[0] == ("dir", str(tmp_path / "tb" / "tensorboard")) and calls[-1] == ("close",)
+    assert ("train/loss", 1) in calls and ("train/loss", 2) in calls and ("eval_loss", 2) in calls
+    calls.clear()
+    train(_cfg(tiny, tmp_path / "off", method="lora", max_steps=1, tensorboard=False), log=lambda *_: None)
+    assert calls == []
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"method": "prefix", "packing": True}, "packing"),
+    ({"method": "lora", "offload_activations": True}, "offload_activations"),
+    ({"optimizer": "adamw8bit", "device": "cpu"}, "optimizer"),
+    ({"method": "adalora", "lora_r": 4, "adalora_target_r": 8}, "adalora_target_r"),
+    ({"distributed": "zero3"}, "distributed"),
+])
+def test_impossible_combinations_are_refused(tiny, tmp_path, values, key):
+    with pytest.raises(ConfigError, match=key):
+        _cfg(tiny, tmp_path, **values)
+
+
+def test_prompt_methods_default_to_no_packing(tiny, tmp_path):
+    assert _cfg(tiny, tmp_path, method="prompt-tuning").packing is False
+    assert _cfg(tiny, tmp_path, method="lora").packing is True

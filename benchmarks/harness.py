@@ -37,8 +37,9 @@ class Bench:
     impls: dict                                        # name -> fn(**inputs) -> tensor (or loss)
     bytes_moved: Callable[[dict, torch.dtype, str], float] | None = None   # (params, dtype, mode) -> bytes
     flops: Callable[[dict, str], float] | None = None  # (params, mode) -> FLOPs
-    modes: tuple = ("fwd", "fwd+bwd")
+    modes: tuple = ("fwd", "fwd+bwd")  # or ("step",): fn runs a whole training step itself
     x_label: str = "hidden size C"
+    tokens: Callable[[dict], int] | None = None  # params -> tokens one call processes (reports tokens/s)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Row:
     tflop_per_s: float | None
     x: float
     env: dict = field(default_factory=dict)
+    tokens_per_s: float | None = None
 
 
 def environment(device: str) -> dict:
@@ -146,7 +148,10 @@ def peak_memory_mb(fn, device: str) -> float | None:
 
 
 def _step(fn, inputs, mode):
-    """A zero-argument callable running one fwd (or fwd+bwd) of fn on fresh grads."""
+    """A zero-argument callable running one fwd (or fwd+bwd) of fn on fresh grads, or one call of fn
+    (mode "step": fn runs forward, backward and the optimizer itself)."""
+    if mode == "step":
+        return lambda: fn(**inputs)
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -186,11 +191,13 @@ def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool
                 nflops = bench.flops(case.params, mode) if bench.flops else None
                 row = Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, med, q[0], q[3], peak,
                           nbytes / (med * 1e-3) / 1e9 if nbytes else None,
-                          nflops / (med * 1e-3) / 1e12 if nflops else None, case.x, env)
+                          nflops / (med * 1e-3) / 1e12 if nflops else None, case.x, env,
+                          bench.tokens(case.params) / (med * 1e-3) if bench.tokens else None)
                 rows.append(row)
                 log(f"  {bench.op:24} {name:14} {case.label:24} {mode:8} {med:9.3f} ms  "
                     + (f"{row.gb_per_s:8.1f} GB/s  " if row.gb_per_s else "")
                     + (f"{row.tflop_per_s:7.2f} TFLOP/s  " if row.tflop_per_s else "")
+                    + (f"{row.tokens_per_s:9.0f} tokens/s  " if row.tokens_per_s else "")
                     + (f"peak {peak:9.1f} MB" if peak is not None else ""))
         del inputs
     return rows
@@ -225,9 +232,11 @@ def markdown_summary(rows: list[Row], title: str) -> str:
            "Times are medians over repetitions (p20–p80 in brackets); speedup is eager time / fastnlg time.", ""]
     ops = sorted({r.op for r in rows})
     for op in ops:
-        out += [f"## {op}", "", "| case | dtype | mode | impl | time ms [p20–p80] | GB/s | TFLOP/s | peak MB | speedup vs eager |",
-                "|---|---|---|---|---|---|---|---|---|"]
         op_rows = [r for r in rows if r.op == op]
+        tok = any(r.tokens_per_s for r in op_rows)
+        out += [f"## {op}", "", "| case | dtype | mode | impl | time ms [p20–p80] | GB/s | TFLOP/s | "
+                + ("tokens/s | " if tok else "") + "peak MB | speedup vs eager |",
+                "|---|---|---|---|---|---|---|---|---|" + ("---|" if tok else "")]
         eager = {(r.case, r.dtype, r.mode): r.median_ms for r in op_rows if r.impl == "eager"}
         for r in op_rows:
             base = eager.get((r.case, r.dtype, r.mode))
@@ -235,6 +244,7 @@ def markdown_summary(rows: list[Row], title: str) -> str:
             out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | {r.median_ms:.3f} [{r.p20_ms:.3f}–{r.p80_ms:.3f}] | "
                        f"{'' if r.gb_per_s is None else f'{r.gb_per_s:.1f}'} | "
                        f"{'' if r.tflop_per_s is None else f'{r.tflop_per_s:.2f}'} | "
+                       + (f"{r.tokens_per_s:.0f} | " if tok else "") +
                        f"{'' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.1f}'} | {speed} |")
         out.append("")
     return "\n".join(out)

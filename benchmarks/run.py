@@ -22,7 +22,7 @@ from benchmarks.harness import run_benchmarks, write_report
 OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "swiglu": "bench_glu", "rope": "bench_rope",
        "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy",
        "attention": "bench_attention", "attention_decode": "bench_attention_decode", "lora_linear": "bench_lora_linear",
-       "nf4": "bench_nf4"}
+       "nf4": "bench_nf4", "train_step": "bench_train_step"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

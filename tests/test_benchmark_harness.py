@@ -42,3 +42,22 @@ def test_loss_benchmarks_compare_equal_losses():
         assert len(losses) >= 2
         for name, loss in losses.items():
             torch.testing.assert_close(loss, losses["eager"], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_train_step_benchmark_times_the_same_step(monkeypatch):
+    """fastnlg vs eager in the step benchmark: the same model, batch and method (equal first-step losses,
+    LoRA's B starting at zero), and the report carries tokens/s."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from benchmarks import bench_train_step as b
+
+    small = dict(hidden=32, layers=2, heads=4, kv=2, inter=64, vocab=128, batch=2, seq=16)
+    for method in ("full", "lora"):
+        step = b.Step({**small, "method": method, "size": "test"}, "cpu", torch.float32)
+        losses = [float(step(patch)) for patch in (True, False)]
+        step.free()
+        assert abs(losses[0] - losses[1]) < 1e-4, (method, losses)
+    monkeypatch.setattr(b, "SIZES", {**b.SIZES, "small": small})
+    rows = run_benchmarks(b.BENCH, device="cpu", dtype=torch.float32, quick=True, rep=2, warmup=1,
+                          log=lambda *_: None)
+    assert {r.impl for r in rows} == {"fastnlg", "eager"} and len(rows) == 2 * len(b.METHODS)
+    assert all(r.mode == "step" and r.tokens_per_s > 0 and r.tflop_per_s > 0 for r in rows)

@@ -24,6 +24,7 @@ import math
 import torch
 
 from .. import backend as _backend
+from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
 
 BACKENDS = ("torch", "triton")
@@ -226,7 +227,14 @@ class _FlashAttention(torch.autograd.Function):
 def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, window=None, softcap=None,
                     key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
     """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) -> (B, Hq, T, D); see the module docstring.
-    CUDA tensors run the Triton kernels; CPU tensors the torch reference (Triton under TRITON_INTERPRET=1)."""
+    CUDA tensors run the Triton kernels; CPU tensors the torch reference (Triton under TRITON_INTERPRET=1).
+    Under autocast q, k, v are cast to the autocast dtype, as SDPA does."""
+    amp = _amp.autocast_dtype(q.device.type)
+    if amp is not None:
+        with _amp.autocast_off(q.device.type):
+            return flash_attention(q.to(amp), k.to(amp), v.to(amp), causal=causal, softmax_scale=softmax_scale,
+                                   dropout_p=dropout_p, window=window, softcap=softcap,
+                                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     longest = _check(q, k, v, causal, softmax_scale, dropout_p, window, softcap, key_padding_mask, cu_seqlens,
                      max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
+from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
 from ._dispatch import native_dtype, ptr, to_native
 
@@ -255,6 +256,13 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     hidden (N, C), weight (V, C), labels (N,) already shifted/aligned; see the module docstring."""
     op = "fused_linear_cross_entropy"
     check_tensor(op, "hidden", hidden, ndim=2)
+    amp = _amp.autocast_dtype(hidden.device.type)
+    if amp is not None:  # the logits matmul as F.linear under autocast; the loss itself stays fp32 inside
+        with _amp.autocast_off(hidden.device.type):
+            return fused_linear_cross_entropy(
+                hidden.to(amp), _amp.cast(weight, amp), labels, bias=_amp.cast(bias, amp), ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+                num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
     check_tensor(op, "weight", weight, ndim=2)
     check_tensor(op, "labels", labels, dtypes=(torch.int64, torch.int32), ndim=1)
     if hidden.shape[1] != weight.shape[1]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
+from . import _amp
 from ._checks import check_same_device, check_tensor
 
 BACKENDS = ("torch", "triton")
@@ -214,6 +215,12 @@ def lora_linear(x, weight, lora_A, lora_B, *, scaling, bias=None, dropout_p=0.0)
     (PEFT with merged or disabled adapters)."""
     op = "lora_linear"
     check_tensor(op, "x", x, min_ndim=1)
+    amp = _amp.autocast_dtype(x.device.type)
+    if amp is not None:  # as F.linear under autocast: x, W, b and the adapters in the autocast dtype
+        with _amp.autocast_off(x.device.type):
+            As, Bs, ss, ps = _as_adapters(lora_A, lora_B, scaling, dropout_p)
+            return lora_linear(x.to(amp), _amp.cast(weight, amp), [A.to(amp) for A in As], [B.to(amp) for B in Bs],
+                               scaling=list(ss), bias=_amp.cast(bias, amp), dropout_p=list(ps))
     As, Bs, ss, ps = _as_adapters(lora_A, lora_B, scaling, dropout_p)
     if _is_nf4(weight):
         if len(weight.shape) != 2:

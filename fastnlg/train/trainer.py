@@ -50,13 +50,23 @@ def load_model_and_tokenizer(cfg: TrainConfig, device):
     tok = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return load_model(cfg, device), tok
+
+
+def load_model(cfg: TrainConfig, device):
+    """The causal LM of cfg.model on `device`: 4-bit through bitsandbytes for QLoRA on CUDA, the frozen base
+    of the adapter methods in the compute dtype, fp32 otherwise; gradient checkpointing as configured."""
+    import transformers
+
     if _bnb_cuda(cfg, device):
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
         model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=q,
                                                                   device_map={"": device}, dtype=torch.bfloat16)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)
+    else:  # the frozen base of an adapter method in the compute dtype (PEFT keeps adapters fp32); else fp32
+        frozen_base = cfg.method not in ("full", "bitfit") and cfg.precision != "fp32"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if frozen_base else torch.float32
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # offloading needs the reentrant form: its saved inputs go through the saved-tensor hooks
         kwargs = {"use_reentrant": cfg.offload_activations}
@@ -66,7 +76,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if cfg.offload_activations:
             model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
-    return model, tok
+    return model
 
 
 def _targets(cfg: TrainConfig):
@@ -196,6 +206,25 @@ def make_optimizer(params, cfg: TrainConfig, device):
                              **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
+def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | None = None, scaler=None):
+    """The gradients of one optimizer step: micro = [(batch, target tokens of its global micro-batch)].
+    Every loss is over the target tokens of the whole step (exact accumulation); returns the step's loss
+    summed over processes (a device tensor: no host sync)."""
+    dist = dist or Dist.single()
+    n_step = max(sum(n for _, n in micro), 1)
+    loss_sum = torch.zeros((), device=device)
+    for i, (b, _) in enumerate(micro):
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with dist.no_grad_sync(model, last=i == len(micro) - 1):
+            with _autocast(cfg, device), _offload(cfg, device):
+                out = model(**b, num_items_in_batch=n_step, use_cache=False)  # packing needs no cache
+            loss = out.loss
+            # DDP / FSDP average gradients over processes; each loss is already over the global tokens
+            (scaler.scale(loss * dist.world) if scaler else loss * dist.world).backward()
+        loss_sum += loss.detach()
+    return dist.all_sum(loss_sum)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Runs the configured fine-tuning (on every process under torchrun); returns the last metrics (and eval
     metrics when evaluated)."""
@@ -291,19 +320,8 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
         _sync_debug(cfg, device, on=step > 0 and not logging)  # the first step tunes kernels
         micro = [batches.next() for _ in range(cfg.grad_accum)]
-        n_step = max(sum(n for _, n in micro), 1)
-        loss_sum = torch.zeros((), device=device)
-        for i, (b, _) in enumerate(micro):
-            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            with dist.no_grad_sync(model, last=i == len(micro) - 1):
-                with _autocast(cfg, device), _offload(cfg, device):
-                    out = model(**b, num_items_in_batch=n_step, use_cache=False)  # packing needs no cache
-                loss = out.loss
-                # DDP / FSDP average gradients over processes; each loss is already over the global tokens
-                (scaler.scale(loss * dist.world) if scaler else loss * dist.world).backward()
-            loss_sum += loss.detach()
-            tokens_seen += int(b["input_ids"].numel()) * dist.world
-        dist.all_sum(loss_sum)
+        loss_sum = forward_backward(model, micro, cfg, device, dist, scaler)
+        tokens_seen += sum(int(b["input_ids"].numel()) for b, _ in micro) * dist.world
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

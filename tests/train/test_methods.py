@@ -152,3 +152,16 @@ def test_impossible_combinations_are_refused(tiny, tmp_path, values, key):
 def test_prompt_methods_default_to_no_packing(tiny, tmp_path):
     assert _cfg(tiny, tmp_path, method="prompt-tuning").packing is False
     assert _cfg(tiny, tmp_path, method="lora").packing is True
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_bf16_runs_patched_as_unpatched(tiny, tmp_path, method):
+    """precision bf16 (autocast; the frozen base of LoRA/QLoRA stored in bf16, full fine-tuning over fp32
+    weights): the patched run trains like the unpatched one (bf16 rounding apart)."""
+    ours = _cfg(tiny, tmp_path / "p", method=method, precision="bf16")
+    ref = _cfg(tiny, tmp_path / "u", method=method, precision="bf16", patch=False)
+    train(ours, log=lambda *_: None)
+    train(ref, log=lambda *_: None)
+    a, b = torch.tensor(_losses(ours.output_dir)), torch.tensor(_losses(ref.output_dir))
+    assert torch.isfinite(a).all() and a[-1] < a[0]
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=0)

@@ -142,9 +142,11 @@ def cmd_eval(args) -> int:
     metrics = loss_metrics(model, data.pad_rows(samples, tok.pad_token_id), tok.pad_token_id, args.batch_size, dev)
     examples = []
     if fmt in ("prompt_completion", "data_to_text") and args.generate > 0:
-        pairs = [data.prompt_of(r, fmt, w) for r, w in data.read_records(args.data)][:args.generate]
+        records = data.read_records(args.data)[:args.generate]
+        pairs = [data.prompt_of(r, fmt, w) for r, w in records]
         gen, examples = generation_metrics(model, tok, pairs, dev, max_new_tokens=args.max_new_tokens,
-                                           batch_size=args.batch_size)
+                                           batch_size=args.batch_size,
+                                           records=[r["input"] for r, _ in records] if fmt == "data_to_text" else None)
         metrics.update(gen)
     print(json.dumps(metrics, indent=2))
     if args.out:

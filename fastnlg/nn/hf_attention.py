@@ -7,10 +7,12 @@ The mask: "fastnlg" reuses Transformers' SDPA mask builder, so a layer receives 
 padded) or a 4-D bool mask (B, 1, T, S), True = attend. A 4-D mask is converted to the kernel's form -
 causal (bottom-right) or not, the layer's sliding window, and a key padding mask (B, S) - and the conversion
 is verified: the mask rebuilt from that form must equal the given one on every query row that can see a key
-(rows that see none are padding queries; the kernel outputs 0 there). A mask the kernel cannot express (a
-document mask, a prefix-LM mask, ...) runs in the spec's attention under that mask instead
-(`masked_attention_reference`, materialising (T, S)), with one logged warning per
-kind of mask; never silently wrong. The conversion is cached per mask tensor, since all layers share it.
+(rows that see none are padding queries; the kernel outputs 0 there). A mask that form cannot express runs
+under that mask instead: a packed batch's document mask (position ids restarting at 0, verified against the
+mask) on the varlen kernel (`cu_seqlens`, no (T, T) tensor) where the kernels are Triton; anything else (a
+prefix-LM mask, ...), and the packed mask on the torch backend, through SDPA under the mask as the unpatched
+model runs it (the spec's attention where SDPA cannot: softcap). Never silently wrong. The conversions are
+cached per mask tensor, since all layers share it.
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ import weakref
 
 import torch
 
+from .. import backend as _backend
 from ..ops.attention import flash_attention, masked_attention_reference, visible_mask
 
 NAME = "fastnlg"
 logger = logging.getLogger("fastnlg")
 _warned: set = set()
 _cache: list = []  # [(weakref to the mask tensor, its version, window, is_causal, result)]
+_packed_cache: list = []  # [(weakref to the mask, its version, weakref to the position ids, cu_seqlens)]
 
 
 def register() -> None:
@@ -66,6 +70,44 @@ def _as_kernel_mask(mask, T, S, window, is_causal):
     return result
 
 
+def _masked(q, k, v, allowed, scale, softcap, dropout_p):
+    """Attention under an arbitrary bool mask (B or 1, 1 or H, T, S): SDPA, as the unpatched model runs it
+    (rows that see no key output 0), or the spec's attention where SDPA cannot (softcap)."""
+    if softcap is not None:
+        return masked_attention_reference(q, k, v, allowed, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p)
+    empty = ~allowed.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p,
+                                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.masked_fill(empty, 0.0)
+
+
+def _packed_cu_seqlens(mask, position_ids, window, T, S, is_causal):
+    """cu_seqlens (int32, over the B*T tokens laid end to end) when the 4-D mask is exactly causal attention
+    inside each packed sample - position ids restarting at 0, as fastnlg.train and Transformers' data
+    collators with flattening pack them - else None. Verified against the mask; cached per mask tensor."""
+    if position_ids is None or T != S or window is not None or not is_causal or mask.shape[1] != 1:
+        return None
+    B = mask.shape[0]
+    if tuple(position_ids.shape) not in ((B, T), (1, T)):
+        return None
+    for ref, version, pid, result in _packed_cache:
+        if ref() is mask and version == mask._version and pid() is position_ids:
+            return result
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    starts = position_ids == 0
+    starts[:, 0] = True
+    doc = starts.cumsum(-1)  # (B, T) sample number within the row
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    want = (doc[:, :, None] == doc[:, None, :]) & causal
+    result = None
+    if torch.equal(want.expand_as(allowed), allowed):
+        idx = torch.nonzero(starts.expand(B, T).reshape(-1)).reshape(-1)
+        result = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    _packed_cache[:] = [e for e in _packed_cache if e[0]() is not None][-3:]
+    _packed_cache.append((weakref.ref(mask), mask._version, weakref.ref(position_ids), result))
+    return result
+
+
 def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """Transformers' attention-function contract: q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
@@ -79,15 +121,28 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
         form = (bool(is_causal), None)  # bottom-right causal: a single query row (decode) sees every key
     else:
         form = _as_kernel_mask(attention_mask, T, S, window, bool(is_causal))
-    if form is None:
-        kind = (tuple(attention_mask.shape[1:2]), str(attention_mask.dtype), window)
-        if kind not in _warned:
-            _warned.add(kind)
-            logger.warning("fastnlg attention: this %s mask %s is not causal/window + key padding; running masked "
-                           "eager attention for it", attention_mask.dtype, tuple(attention_mask.shape))
+    packed = None
+    if form is None and attention_mask.dim() == 4:
+        packed = _packed_cu_seqlens(attention_mask, kwargs.get("position_ids"), window, T, S, bool(is_causal))
+    if form is None and packed is not None and _backend.choose("flash_attention", query, ("torch", "triton")) != "torch":
+        # a packed batch (position ids restarting at 0): the varlen kernel over the B*T tokens, no (T, T) mask
+        B, Hq, _, D = query.shape
+
+        def flat(t):
+            return t.transpose(0, 1).reshape(1, t.shape[1], B * T, D)
+        out = flash_attention(flat(query), flat(key), flat(value), causal=True, softmax_scale=scaling,
+                              dropout_p=dropout if module.training else 0.0, softcap=softcap, cu_seqlens=packed,
+                              max_seqlen=T)
+        out = out.reshape(Hq, B, T, D).transpose(0, 1)
+    elif form is None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        out = masked_attention_reference(query, key, value, allowed, softmax_scale=scaling, softcap=softcap,
-                                         dropout_p=dropout if module.training else 0.0)
+        if softcap is None and packed is None:
+            kind = (tuple(attention_mask.shape[1:2]), str(attention_mask.dtype), window)
+            if kind not in _warned:
+                _warned.add(kind)
+                logger.info("fastnlg attention: this %s mask %s is not causal/window + key padding; running SDPA "
+                            "under it", attention_mask.dtype, tuple(attention_mask.shape))
+        out = _masked(query, key, value, allowed, scaling, softcap, dropout if module.training else 0.0)
     else:
         causal, kpm = form
         out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,

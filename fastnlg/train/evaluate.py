@@ -96,11 +96,32 @@ def rouge(hypotheses: list, references: list) -> dict:
     return {k: 100 * v / n for k, v in sums.items()}
 
 
-def generation_metrics(model, tokenizer, pairs: list, device, **gen) -> tuple[dict, list]:
-    """pairs [(prompt, reference)] -> ({bleu, rouge1, rouge2, rougeL, tokens_per_s}, examples)."""
+def slot_accuracy(records: list, outputs: list) -> dict:
+    """Data-to-text fidelity: the share (0-100) of the records' field values that the outputs state verbatim
+    (case-insensitive, as whole words/numbers: "4" is not found in "14" or "-4"), over all fields and per field.
+    BLEU and ROUGE reward fluent text that names the wrong city; this does not."""
+    import re
+
+    hits, counts = {}, {}
+    for record, out in zip(records, outputs):
+        for key, value in record.items():
+            pattern = r"(?<![\w-])" + re.escape(str(value)) + r"(?![\w])"
+            counts[key] = counts.get(key, 0) + 1
+            hits[key] = hits.get(key, 0) + bool(re.search(pattern, out, flags=re.IGNORECASE))
+    total = sum(counts.values())
+    return {"slot_accuracy": 100 * sum(hits.values()) / total if total else float("nan"),
+            "slot_accuracy_by_field": {k: 100 * hits[k] / counts[k] for k in counts}}
+
+
+def generation_metrics(model, tokenizer, pairs: list, device, records: list | None = None,
+                       **gen) -> tuple[dict, list]:
+    """pairs [(prompt, reference)] -> ({bleu, rouge1, rouge2, rougeL, gen_tokens_per_s[, slot_accuracy,
+    slot_accuracy_by_field]}, examples); `records`: the data-to-text input records of the pairs."""
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     outs, speed = generate(model, tokenizer, prompts, device=device, **gen)
     metrics = {"bleu": bleu(outs, refs), **rouge(outs, refs), "gen_tokens_per_s": speed["tokens_per_s"]}
+    if records is not None:
+        metrics.update(slot_accuracy(records, outs))
     return metrics, [{"input": p, "reference": r, "output": o} for p, r, o in zip(prompts, refs, outs)]
 
 

@@ -83,8 +83,9 @@ def test_generate_with_kv_cache_unchanged(family):
     assert torch.equal(ours.eval().generate(ids, **kw), ref.eval().generate(ids, **kw))
 
 
-def test_inexpressible_mask_falls_back_with_one_warning(caplog):
-    """A block-diagonal (document) mask is not causal + padding: masked eager attention runs, said once."""
+def test_inexpressible_mask_falls_back_with_one_note(caplog):
+    """A block-diagonal (document) mask without position ids is not causal + padding: SDPA runs under the
+    mask (as the unpatched model would), said once."""
     module = torch.nn.Module()
     module.is_causal = True
     module.training = False
@@ -92,7 +93,7 @@ def test_inexpressible_mask_falls_back_with_one_warning(caplog):
     allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))
     allowed[3:, :3] = False  # two documents
     mask = allowed[None, None]
-    with caplog.at_level(logging.WARNING, logger="fastnlg"):
+    with caplog.at_level(logging.INFO, logger="fastnlg"):
         out, _ = hf_attention.fastnlg_attention_forward(module, q, k, v, mask, scaling=0.3)
         hf_attention.fastnlg_attention_forward(module, q, k, v, mask.clone(), scaling=0.3)
     assert sum("not causal/window + key padding" in r.message for r in caplog.records) == 1
@@ -128,3 +129,33 @@ def test_mask_conversion_is_cached_across_layers(monkeypatch):
     for _ in range(4):
         hf_attention.fastnlg_attention_forward(module, q, k, v, mask, scaling=0.3)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("position_ids_batch", [2, 1])
+def test_packed_batch_runs_varlen_on_triton(backend, position_ids_batch, use_backend, monkeypatch):
+    """A packed batch (position ids restarting at 0, Transformers' document mask): on Triton the varlen
+    kernel over the B*T tokens with cu_seqlens from the position ids; on the torch backend SDPA under the
+    mask. Both equal attention under the mask, forward and backward."""
+    use_backend(backend)
+    calls = []
+    kernel = hf_attention.flash_attention
+    monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])[:position_ids_batch]
+    doc = (pos == 0).cumsum(-1)
+    mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()).expand(2, 6, 6)[:, None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, s, 6, 8, generator=g).requires_grad_() for s in (4, 2, 2))  # GQA
+    out, _ = hf_attention.fastnlg_attention_forward(module, q, k, v, mask, scaling=0.3, position_ids=pos)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if backend == "triton":
+        cu = [0, 3, 6, 8, 12] if position_ids_batch == 2 else [0, 3, 6, 9, 12]
+        assert len(calls) == 1 and calls[0]["cu_seqlens"].tolist() == cu
+    else:
+        assert calls == []

@@ -84,33 +84,14 @@ def write_data(folder: str, size: dict, seed: int = 0) -> dict:
 
 
 def build_base(folder: str, text_path: str, size: dict) -> str:
-    """A byte-level BPE tokenizer trained on the data and a randomly initialised Llama-style model, saved."""
-    import tokenizers
-    import torch
-    import transformers
-
+    """A byte-level BPE tokenizer trained on the data (and the prompt's words) and a randomly initialised
+    Llama-style model of the demo's size, saved (fastnlg.train.builtin, as `--model llama-small` does)."""
+    from .train import builtin
     from .train.data import read_records, render_data_to_text
 
     corpus = [r["text"] for r, _ in read_records(text_path)]
     corpus += [render_data_to_text(r["input"]) for r in make_records(200, seed=1)]  # the prompt's words too
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=size["vocab"], special_tokens=["<pad>", "<s>", "</s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=size["hidden"], num_hidden_layers=size["layers"],
-                                   num_attention_heads=size["heads"], num_key_value_heads=size["heads"] // 2,
-                                   intermediate_size=size["inter"], max_position_embeddings=size["max_length"],
-                                   pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
-                                   eos_token_id=fast.eos_token_id, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return builtin.save(folder, builtin.train_tokenizer(corpus, size["vocab"]), size, size["max_length"])
 
 
 def run_train(out: str, **options) -> dict:

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # a local Transformers model folder
+    model: str = ""  # a local Transformers model folder, or a built-in config name (train/builtin.py)
     train_files: list = field(default_factory=list)
     output_dir: str = "out"
     tokenizer: str = ""  # defaults to the model folder
@@ -81,8 +81,13 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed: {allowed}")
 
-        need(bool(self.model), "model", "a local model folder is required")
-        need(os.path.isdir(self.model), "model", "no such folder")
+        from .builtin import CONFIGS
+
+        need(bool(self.model), "model", "a local model folder or a built-in config name is required")
+        need(os.path.isdir(self.model) or self.model in CONFIGS, "model",
+             f"no such folder, and not a built-in config ({', '.join(CONFIGS)})")
+        need(not (self.model in CONFIGS and not os.path.isdir(self.model) and self.method == "qlora"), "method",
+             "not qlora with a built-in config (trained from scratch: use full)")
         need(bool(self.train_files), "train_files", "at least one training file is required")
         for key in ("train_files", "eval_files"):
             for path in getattr(self, key):

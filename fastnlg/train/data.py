@@ -136,6 +136,23 @@ def tokenize(record: dict, fmt: str, tokenizer, where: str) -> Sample:
     return Sample(p + c, [IGNORE] * len(p) + c, where)
 
 
+def corpus(paths) -> list:
+    """The text of every record of the files (what a tokenizer trained on this data should cover): text,
+    prompt + completion, the rendered record + output, or every chat turn's content."""
+    texts = []
+    for path in ([paths] if isinstance(paths, str) else paths):
+        for record, where in read_records(path):
+            fmt = detect_format(record, where)
+            if fmt == "text":
+                texts.append(_string(record, "text", where))
+            elif fmt == "chat":
+                texts += [m.get("content", "") for m in record["messages"] if isinstance(m, dict)
+                          and isinstance(m.get("content"), str)]
+            else:
+                texts.append(" ".join(prompt_of(record, fmt, where)))
+    return texts
+
+
 def load_samples(paths, tokenizer, max_length: int, truncate: bool = True) -> tuple[list, str]:
     """All records of the files as Samples (checked, tokenised, truncated or refused) and their format."""
     samples, fmt = [], None

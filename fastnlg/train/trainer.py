@@ -1,6 +1,13 @@
-"""The fine-tuning loop: a local Transformers causal LM, full / LoRA (PEFT) / BitFit, fastnlg.patch'ed unless
-told not to, AdamW with warmup + cosine/linear schedule, clipping, autocast, exact gradient accumulation,
-a NaN/Inf guard, evaluation with early stopping, atomic checkpoints and exact resume.
+"""The fine-tuning loop: a local Transformers causal LM (or a built-in config trained from scratch), full
+fine-tuning, the PEFT methods (LoRA, QLoRA, prompt/prefix tuning, IA3, AdaLoRA) or BitFit, fastnlg.patch'ed
+unless told not to, AdamW (or 8-bit AdamW) with warmup + cosine/linear schedule, clipping, autocast,
+gradient checkpointing with optional activation offload, exact gradient accumulation, a NaN/Inf guard,
+evaluation with early stopping, atomic checkpoints and exact resume, on one process or several (DDP/FSDP2,
+distributed.py).
+
+Host syncs: with fused AdamW (CUDA, no fp16 scaler) a non-finite step is skipped on the device
+(`found_inf`) and the guard's counters are read at log steps only, so a step between logs never waits for
+the GPU; elsewhere the guard reads one flag per step.
 
 Exact accumulation: a step of `grad_accum` micro-batches counts the target tokens of all of them first
 (n_step), and every micro-batch's loss is sum / n_step (`num_items_in_batch`, which the fused loss and HF's
@@ -8,10 +15,12 @@ loss both honour), so the summed gradients are those of one batch holding all th
 
 Everything goes to output_dir: config.json, patch_report.txt, metrics.jsonl (one line per logged step and per
 evaluation), checkpoint-<step>/ (checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
-(model/ for full and BitFit, adapter/ in PEFT's format for LoRA) with the tokenizer.
+(model/ for full and BitFit, adapter/ in PEFT's format for the PEFT methods) with the tokenizer; base/ holds a
+built-in config's model as initialised.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, data
+from . import builtin, checkpoint, data
 from .config import TrainConfig
 from .distributed import Dist
 from .evaluate import loss_metrics
@@ -239,7 +248,16 @@ def train(cfg: TrainConfig, log=print) -> dict:
 def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
     device = dist.device(cfg.device)
     seed_everything(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg, device)
+    built_in = builtin.CONFIGS.get(cfg.model) if not os.path.isdir(cfg.model) else None
+    base_dir = os.path.join(cfg.output_dir, "base")
+    if built_in is None:
+        model, tok = load_model_and_tokenizer(cfg, device)
+    elif os.path.isdir(base_dir):  # --resume (or a re-run): the base this output folder was trained from
+        cfg = dataclasses.replace(cfg, model=base_dir, tokenizer="")
+        model, tok = load_model_and_tokenizer(cfg, device)
+        built_in = None
+    else:  # the tokenizer first (data validation needs it); the model once the data is valid
+        tok = builtin.train_tokenizer(data.corpus(cfg.train_files), built_in["vocab"])
     samples, fmt = data.load_samples(cfg.train_files, tok, cfg.max_length, cfg.truncate)  # DataError before output
     if cfg.eval_files:
         train_samples = samples
@@ -256,6 +274,14 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             f.write(cfg.to_json())
+    if built_in is not None:
+        if dist.main:
+            builtin.save(base_dir, tok, built_in, cfg.max_length, cfg.seed)
+            log(f"built {cfg.model} from scratch (random init, tokenizer trained on the data) in {base_dir}")
+        dist.barrier()
+        cfg = dataclasses.replace(cfg, model=base_dir, tokenizer="")
+        model = load_model(cfg, device)
+        seed_everything(cfg.seed)
     model = prepare_method(model, cfg, log)
     report = None
     if cfg.patch:

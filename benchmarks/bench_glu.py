@@ -1,4 +1,4 @@
-"""SwiGLU: fastnlg vs eager silu(gate) * up vs torch.compile. (GeGLU shares the kernel; same traffic.)
+"""SwiGLU and GeGLU (tanh GELU, Gemma's): fastnlg vs eager act(gate) * up vs torch.compile.
 
 Bytes moved (n = N x I values, s = element size): fwd reads gate, up, writes y: 3 n s;
 bwd reads dy, gate, up, writes dgate, dup: 5 n s.
@@ -8,11 +8,15 @@ import torch.nn.functional as F
 
 from benchmarks.cases import compiled
 from benchmarks.harness import Bench, Case
-from fastnlg.ops import swiglu
+from fastnlg.ops import geglu, swiglu
 
 
 def eager(gate, up):
     return F.silu(gate) * up
+
+
+def eager_geglu(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def cases(quick, device):
@@ -31,4 +35,7 @@ def bytes_moved(p, dtype, mode):
 
 
 BENCH = Bench("swiglu", cases, make_inputs, {"fastnlg": swiglu, "eager": eager, "torch.compile": compiled(eager)},
+              bytes_moved=bytes_moved, x_label="intermediate size I")
+GEGLU = Bench("geglu", cases, make_inputs, {"fastnlg": geglu, "eager": eager_geglu,
+                                            "torch.compile": compiled(eager_geglu)},
               bytes_moved=bytes_moved, x_label="intermediate size I")

@@ -45,6 +45,11 @@ def eager_dense(x, W, W_nf4, A, B, scaling):
     return torch.nn.functional.linear(x, W) + torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * scaling
 
 
+def eager_nf4(x, W, W_nf4, A, B, scaling):
+    """The spec of the NF4 implementations: the same with W dequantised (exact values, in x's dtype)."""
+    return eager_dense(x, W_nf4.dequantize(torch.float32).to(x.dtype), W_nf4, A, B, scaling)
+
+
 def _bnb_peers():
     if not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
         return {}
@@ -71,4 +76,4 @@ def flops(p, mode):
 
 BENCH = Bench("lora_linear", cases, make_inputs,
               {"fastnlg": fastnlg_nf4, "fastnlg-dense": fastnlg_dense, "eager": eager_dense, **_bnb_peers()},
-              flops=flops, x_label="tokens N")
+              flops=flops, x_label="tokens N", references={"fastnlg": eager_nf4, "bnb+peft": eager_nf4})

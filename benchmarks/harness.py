@@ -40,6 +40,7 @@ class Bench:
     modes: tuple = ("fwd", "fwd+bwd")  # or ("step",): fn runs a whole training step itself
     x_label: str = "hidden size C"
     tokens: Callable[[dict], int] | None = None  # params -> tokens one call processes (reports tokens/s)
+    references: dict = field(default_factory=dict)  # impl name -> the function that is its spec (default: eager)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Row:
     x: float
     env: dict = field(default_factory=dict)
     tokens_per_s: float | None = None
+    check: str = ""  # "ok" / "FAIL: ..." (then no time is recorded) / "" (not checked: a whole training step)
 
 
 def environment(device: str) -> dict:
@@ -168,6 +170,42 @@ def _step(fn, inputs, mode):
     return run
 
 
+_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _fp64(inputs: dict) -> dict:
+    """Detached fp64 copies of the floating tensors (others as they are: labels, NF4 weights, options)."""
+    return {k: v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+def check_output(bench: Bench, name: str, fn, inputs: dict, dtype) -> str:
+    """The DESIGN tolerance rule on the forward output before anything is timed:
+    max|ours - ref64| <= 2 max|spec_lowp - ref64| + atol, where the spec is the impl's reference function
+    (eager unless the bench names another), ref64 the spec on fp64 copies and spec_lowp the spec on the
+    inputs themselves. "ok", or "FAIL: ..." with the errors."""
+    spec = bench.references.get(name, bench.impls.get("eager"))
+    if spec is None:
+        return "ok (no reference)"
+    with torch.no_grad():
+        ours = _as_tuple(fn(**inputs))
+        ref = _as_tuple(spec(**_fp64(inputs)))
+        low = _as_tuple(spec(**inputs))
+    for i, (o, r, lo) in enumerate(zip(ours, ref, low)):
+        o, r, lo = o.double(), r.to(o.device).double(), lo.double()
+        if o.shape != r.shape:
+            return f"FAIL: output {i} has shape {tuple(o.shape)}, the reference {tuple(r.shape)}"
+        err, bound = (o - r).abs().max().item(), 2 * (lo - r).abs().max().item()
+        bound += _ATOL.get(dtype, 1e-5) * max(1.0, r.abs().max().item())
+        if not err <= bound:  # also catches NaN
+            return f"FAIL: output {i} max error {err:.3g} > bound {bound:.3g}"
+    return "ok"
+
+
 def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool, impls=None,
                    warmup: int = 3, rep: int = 10, log=print) -> list[Row]:
     env = environment(device)
@@ -176,6 +214,18 @@ def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool
         inputs = bench.make_inputs(case.params, device, dtype)
         for name, fn in bench.impls.items():
             if impls and name not in impls:
+                continue
+            verdict = ""
+            if "step" not in bench.modes:
+                try:
+                    verdict = check_output(bench, name, fn, inputs, dtype)
+                except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
+                    verdict = f"ok (reference not run in fp64: {type(exc).__name__})"
+            if verdict.startswith("FAIL"):
+                log(f"  {bench.op} {name} {case.label}: {verdict}")
+                nan = float("nan")
+                rows += [Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, nan, nan, nan, None,
+                             None, None, case.x, env, None, verdict) for mode in bench.modes]
                 continue
             for mode in bench.modes:
                 step = _step(fn, inputs, mode)
@@ -192,7 +242,7 @@ def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool
                 row = Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, med, q[0], q[3], peak,
                           nbytes / (med * 1e-3) / 1e9 if nbytes else None,
                           nflops / (med * 1e-3) / 1e12 if nflops else None, case.x, env,
-                          bench.tokens(case.params) / (med * 1e-3) if bench.tokens else None)
+                          bench.tokens(case.params) / (med * 1e-3) if bench.tokens else None, verdict)
                 rows.append(row)
                 log(f"  {bench.op:24} {name:14} {case.label:24} {mode:8} {med:9.3f} ms  "
                     + (f"{row.gb_per_s:8.1f} GB/s  " if row.gb_per_s else "")
@@ -235,17 +285,21 @@ def markdown_summary(rows: list[Row], title: str) -> str:
         op_rows = [r for r in rows if r.op == op]
         tok = any(r.tokens_per_s for r in op_rows)
         out += [f"## {op}", "", "| case | dtype | mode | impl | time ms [p20–p80] | GB/s | TFLOP/s | "
-                + ("tokens/s | " if tok else "") + "peak MB | speedup vs eager |",
-                "|---|---|---|---|---|---|---|---|---|" + ("---|" if tok else "")]
+                + ("tokens/s | " if tok else "") + "peak MB | speedup vs eager | output check |",
+                "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tok else "")]
         eager = {(r.case, r.dtype, r.mode): r.median_ms for r in op_rows if r.impl == "eager"}
         for r in op_rows:
             base = eager.get((r.case, r.dtype, r.mode))
+            if r.check.startswith("FAIL"):
+                out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | FAIL (no time recorded) | | | "
+                           + ("| " if tok else "") + f"| | {r.check} |")
+                continue
             speed = f"{base / r.median_ms:.2f}x" if base and r.impl != "eager" else ""
             out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | {r.median_ms:.3f} [{r.p20_ms:.3f}–{r.p80_ms:.3f}] | "
                        f"{'' if r.gb_per_s is None else f'{r.gb_per_s:.1f}'} | "
                        f"{'' if r.tflop_per_s is None else f'{r.tflop_per_s:.2f}'} | "
                        + (f"{r.tokens_per_s:.0f} | " if tok else "") +
-                       f"{'' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.1f}'} | {speed} |")
+                       f"{'' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.1f}'} | {speed} | {r.check} |")
         out.append("")
     return "\n".join(out)
 
@@ -264,7 +318,8 @@ def _plots(rows: list[Row], out_dir: str) -> list[str]:
         fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             for impl in sorted({r.impl for r in op_rows}):
-                pts = sorted((r.x, r.median_ms) for r in op_rows if r.impl == impl and r.mode == mode)
+                pts = sorted((r.x, r.median_ms) for r in op_rows if r.impl == impl and r.mode == mode
+                             and not r.check.startswith("FAIL"))
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
             ax.set(title=f"{op} {mode}", xlabel=op_rows[0].case.split(",")[-1].split("=")[0] if op_rows else "",

@@ -19,7 +19,8 @@ import torch
 
 from benchmarks.harness import run_benchmarks, write_report
 
-OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "swiglu": "bench_glu", "rope": "bench_rope",
+OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "swiglu": "bench_glu",
+       "geglu": "bench_glu:GEGLU", "rope": "bench_rope",
        "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy",
        "attention": "bench_attention", "attention_decode": "bench_attention_decode", "lora_linear": "bench_lora_linear",
        "nf4": "bench_nf4", "train_step": "bench_train_step"}
@@ -27,7 +28,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def available_ops():
-    return [op for op, mod in OPS.items() if importlib.util.find_spec(f"benchmarks.{mod}") is not None]
+    return [op for op, mod in OPS.items() if importlib.util.find_spec(f"benchmarks.{mod.split(':')[0]}") is not None]
+
+
+def load_bench(op: str):
+    """The Bench of `op` (OPS values are "module" for its BENCH, or "module:NAME")."""
+    module, _, name = OPS[op].partition(":")
+    return getattr(importlib.import_module(f"benchmarks.{module}"), name or "BENCH")
 
 
 def _write_tuned_configs(out: str) -> None:
@@ -66,7 +73,7 @@ def main(argv=None) -> int:
 
     rows = []
     for op in ops:
-        bench = importlib.import_module(f"benchmarks.{OPS[op]}").BENCH
+        bench = load_bench(op)
         print(f"{op} on {device} ({dtype}, {'quick' if quick else 'full'} sweep)")
         chosen = impls or (None if device == "cuda" else [n for n in bench.impls if n.startswith("fastnlg") or n == "eager"])
         rows += run_benchmarks(bench, device=device, dtype=dtype, quick=quick, impls=chosen, rep=rep,

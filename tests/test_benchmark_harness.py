@@ -26,9 +26,18 @@ def test_harness_writes_report(tmp_path, monkeypatch):
 
 
 def test_every_op_has_a_benchmark():
-    from benchmarks.run import OPS, available_ops
+    """Every op fastnlg.ops exports (and NF4) has a benchmark that times fastnlg's own implementation of it."""
+    import fastnlg.ops
+    from benchmarks.run import OPS, available_ops, load_bench
 
     assert available_ops() == list(OPS)
+    named = {"apply_rope": "rope", "flash_attention": "attention"}
+    for op in [*fastnlg.ops.__all__, "nf4"]:
+        bench = named.get(op, op)
+        assert bench in OPS, f"{op} has no benchmark"
+        impls = load_bench(bench).impls
+        assert "fastnlg" in impls or any(k.startswith("fastnlg") for k in impls), op
+    assert load_bench("geglu").impls["fastnlg"] is fastnlg.ops.geglu
 
 
 def test_loss_benchmarks_compare_equal_losses():
@@ -61,3 +70,24 @@ def test_train_step_benchmark_times_the_same_step(monkeypatch):
                           log=lambda *_: None)
     assert {r.impl for r in rows} == {"fastnlg", "eager"} and len(rows) == 2 * len(b.METHODS)
     assert all(r.mode == "step" and r.tokens_per_s > 0 and r.tflop_per_s > 0 for r in rows)
+
+
+def test_a_wrong_result_is_reported_as_fail_not_as_a_time(tmp_path, monkeypatch):
+    """Each impl's forward output is checked by the DESIGN rule against the fp64 spec before it is timed."""
+    from benchmarks.harness import Bench
+
+    def eager(x):
+        return torch.softmax(x, -1)
+
+    def off_by_a_bit(x):
+        return torch.softmax(x, -1) * (1 + 1e-3)
+
+    bench = Bench("toy", lambda quick, device: [Case("N=8", {"N": 8}, 8)],
+                  lambda p, device, dtype: {"x": torch.randn(p["N"], 64, dtype=dtype, requires_grad=True)},
+                  {"fastnlg": off_by_a_bit, "eager": eager, "fine": lambda x: torch.softmax(x.double(), -1).float()})
+    rows = run_benchmarks(bench, device="cpu", dtype=torch.float32, quick=True, rep=2, warmup=1, log=lambda *_: None)
+    by = {(r.impl, r.mode): r for r in rows}
+    assert by[("fastnlg", "fwd")].check.startswith("FAIL") and by[("fastnlg", "fwd")].median_ms != by[("fastnlg", "fwd")].median_ms
+    assert by[("eager", "fwd")].check == "ok" and by[("fine", "fwd+bwd")].check == "ok"
+    md = open(write_report(rows, str(tmp_path))["md"]).read()
+    assert "| fastnlg | FAIL (no time recorded) |" in md

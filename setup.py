@@ -3,7 +3,8 @@
 - ``fastnlg._C``: C++ CPU kernels from csrc/cpu (pybind11, OpenMP). Always built.
 - ``fastnlg._C_cuda``: CUDA kernels from csrc/cuda, only when FASTNLG_BUILD_CUDA=1 and nvcc exists.
 - The Triton sources in top-level ``kernels/`` install as ``fastnlg.kernels`` (a top-level ``kernels``
-  module would shadow Hugging Face's package of that name, which bitsandbytes imports).
+  module would shadow Hugging Face's package of that name, which bitsandbytes imports), and the benchmark
+  suite in ``benchmarks/`` as ``fastnlg.benchmarks`` (``fastnlg bench`` runs from an installed package).
 
 Native functions take raw pointers and sizes; no torch headers are needed to build them, so the build
 environment never pulls a torch wheel.
@@ -69,8 +70,8 @@ if os.environ.get("FASTNLG_BUILD_CUDA") == "1":
 
 setup(
     packages=["fastnlg", "fastnlg.ops", "fastnlg.nn", "fastnlg.quant", "fastnlg.patching", "fastnlg.train",
-              "fastnlg.kernels"],
-    package_dir={"fastnlg.kernels": "kernels"},
+              "fastnlg.kernels", "fastnlg.benchmarks"],
+    package_dir={"fastnlg.kernels": "kernels", "fastnlg.benchmarks": "benchmarks"},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExtWithCuda},
 )

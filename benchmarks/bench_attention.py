@@ -7,12 +7,12 @@ FLOPs (the convention of the FlashAttention papers): forward 4 B Hq T S D, halve
 2.5x forward, so fwd+bwd = 3.5x forward.
 """
 import contextlib
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Bench, Case
+from .harness import Bench, Case
+from .peers import available, missing
 from fastnlg.ops import flash_attention
 
 
@@ -42,14 +42,14 @@ def fastnlg(q, k, v, causal):
 
 
 def _peers():
-    peers = {}
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        from flash_attn import flash_attn_func
+    why = available("flash_attn")
+    if why is not None:
+        return {"flash-attn": missing(why)}
+    from flash_attn import flash_attn_func
 
-        def flash_attn(q, k, v, causal):
-            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
-        peers["flash-attn"] = flash_attn
-    return peers
+    def flash_attn(q, k, v, causal):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+    return {"flash-attn": flash_attn}
 
 
 def cases(quick, device):

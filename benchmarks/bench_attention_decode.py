@@ -3,8 +3,8 @@ fastnlg's flash-decoding (split over S) vs eager and SDPA. Bytes: the KV cache r
 (the query and output are negligible); the target is >= 80% of the memory bandwidth."""
 import torch
 
-from benchmarks.bench_attention import _sdpa, eager, fastnlg
-from benchmarks.harness import Bench, Case
+from .bench_attention import _sdpa, eager, fastnlg
+from .harness import Bench, Case
 
 
 def cases(quick, device):

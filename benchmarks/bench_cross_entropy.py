@@ -7,9 +7,9 @@ Bytes: forward reads the logits once (N V s, s = element size); fwd+bwd also wri
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import compiled
-from benchmarks.harness import Bench, Case
-from benchmarks.peers import cross_entropy_peers
+from .cases import compiled
+from .harness import Bench, Case
+from .peers import cross_entropy_peers
 from fastnlg.ops import cross_entropy
 
 

@@ -12,9 +12,9 @@ includes them: compare fwd+bwd rows across implementations).
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import compiled
-from benchmarks.harness import Bench, Case
-from benchmarks.peers import fused_linear_cross_entropy_peers
+from .cases import compiled
+from .harness import Bench, Case
+from .peers import fused_linear_cross_entropy_peers
 from fastnlg.ops import fused_linear_cross_entropy
 
 

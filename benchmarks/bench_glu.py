@@ -6,8 +6,8 @@ bwd reads dy, gate, up, writes dgate, dup: 5 n s.
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import compiled
-from benchmarks.harness import Bench, Case
+from .cases import compiled
+from .harness import Bench, Case
 from fastnlg.ops import geglu, swiglu
 
 

@@ -5,8 +5,8 @@ Bytes moved: fwd reads x, w, b and writes y, mean, rstd; bwd reads dy, x, w, mea
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import compiled, hidden_sweep
-from benchmarks.harness import Bench
+from .cases import compiled, hidden_sweep
+from .harness import Bench
 from fastnlg.ops import layer_norm
 
 

@@ -5,11 +5,11 @@ Llama projections 4096->4096, 4096->14336, 14336->4096; r 16 and 64; tokens 512-
 FLOPs: base 2 N in out (+ LoRA 2 N r (in + out)); backward: dx only for the base (frozen), plus the LoRA
 terms, i.e. fwd+bwd = 2x base + 3x LoRA forward.
 """
-import importlib.util
 
 import torch
 
-from benchmarks.harness import Bench, Case
+from .harness import Bench, Case
+from .peers import available, missing
 from fastnlg.ops import lora_linear
 from fastnlg.quant import quantize_nf4
 
@@ -51,8 +51,9 @@ def eager_nf4(x, W, W_nf4, A, B, scaling):
 
 
 def _bnb_peers():
-    if not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
-        return {}
+    why = available("bitsandbytes")
+    if why is not None:
+        return {"bnb+peft": missing(why)}
     import bitsandbytes as bnb
     cache = {}
 

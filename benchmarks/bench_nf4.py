@@ -5,7 +5,7 @@ import importlib.util
 
 import torch
 
-from benchmarks.harness import Bench, Case
+from .harness import Bench, Case
 from fastnlg.quant import _backends, quantize_nf4
 
 

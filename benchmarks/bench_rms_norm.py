@@ -6,8 +6,8 @@ Bytes moved (s = element size; partial dW rows are G x C fp32, counted as C sinc
 """
 import torch
 
-from benchmarks.cases import compiled, hidden_sweep
-from benchmarks.harness import Bench
+from .cases import compiled, hidden_sweep
+from .harness import Bench
 from fastnlg.ops import rms_norm
 
 

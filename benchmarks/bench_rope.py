@@ -5,8 +5,8 @@ Bytes moved (s = element size): fwd reads q, k, cos, sin and writes q, k:
 """
 import torch
 
-from benchmarks.cases import compiled
-from benchmarks.harness import Bench, Case
+from .cases import compiled
+from .harness import Bench, Case
 from fastnlg.ops import apply_rope
 
 

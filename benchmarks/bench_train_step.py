@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from benchmarks.harness import Bench, Case
+from .harness import Bench, Case
 
 SIZES = {
     "small": dict(hidden=256, layers=4, heads=4, kv=2, inter=688, vocab=2048, batch=4, seq=256),

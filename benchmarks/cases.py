@@ -1,5 +1,5 @@
 """Size sweeps shared by the row-wise op benchmarks: hidden sizes 1024–16384 over token counts."""
-from benchmarks.harness import Case
+from .harness import Case
 
 HIDDEN_FULL = (1024, 2048, 4096, 8192, 16384)
 TOKENS_FULL = (4096, 16384)

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from .peers import NotInstalled
+
 
 @dataclass
 class Case:
@@ -59,7 +61,7 @@ class Row:
     x: float
     env: dict = field(default_factory=dict)
     tokens_per_s: float | None = None
-    check: str = ""  # "ok" / "FAIL: ..." (then no time is recorded) / "" (not checked: a whole training step)
+    check: str = ""  # "ok", "FAIL: ..." or a peer's "not installed (...)" (then no time: NaN), "" (a training step)
 
 
 def environment(device: str) -> dict:
@@ -219,9 +221,11 @@ def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool
             if "step" not in bench.modes:
                 try:
                     verdict = check_output(bench, name, fn, inputs, dtype)
+                except NotInstalled as exc:  # a peer that cannot run here: a row that says so
+                    verdict = str(exc)
                 except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
                     verdict = f"ok (reference not run in fp64: {type(exc).__name__})"
-            if verdict.startswith("FAIL"):
+            if not verdict.startswith("ok") and verdict:
                 log(f"  {bench.op} {name} {case.label}: {verdict}")
                 nan = float("nan")
                 rows += [Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, nan, nan, nan, None,
@@ -290,8 +294,9 @@ def markdown_summary(rows: list[Row], title: str) -> str:
         eager = {(r.case, r.dtype, r.mode): r.median_ms for r in op_rows if r.impl == "eager"}
         for r in op_rows:
             base = eager.get((r.case, r.dtype, r.mode))
-            if r.check.startswith("FAIL"):
-                out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | FAIL (no time recorded) | | | "
+            if r.median_ms != r.median_ms:  # NaN: failed its output check, or a peer that cannot run here
+                what = "FAIL (no time recorded)" if r.check.startswith("FAIL") else "not run"
+                out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | {what} | | | "
                            + ("| " if tok else "") + f"| | {r.check} |")
                 continue
             speed = f"{base / r.median_ms:.2f}x" if base and r.impl != "eager" else ""
@@ -319,7 +324,7 @@ def _plots(rows: list[Row], out_dir: str) -> list[str]:
         for ax, mode in zip(axes[0], modes):
             for impl in sorted({r.impl for r in op_rows}):
                 pts = sorted((r.x, r.median_ms) for r in op_rows if r.impl == impl and r.mode == mode
-                             and not r.check.startswith("FAIL"))
+                             and r.median_ms == r.median_ms)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
             ax.set(title=f"{op} {mode}", xlabel=op_rows[0].case.split(",")[-1].split("=")[0] if op_rows else "",

@@ -1,7 +1,10 @@
 """Run the op benchmarks and write a report.
 
-    python -m benchmarks.run                      # every op, quick sizes on CPU, full sweep on CUDA
-    python -m benchmarks.run --ops rms_norm --dtype bf16 --out benchmarks/results/<name>
+    fastnlg bench                                 # (= python -m benchmarks.run in a checkout) every op and the
+                                                  # training step, quick sizes on CPU, full sweep on CUDA
+    fastnlg bench --suite e2e                     # the training step only (--suite ops: the op benchmarks)
+    fastnlg bench --ops rms_norm --dtype bf16 --out benchmarks/results/<name>
+    fastnlg bench --compare benchmarks/results/<earlier>    # ratios against an earlier run, regressions flagged
 
 On CPU the sizes are small (so CI exercises the harness) and torch.compile is left out unless asked for
 with --impls (inductor's CPU compile of every shape takes minutes).
@@ -17,24 +20,25 @@ import sys
 
 import torch
 
-from benchmarks.harness import run_benchmarks, write_report
+from .harness import run_benchmarks, write_report
 
 OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "swiglu": "bench_glu",
        "geglu": "bench_glu:GEGLU", "rope": "bench_rope",
        "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy",
        "attention": "bench_attention", "attention_decode": "bench_attention_decode", "lora_linear": "bench_lora_linear",
        "nf4": "bench_nf4", "train_step": "bench_train_step"}
+E2E = ("train_step",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def available_ops():
-    return [op for op, mod in OPS.items() if importlib.util.find_spec(f"benchmarks.{mod.split(':')[0]}") is not None]
+    return [op for op, mod in OPS.items() if importlib.util.find_spec(f"{__package__}.{mod.split(':')[0]}") is not None]
 
 
 def load_bench(op: str):
     """The Bench of `op` (OPS values are "module" for its BENCH, or "module:NAME")."""
     module, _, name = OPS[op].partition(":")
-    return getattr(importlib.import_module(f"benchmarks.{module}"), name or "BENCH")
+    return getattr(importlib.import_module(f".{module}", __package__), name or "BENCH")
 
 
 def _write_tuned_configs(out: str) -> None:
@@ -50,7 +54,11 @@ def _write_tuned_configs(out: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", nargs="+", default=["all"], help=f"any of: {', '.join(OPS)} (default all)")
+    p.add_argument("--suite", choices=("ops", "e2e", "all"), default="all",
+                   help="ops: the op benchmarks; e2e: the training step (train_step); all: both (default)")
+    p.add_argument("--ops", nargs="+", default=None, help=f"any of: {', '.join(OPS)} (instead of --suite)")
+    p.add_argument("--compare", metavar="DIR", help="an earlier run's report folder: ratios against it, "
+                   "regressions (> 10%% slower, or now failing) flagged in compare.md")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--quick", action="store_true", default=None, help="small sizes (default on CPU)")
@@ -64,7 +72,12 @@ def main(argv=None) -> int:
     quick = (device == "cpu") if args.quick is None else args.quick
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     impls = args.impls  # None: every implementation on CUDA; on CPU fastnlg's own and eager (see docstring)
-    ops = available_ops() if args.ops == ["all"] else args.ops
+    if args.ops:
+        ops = args.ops
+    else:
+        ops = [o for o in available_ops() if args.suite == "all" or (o in E2E) == (args.suite == "e2e")]
+    if args.compare and not os.path.isfile(os.path.join(args.compare, "results.json")):
+        p.error(f"--compare {args.compare}: no results.json there")
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         p.error(f"unknown ops {unknown}; known: {', '.join(OPS)}")
@@ -81,7 +94,37 @@ def main(argv=None) -> int:
     paths = write_report(rows, out, title=f"fastnlg op benchmarks ({device}, {str(dtype).replace('torch.', '')})")
     _write_tuned_configs(out)
     print(f"\n{len(rows)} measurements -> {paths['md']}, {paths['csv']}, {paths['json']}, plots: {len(paths['plots'])}")
+    if args.compare:
+        text, regressions = compare(rows, args.compare)
+        with open(os.path.join(out, "compare.md"), "w") as f:
+            f.write(text)
+        print(f"compared with {args.compare}: {len(regressions)} regression(s) -> {os.path.join(out, 'compare.md')}")
+        for line in regressions:
+            print("  " + line)
     return 0 if rows else 1
+
+
+def compare(rows, earlier_dir: str, slower: float = 1.10):
+    """(markdown table of new / old median time per measurement both runs have, [regression lines])."""
+    with open(os.path.join(earlier_dir, "results.json")) as f:
+        old = {(r["op"], r["impl"], r["case"], r["dtype"], r["mode"]): r for r in json.load(f)}
+    lines = [f"# Compared with {earlier_dir}", "", "Ratio = this run's median time / the earlier one's (> 1: slower).",
+             "", "| op | case | dtype | mode | impl | earlier ms | now ms | ratio | |", "|---|---|---|---|---|---|---|---|---|"]
+    regressions = []
+    for r in rows:
+        key = (r.op, r.impl, r.case, r.dtype, r.mode)
+        before = old.get(key)
+        if before is None:
+            continue
+        now_fail, was_fail = r.check.startswith("FAIL"), str(before.get("check", "")).startswith("FAIL")
+        ratio = r.median_ms / before["median_ms"] if not (now_fail or was_fail) and before["median_ms"] else None
+        flag = "REGRESSION: now FAIL" if now_fail and not was_fail else (
+            "REGRESSION" if ratio is not None and ratio > slower else "")
+        if flag:
+            regressions.append(f"{flag}: {' '.join(map(str, key))}" + (f" x{ratio:.2f}" if ratio else ""))
+        lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.mode} | {r.impl} | {before['median_ms']:.3f} | "
+                     f"{r.median_ms:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {flag} |")
+    return "\n".join(lines) + "\n", regressions
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     fastnlg eval --model DIR [--adapter DIR] --data eval.jsonl      loss/perplexity/accuracy, BLEU/ROUGE, examples
     fastnlg generate --model DIR [--adapter DIR] --prompt "..."     (or --prompts-file F, or stdin)
     fastnlg merge --model DIR --adapter DIR --out DIR               LoRA merged into the base, safetensors
-    fastnlg bench ...             the benchmark suite (python -m benchmarks.run options; from a source checkout)
+    fastnlg bench [--suite ops|e2e|all] [--compare DIR] ...   the benchmark suite (fastnlg bench --help)
     fastnlg aot                   the ahead-of-time compile check of every Triton kernel for sm_80/86/89/90
 
 User errors (bad config, bad data with file and line, missing path) exit with status 2 and one line.
@@ -29,16 +29,8 @@ def _user_errors():
     return (UserError, ConfigError, DataError, FileNotFoundError)
 
 
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _benchmarks(argv):
-    root = _repo_root()
-    if not os.path.isdir(os.path.join(root, "benchmarks")):
-        raise UserError("fastnlg bench runs from a source checkout (benchmarks/ is not installed)")
-    sys.path.insert(0, root)
-    from benchmarks.run import main as run
+    from .benchmarks.run import main as run  # benchmarks/ installs as fastnlg.benchmarks
 
     return run(argv)
 

@@ -107,3 +107,12 @@ def test_demo_quick(tmp_path):
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     report = open(out / "report.md").read()
     assert "BLEU" in report and "ROUGE-L" in report and "--no-patch" in report
+
+
+def test_bench_runs_from_the_installed_package(tmp_path):
+    """fastnlg bench outside the checkout (benchmarks/ installs as fastnlg.benchmarks)."""
+    r = subprocess.run([sys.executable, "-m", "fastnlg.cli", "bench", "--ops", "geglu", "--rep", "1", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = open(tmp_path / "b" / "summary.md").read()
+    assert "## geglu" in md and "| fastnlg |" in md

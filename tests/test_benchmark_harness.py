@@ -118,3 +118,18 @@ def test_compare_flags_regressions(tmp_path):
                                 str(tmp_path / "old"))
     assert len(regressions) == 2 and "x1.50" in regressions[0] and "now FAIL" in regressions[1]
     assert "| rms_norm | N=1,C=2 | float32 | fwd | eager | 2.000 | 2.100 | 1.05 |  |" in text
+
+
+def test_pytest_benchmark_integration_collects_every_op():
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.run import E2E, OPS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:]
+    ids = [line for line in r.stdout.splitlines() if "::test_op[" in line]
+    assert {i.split("[", 1)[1].split("-", 1)[0] for i in ids} == {op for op in OPS if op not in E2E}

@@ -13,7 +13,8 @@ A part that has its DONE file is skipped (resumable across device calls; --force
 first makes sure of the set-up: the machine's own packages, missing ones from wheels carried in .whl/
 (scripts/fetch_gpu_wheels.sh), installed without an index; nothing that is there is replaced.
 --export DIR packs each part's folder into DIR/<gpu>-<date>-<part>.tar.gz: one file per part, well under
-the device tool's limits on what comes back (8 files of 16 MiB).
+the device tool's limits on what comes back (8 files of 16 MiB). Back on the development machine: unpack the
+archives into benchmarks/results/, run `python -m benchmarks.report` (benchmarks/README.md) and commit both.
 """
 from __future__ import annotations
 

@@ -133,3 +133,33 @@ def test_pytest_benchmark_integration_collects_every_op():
     assert r.returncode == 0, r.stdout[-2000:]
     ids = [line for line in r.stdout.splitlines() if "::test_op[" in line]
     assert {i.split("[", 1)[1].split("-", 1)[0] for i in ids} == {op for op in OPS if op not in E2E}
+
+
+def test_benchmarks_readme_is_regenerated_from_the_results():
+    """benchmarks/README.md is what `python -m benchmarks.report` makes of the committed results folders."""
+    import os
+
+    from benchmarks import report
+
+    here = os.path.dirname(report.__file__)
+    assert open(os.path.join(here, "README.md")).read() == report.render(os.path.join(here, "results")), \
+        "run python -m benchmarks.report after adding results"
+
+
+def test_report_keeps_the_latest_run_per_device_and_op(tmp_path):
+    import json
+
+    from benchmarks import report
+
+    def rows(device, date, ms):
+        return [{"op": "rms_norm", "impl": impl, "case": "N=1", "dtype": "bfloat16", "mode": "fwd", "median_ms": m,
+                 "peak_mem_mb": 1.0, "device": "cuda", "device_name": device, "date": date, "commit": "abc",
+                 "torch": "2.11", "triton": "3.6", "transformers": "5.17", "check": "ok"}
+                for impl, m in (("fastnlg", ms), ("eager", 2 * ms))]
+    for name, device, date, ms in (("h100-old", "H100", "2026-11-01", 9.0), ("h100-new/ops-a", "H100", "2026-11-20", 1.0),
+                                   ("h200", "H200", "2026-11-05", 0.5)):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(rows(device, date, ms)))
+    text = report.render(str(tmp_path))
+    assert "## H100 (cuda)" in text and "## H200 (cuda)" in text
+    assert "| N=1 | bfloat16 | fwd | 1.000 | 2.000 | 2.00x |" in text and "9.000" not in text

@@ -1,20 +1,31 @@
 """The training step end to end, as `fastnlg train` runs it: one optimizer step (forward, backward, gradient
-clipping, AdamW) of a Llama-style model through fastnlg.train's own loading, method set-up and
-`forward_backward`, with fastnlg.patch ("fastnlg") vs plain Transformers ("eager"). Methods: full
-fine-tuning, LoRA (r=16, all linear layers), QLoRA (bitsandbytes NF4 on CUDA when installed, else fastnlg's
-NF4Linear) and LoRA with gradient checkpointing + activation offload to pinned CPU memory.
+clipping, AdamW) of a Llama-shaped model (random weights, built from a config) through fastnlg.train's own
+method set-up and `forward_backward`. Implementations:
+    fastnlg             fastnlg.patch
+    eager               plain Transformers + PEFT, its default attention (SDPA): the baseline of the targets
+    hf-eager-attention  plain Transformers + PEFT with attn_implementation="eager"
+    liger               Liger-Kernel's Llama patch (a "not installed" row where it is missing)
+Methods: full fine-tuning, LoRA (r=16, all linear layers), QLoRA (bitsandbytes NF4 on CUDA when installed,
+else fastnlg's NF4Linear) and LoRA with gradient checkpointing + activation offload to pinned CPU memory.
 
 Reported per step: time, tokens/s and peak memory (CUDA: the allocator's peak above what was live before
-the step, i.e. activations, gradients and optimizer state growth; CPU: the process's resident-set peak).
-FLOPs (for TFLOP/s): 6 N P for full fine-tuning (P = parameters outside the embedding), 4 N P for the
-adapter methods (no weight gradients of the frozen base), + 2 N P for the recomputation under checkpointing;
-attention's T^2 terms are left out.
+the step; CPU: the process's resident-set peak). FLOPs (for TFLOP/s): 6 N P for full fine-tuning (P =
+parameters outside the embedding), 4 N P for the adapter methods (no weight gradients of the frozen base),
++ 2 N P for the recomputation under checkpointing; attention's T^2 terms are left out.
 
-Sizes: CPU (quick) hidden 256, 4 layers, 4 x 256 tokens; CUDA a 1.1B Llama (TinyLlama's shape: hidden
-2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocabulary 32000) at 4 x 2048 tokens, bf16 autocast.
+Sizes: CPU a small Llama (hidden 256, 4 layers) at 4 x 256 tokens; CUDA a 1.1B Llama (TinyLlama's shape)
+at 16k tokens a step (LoRA at 512, 2048 and 8192 tokens a sequence; the others at 2048; offload at 8192) and
+an 8B-shaped Llama (Llama 3 8B's shape) with QLoRA at 2 x 2048, bf16 autocast.
+
+`python -m benchmarks.bench_train_step --max-context --out DIR` (CUDA) finds, per method and
+implementation, the longest single sequence whose step fits a fixed memory budget (binary search over
+multiples of 512, out-of-memory caught), and writes max_context.json / max_context.md with the targets:
+>= 2x tokens/s, <= 40% of peak memory, >= 4x the context of plain Transformers + PEFT (+ bitsandbytes).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -23,19 +34,32 @@ import weakref
 import torch
 
 from .harness import Bench, Case
+from .peers import NotInstalled, available
 
 SIZES = {
-    "small": dict(hidden=256, layers=4, heads=4, kv=2, inter=688, vocab=2048, batch=4, seq=256),
-    "1.1B": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, vocab=32000, batch=4, seq=2048),
+    "small": dict(hidden=256, layers=4, heads=4, kv=2, inter=688, vocab=2048),
+    "1.1B": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, vocab=32000),
+    "8B": dict(hidden=4096, layers=32, heads=32, kv=8, inter=14336, vocab=128256),
 }
 METHODS = ("full", "lora", "qlora", "lora+offload")
+TOKENS_PER_STEP = 16384
+TARGETS = {"speedup": 2.0, "memory_ratio": 0.40, "context_ratio": 4.0}
+
+
+def _case(method, size, batch, seq, x):
+    return Case(f"{method},{size},{batch}x{seq}", {**SIZES[size], "method": method, "size": size, "batch": batch,
+                                                     "seq": seq}, x)
 
 
 def cases(quick, device):
-    name = "small" if quick or device != "cuda" else "1.1B"
-    size = SIZES[name]
-    return [Case(f"{m},{name},{size['batch']}x{size['seq']}", {**size, "method": m, "size": name}, i + 1)
-            for i, m in enumerate(METHODS)]
+    if quick or device != "cuda":
+        return [_case(m, "small", 4, 256, i + 1) for i, m in enumerate(METHODS)]
+    out = [_case("lora", "1.1B", TOKENS_PER_STEP // s, s, s) for s in (512, 2048, 8192)]
+    out += [_case("full", "1.1B", TOKENS_PER_STEP // 2048, 2048, 2048),
+            _case("qlora", "1.1B", TOKENS_PER_STEP // 2048, 2048, 2048),
+            _case("lora+offload", "1.1B", TOKENS_PER_STEP // 8192, 8192, 8192),
+            _case("qlora", "8B", 2, 2048, 2048)]
+    return out
 
 
 def _params(p) -> int:
@@ -52,70 +76,124 @@ def flops(p, mode):
     return per_token * n * _params(p)
 
 
+class _Liger:
+    """Liger-Kernel's instance patch of a Llama; it also rebinds module-level names of Transformers' Llama
+    module, which are put back when the model is freed."""
+
+    def __init__(self, model):
+        import transformers.models.llama.modeling_llama as llama
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        self.module, self.saved = llama, dict(vars(llama))
+        self.forward = llama.LlamaForCausalLM.forward
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+
+    def undo(self):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+        self.module.LlamaForCausalLM.forward = self.forward
+
+
 class Step:
-    """Builds the model for one implementation at a time (the other one is unpatched and freed first:
-    fastnlg.patch's RoPE swap is module-wide) and runs optimizer steps on a fixed packed batch."""
+    """Builds the model for one implementation at a time (the previous one is unpatched and freed first:
+    fastnlg.patch's RoPE swap and Liger's patch are module-wide) and runs optimizer steps on a fixed batch."""
 
     def __init__(self, p, device, dtype):
         self.p, self.device, self.dtype = p, torch.device(device), dtype
         self.dir = tempfile.mkdtemp(prefix="fastnlg-step-")
         weakref.finalize(self, shutil.rmtree, self.dir, True)
-        self.current, self.model = None, None
+        self.current, self.model, self.undo = None, None, None
+        self.set_shape(p["batch"], p["seq"])
+
+    def set_shape(self, batch, seq):
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=g)
+        ids = torch.randint(0, self.p["vocab"], (batch, seq), generator=g)
         self.batch = {"input_ids": ids, "labels": ids.clone(),
-                      "position_ids": torch.arange(p["seq"]).expand(p["batch"], -1).contiguous()}
+                      "position_ids": torch.arange(seq).expand(batch, -1).contiguous()}
         self.tokens = int(ids.numel())
 
-    def _config(self, patch):
+    def _config(self, impl):
         from fastnlg.train import TrainConfig
 
         method = self.p["method"]
         offload = method == "lora+offload"
+        bf16 = self.device.type == "cuda" and self.dtype != torch.float32
         return TrainConfig(model=self.dir, method="lora" if offload else method, lora_r=16, lora_alpha=32,
                            learning_rate=1e-5, max_steps=10 ** 6, gradient_checkpointing=offload,
-                           offload_activations=offload, patch=patch,
-                           precision="bf16" if self.device.type == "cuda" and self.dtype != torch.float32 else "fp32")
+                           offload_activations=offload, patch=impl == "fastnlg", precision="bf16" if bf16 else "fp32")
 
-    def _build(self, patch):
+    def _hf_config(self):
         import transformers
 
+        p = self.p
+        return transformers.LlamaConfig(hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                                        num_attention_heads=p["heads"], num_key_value_heads=p["kv"],
+                                        intermediate_size=p["inter"], vocab_size=p["vocab"],
+                                        max_position_embeddings=max(p["seq"], 131072), tie_word_embeddings=False)
+
+    def _load(self, cfg):
+        """The model as fastnlg.train loads it: from a saved folder (small sizes, and bitsandbytes' 4-bit),
+        else built on the device directly in the dtype the trainer would load (an 8B model is never written)."""
+        import transformers
+
+        from fastnlg.train.trainer import _bnb_cuda, load_model
+
+        big = self.device.type == "cuda" and self.p["size"] != "small"
+        if not big or _bnb_cuda(cfg, self.device):
+            if not os.path.exists(os.path.join(self.dir, "config.json")):
+                torch.manual_seed(0)
+                dtype = torch.bfloat16 if big else torch.float32
+                transformers.AutoModelForCausalLM.from_config(self._hf_config(), dtype=dtype).save_pretrained(self.dir)
+            return load_model(cfg, self.device)
+        frozen = cfg.method != "full" and cfg.precision != "fp32"
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = transformers.AutoModelForCausalLM.from_config(
+                self._hf_config(), dtype=torch.bfloat16 if frozen else torch.float32)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": cfg.offload_activations})
+            if cfg.offload_activations:
+                model.enable_input_require_grads()
+        return model
+
+    def _build(self, impl):
         import fastnlg
-        from fastnlg.train.trainer import load_model, make_optimizer, prepare_method
+        from fastnlg.train.trainer import make_optimizer, prepare_method
 
         self.free()
-        if not os.path.exists(os.path.join(self.dir, "config.json")):
-            p = self.p
-            cfg = transformers.LlamaConfig(hidden_size=p["hidden"], num_hidden_layers=p["layers"],
-                                           num_attention_heads=p["heads"], num_key_value_heads=p["kv"],
-                                           intermediate_size=p["inter"], vocab_size=p["vocab"],
-                                           max_position_embeddings=p["seq"], tie_word_embeddings=False)
-            torch.manual_seed(0)
-            transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(self.dir)
-        cfg = self._config(patch)
-        model = prepare_method(load_model(cfg, self.device), cfg, log=lambda *_: None)
-        if patch:
+        if impl == "liger":
+            why = available("liger_kernel")
+            if why is not None:
+                raise NotInstalled(why)
+        cfg = self._config(impl)
+        model = self._load(cfg)
+        if impl == "hf-eager-attention":
+            model.set_attn_implementation("eager")
+        model = prepare_method(model, cfg, log=lambda *_: None)
+        if impl == "fastnlg":
             fastnlg.patch(model)
+            self.undo = lambda: fastnlg.unpatch(model)
+        elif impl == "liger":
+            self.undo = _Liger(model.get_base_model() if hasattr(model, "get_base_model") else model).undo
         model.train()
         self.params = [q for q in model.parameters() if q.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg, self.device)
-        self.model, self.cfg, self.current = model, cfg, patch
+        self.model, self.cfg, self.current = model, cfg, impl
 
     def free(self):
-        if self.model is not None:
-            import fastnlg
+        if self.undo is not None:
+            self.undo()
+        self.model = self.optimizer = self.params = self.undo = None
+        self.current = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-            if self.current:
-                fastnlg.unpatch(self.model)
-            self.model = self.optimizer = self.params = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def __call__(self, patch: bool):
+    def __call__(self, impl: str):
         from fastnlg.train.trainer import forward_backward
 
-        if self.current is not patch or self.model is None:
-            self._build(patch)
+        if self.current != impl or self.model is None:
+            self._build(impl)
         n = int((self.batch["labels"][:, 1:] != -100).sum())
         loss = forward_backward(self.model, [(self.batch, n)], self.cfg, self.device)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -128,13 +206,90 @@ def make_inputs(p, device, dtype):
     return {"step": Step(p, device, dtype)}
 
 
-def fastnlg_step(step):
-    return step(True)
+IMPLS = ("fastnlg", "eager", "hf-eager-attention", "liger")
+BENCH = Bench("train_step", cases, make_inputs, {name: (lambda step, _n=name: step(_n)) for name in IMPLS},
+              flops=flops, modes=("step",), x_label="tokens per sequence", tokens=lambda p: p["batch"] * p["seq"])
 
 
-def eager_step(step):
-    return step(False)
+def targets_markdown(rows) -> str:
+    """The end-to-end targets per configuration: fastnlg vs plain Transformers + PEFT (the "eager" rows)."""
+    by = {(r.case, r.impl): r for r in rows if r.op == "train_step" and r.median_ms == r.median_ms}
+    lines = ["## train_step targets", "", f"fastnlg vs plain Transformers + PEFT: tokens/s >= {TARGETS['speedup']:g}x, "
+             f"peak memory <= {TARGETS['memory_ratio']:.0%}.", "",
+             "| case | tokens/s ratio | peak memory ratio | verdict |", "|---|---|---|---|"]
+    for (case, impl), ours in by.items():
+        base = by.get((case, "eager"))
+        if impl != "fastnlg" or base is None:
+            continue
+        speed = base.median_ms / ours.median_ms
+        mem = ours.peak_mem_mb / base.peak_mem_mb if ours.peak_mem_mb and base.peak_mem_mb else None
+        below = [k for k, ok in (("speed", speed >= TARGETS["speedup"]),
+                                 ("memory", mem is not None and mem <= TARGETS["memory_ratio"])) if not ok]
+        lines.append(f"| {case} | {speed:.2f}x | {'' if mem is None else f'{mem:.2f}'} | "
+                     f"{'met' if not below else 'BELOW TARGET: ' + ', '.join(below)} |")
+    return "\n".join(lines) + "\n"
 
 
-BENCH = Bench("train_step", cases, make_inputs, {"fastnlg": fastnlg_step, "eager": eager_step}, flops=flops,
-              modes=("step",), x_label="method", tokens=lambda p: p["batch"] * p["seq"])
+def max_context(method: str, impl: str, size: str, device: str, budget_gb: float, hi: int = 131072) -> int:
+    """The longest single sequence (a multiple of 512) whose training step fits budget_gb of GPU memory."""
+    p = {**SIZES[size], "method": method, "size": size, "batch": 1, "seq": 512}
+    step = Step(p, device, torch.bfloat16)
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb / total))
+
+    def fits(seq):
+        step.set_shape(1, seq)
+        try:
+            step(impl)
+            torch.cuda.synchronize()
+            return True
+        except torch.OutOfMemoryError:
+            step.free()
+            return False
+
+    try:
+        if not fits(512):
+            return 0
+        lo, top = 512, hi
+        while top - lo > 512:
+            mid = (lo + top) // 2 // 512 * 512
+            lo, top = (mid, top) if fits(mid) else (lo, mid)
+        return lo
+    finally:
+        step.free()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-context", action="store_true")
+    ap.add_argument("--budget-gb", type=float, default=24.0, help="the memory budget (a consumer GPU: 24)")
+    ap.add_argument("--size", default="1.1B", choices=list(SIZES))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if not args.max_context or not torch.cuda.is_available():
+        ap.error("--max-context needs a CUDA device")
+    found = {}
+    for method in METHODS:
+        for impl in ("fastnlg", "eager"):
+            found[f"{method}/{impl}"] = max_context(method, impl, args.size, "cuda", args.budget_gb)
+            print(f"{method:14} {impl:8} longest sequence in {args.budget_gb:g} GB: {found[f'{method}/{impl}']}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "max_context.json"), "w") as f:
+        json.dump({"size": args.size, "budget_gb": args.budget_gb, "gpu": torch.cuda.get_device_name(),
+                   "longest": found}, f, indent=1)
+    lines = [f"# Longest sequence whose training step fits {args.budget_gb:g} GB ({args.size} Llama, "
+             f"{torch.cuda.get_device_name()})", "", "| method | fastnlg | plain Transformers + PEFT | ratio | "
+             f"target >= {TARGETS['context_ratio']:g}x |", "|---|---|---|---|---|"]
+    for method in METHODS:
+        a, b = found[f"{method}/fastnlg"], found[f"{method}/eager"]
+        ratio = a / b if b else float("inf")
+        lines.append(f"| {method} | {a} | {b} | {ratio:.2f}x | "
+                     f"{'met' if ratio >= TARGETS['context_ratio'] else 'BELOW TARGET'} |")
+    with open(os.path.join(args.out, "max_context.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -236,6 +236,11 @@ def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool
                 try:
                     times = time_ms(step, device, warmup, rep)
                     peak = peak_memory_mb(step, device)
+                except NotInstalled as exc:  # a peer that cannot run here (found only when it runs)
+                    nan = float("nan")
+                    rows.append(Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, nan, nan, nan,
+                                    None, None, None, case.x, env, None, str(exc)))
+                    continue
                 except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. OOM: report, go on
                     log(f"  {bench.op} {name} {case.label} {mode}: skipped ({type(exc).__name__}: {exc})")
                     continue

@@ -91,7 +91,12 @@ def main(argv=None) -> int:
         chosen = impls or (None if device == "cuda" else [n for n in bench.impls if n.startswith("fastnlg") or n == "eager"])
         rows += run_benchmarks(bench, device=device, dtype=dtype, quick=quick, impls=chosen, rep=rep,
                                warmup=3 if device == "cuda" else 1)
-    paths = write_report(rows, out, title=f"fastnlg op benchmarks ({device}, {str(dtype).replace('torch.', '')})")
+    paths = write_report(rows, out, title=f"fastnlg benchmarks ({device}, {str(dtype).replace('torch.', '')})")
+    if any(r.op in E2E for r in rows):
+        from .bench_train_step import targets_markdown
+
+        with open(paths["md"], "a") as f:
+            f.write("\n" + targets_markdown(rows))
     _write_tuned_configs(out)
     print(f"\n{len(rows)} measurements -> {paths['md']}, {paths['csv']}, {paths['json']}, plots: {len(paths['plots'])}")
     if args.compare:

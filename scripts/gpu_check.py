@@ -8,7 +8,8 @@ Parts, each writing benchmarks/results/<gpu>-<yyyymmdd>/<part>/ (and <part>/DONE
     tests    the extension built with its CUDA kernels, then `pytest -m gpu` (log + junit XML)
     ops-a    op benchmarks, full sweep: norms, GLUs, RoPE, the losses
     ops-b    op benchmarks, full sweep: attention, decode, LoRA / QLoRA layer, NF4 (+ tuned_configs.json)
-    e2e      the training-step benchmark (1.1B Llama: full, LoRA, QLoRA, LoRA + offload)
+    e2e      the training-step benchmark (1.1B Llama: full, LoRA, QLoRA, LoRA + offload; 8B QLoRA)
+    context  the longest sequence whose step fits 24 GB, per method, fastnlg vs plain Transformers + PEFT
 A part that has its DONE file is skipped (resumable across device calls; --force runs it again). Every part
 first makes sure of the set-up: the machine's own packages, missing ones from wheels carried in .whl/
 (scripts/fetch_gpu_wheels.sh), installed without an index; nothing that is there is replaced.
@@ -40,8 +41,10 @@ PARTS = {
                "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "cross_entropy", "fused_linear_cross_entropy"]],
     "ops-b": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
                "attention", "attention_decode", "lora_linear", "nf4"]],
-    "e2e": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
-             "train_step"]],
+    "e2e": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--rep", "5", "--out", "{dir}",
+             "--ops", "train_step"]],
+    "context": [[sys.executable, "-m", "benchmarks.bench_train_step", "--max-context", "--budget-gb", "24",
+                 "--out", "{dir}"]],
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool sends back
 
@@ -162,6 +165,10 @@ def dry_run(log) -> int:
     problems = []
     for part, cmds in PARTS.items():
         for cmd in cmds:
+            cmd_help = [c.format(dir="/tmp/gpu-check-dry-run") for c in cmd] + ["--help"]
+            r = subprocess.run(cmd_help, cwd=ROOT, capture_output=True, text=True)
+            if r.returncode != 0:
+                problems.append(f"{part}: {shlex.join(cmd_help)} exits {r.returncode}: {r.stderr[-300:]}")
             if cmd[1:3] == ["-m", "benchmarks.run"]:
                 from benchmarks.run import OPS  # the benchmark names each part asks for exist
 

@@ -117,6 +117,10 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != S:
         attention_mask = attention_mask[:, :, :, :S]  # static caches build masks longer than the keys in use
+    if attention_mask is None and is_causal and 1 < T < S:
+        # no mask means SDPA's is_causal, which is top-left: query i sees keys 0..i (a static cache's prefill
+        # over its allocated, still empty, slots); that is bottom-right causal over the first T keys
+        key, value, S = key[:, :, :T], value[:, :, :T], T
     if attention_mask is None:
         form = (bool(is_causal), None)  # bottom-right causal: a single query row (decode) sees every key
     else:

@@ -21,6 +21,8 @@ original Parameters), so optimizers, checkpoints and PEFT's save_pretrained see 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
 import types
@@ -56,6 +58,23 @@ def _swap(model, path, new, undo):
     old = getattr(parent, name)
     setattr(parent, name, new)
     undo.append(lambda: setattr(parent, name, old))
+
+
+def _with_signature_of(fn, original):
+    """fn(self, **named) behind `original`'s exact signature: positional calls bind as they would to the
+    original, and code that inspects forward (generate builds position_ids only when forward takes them)
+    sees the same parameters."""
+    sig = inspect.signature(original)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        named = sig.bind(self, *args, **kwargs).arguments
+        named.pop(next(iter(sig.parameters)))  # self
+        extra = named.pop(var_kw, {}) if var_kw else {}
+        return fn(self, **named, **extra)
+    forward.__signature__ = sig
+    return forward
 
 
 def _set_forward(module, fn, undo):
@@ -110,7 +129,7 @@ def _patch_lm_heads(model, report, undo):
         else:
             _swap(model, f"{path}.{attr}" if path else attr,
                   FusedLMHead.from_linear(head, **head_options_from_config(module.config)), undo)
-            _set_forward(module, causal_lm_forward, undo)
+            _set_forward(module, _with_signature_of(causal_lm_forward, type(module).forward), undo)
             report.patched.append(Entry(path, "cross_entropy", f"{name}.{attr} -> FusedLMHead + causal_lm_forward"))
 
 

@@ -3,9 +3,10 @@
     import fastnlg
     y = fastnlg.ops.rms_norm(x, weight)          # Triton on CUDA, C++ / torch on CPU (fastnlg.backend)
     report = fastnlg.patch(model)                # fused kernels into a Transformers / PEFT model
+    fastnlg.is_patched(model)                    # True until fastnlg.unpatch(model)
     fastnlg.unpatch(model)
 """
 from . import backend, ops  # noqa: F401
-from .patching import PatchReport, patch, unpatch  # noqa: F401
+from .patching import PatchReport, is_patched, patch, unpatch  # noqa: F401
 
 __version__ = "0.1.0"

@@ -120,6 +120,8 @@ def _patch_lm_heads(model, report, undo):
         name = type(module).__name__
         if not hasattr(module, "config") or not name.endswith(("ForCausalLM", "LMHeadModel")):
             continue
+        if type(module).__module__.startswith("peft."):
+            continue  # PEFT's wrapper: the Transformers model inside it is what gets patched (and reported)
         attr = table.CAUSAL_LMS.get(name)
         head = getattr(module, attr, None) if attr else None
         if attr is None:
@@ -221,9 +223,10 @@ def _patch_lora(model, report, undo):
 
 
 def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = True, norm: bool = True,
-          rope: bool = True, mlp: bool = True, lora: bool = True) -> PatchReport:
+          rope: bool = True, mlp: bool = True, lora: bool = True, strict: bool = False) -> PatchReport:
     """Swap fastnlg's fused kernels into `model` in place; returns what was patched and skipped (see the
-    module docstring). Raises ValueError when the model is already patched."""
+    module docstring). Raises ValueError when the model is already patched, and with strict=True when
+    anything of a kind asked for was skipped (the model is then left unpatched)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastnlg.patch: expected an nn.Module, got {type(model).__name__}")
     if model in _PATCHED:
@@ -237,10 +240,20 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
             _patch_modules(model, report, undo, norm=norm, mlp=mlp)
         if cross_entropy:
             _patch_lm_heads(model, report, undo)
+            if not any(e.what == "cross_entropy" for e in report.patched + report.skipped):
+                report.skipped.append(Entry("", "cross_entropy", f"{type(model).__name__} is not a causal LM in "
+                                            "fastnlg's table: no fused loss (layers may still be patched)"))
         if attention:
             _patch_attention(hf, report, undo)
         if rope:
             _patch_rope(hf, report, undo)
+        asked = {"attention": attention, "cross_entropy": cross_entropy, "norm": norm, "rope": rope, "mlp": mlp,
+                 "lora": lora, "linear4bit": lora}
+        missed = [e for e in report.skipped if asked.get(e.what, True)]
+        if strict and missed:
+            raise ValueError("fastnlg.patch(strict=True): not patched:\n" + "\n".join(
+                f"  {e.what}: {e.detail} ({e.path or 'model'})" for e in missed[:20])
+                + (f"\n  ... and {len(missed) - 20} more" if len(missed) > 20 else ""))
     except BaseException:
         for fn in reversed(undo):  # never leave a half-patched model
             fn()

@@ -397,3 +397,28 @@ def test_generate_with_each_cache_matches(family, cache, pad):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.scores, b.scores):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
+
+
+def test_strict_refuses_what_it_cannot_patch_and_leaves_the_model_alone():
+    model = _peft_model(use_dora=True)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"strict=True.*\n  lora: adapter 'default' is a LoRA variant"):
+        fastnlg.patch(model, strict=True)
+    assert not fastnlg.is_patched(model) and {n: type(m) for n, m in model.named_modules()} == before
+    report = fastnlg.patch(model, strict=True, lora=False)  # what was not asked for does not count
+    assert fastnlg.is_patched(model) and report.count("norm") > 0
+    fastnlg.unpatch(model)
+
+
+def test_report_names_the_wrapped_model_and_a_model_that_is_no_causal_lm():
+    peft_model = _peft_model()
+    report = fastnlg.patch(peft_model)
+    fastnlg.unpatch(peft_model)
+    assert "Peft" not in str(report) and report.count("cross_entropy") == 1
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=4, intermediate_size=48))
+    report = fastnlg.patch(bert)
+    assert report.count("norm") > 0
+    assert any(e.what == "cross_entropy" and "BertModel is not a causal LM" in e.detail for e in report.skipped)
+    fastnlg.unpatch(bert)

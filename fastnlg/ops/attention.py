@@ -170,6 +170,9 @@ def _check(q, k, v, causal, softmax_scale, dropout_p, window, softcap, key_paddi
                              f"{tuple(q.shape)}, k {tuple(k.shape)}")
         if key_padding_mask is not None:
             raise ValueError(f"{op}: cu_seqlens and key_padding_mask are two ways to say the same; pass one")
+        if max_seqlen is not None and cu_seqlens.is_cuda:
+            return max_seqlen  # as flash-attn's varlen API: with max_seqlen the caller vouches for cu_seqlens
+            # (no host read, so no GPU sync in the training step); without it, one read checks and measures
         cu = cu_seqlens.tolist()  # one host read, also gives max_seqlen
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         if cu[0] != 0 or cu[-1] != T or min(lengths) < 0:
@@ -228,7 +231,9 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
                     key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
     """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) -> (B, Hq, T, D); see the module docstring.
     CUDA tensors run the Triton kernels; CPU tensors the torch reference (Triton under TRITON_INTERPRET=1).
-    Under autocast q, k, v are cast to the autocast dtype, as SDPA does."""
+    Under autocast q, k, v are cast to the autocast dtype, as SDPA does. With cu_seqlens, max_seqlen (the
+    longest packed sequence) spares the host read that checks cu_seqlens: on CUDA the caller then vouches
+    for it, as with flash-attn's varlen API, and the call never waits for the GPU."""
     amp = _amp.autocast_dtype(q.device.type)
     if amp is not None:
         with _amp.autocast_off(q.device.type):

@@ -270,3 +270,24 @@ def test_cross_entropy_inplace_backward():
     x2 = base * 2
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         ((x2 * x2).sum() + cross_entropy(x2, y, inplace_backward=True)).backward()
+
+
+def test_fused_loss_backward_reads_nothing_back_from_the_device(monkeypatch):
+    """The backward of the fused loss makes no host read (on a GPU each would be a sync in every step)."""
+    from fastnlg.ops import fused_linear_cross_entropy
+
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (12,))
+    loss = fused_linear_cross_entropy(h, w, y, num_items_in_batch=10)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real: reads.append(_n) or _r(self, *a))
+    (2 * loss).backward()
+    monkeypatch.undo()
+    assert reads == []
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (2 * torch.nn.functional.cross_entropy(ref_h @ ref_w.t(), y, reduction="sum") / 10).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)

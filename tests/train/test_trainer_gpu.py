@@ -27,8 +27,8 @@ def _losses(out):
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("patch", [
     pytest.param(True, marks=pytest.mark.xfail(strict=False, reason=(
-        "issue 15: the fused loss reads the valid-row count and checks labels on the host, varlen attention "
-        "reads cu_seqlens; the trainer itself is checked by the unpatched case"))),
+        "issue 15: the fused loss reads the valid-row count and checks the labels on the host, and the mask "
+        "conversion compares masks once per forward; the trainer itself is checked by the unpatched case"))),
     False], ids=["patched", "unpatched"])
 def test_no_host_sync_inside_a_step(tiny, tmp_path, method, patch):
     """sync_debug=True sets set_sync_debug_mode("error") for every step but the first (kernel tuning) and the

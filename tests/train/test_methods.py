@@ -11,23 +11,12 @@ import pytest
 import torch
 import transformers
 
-from fastnlg.train import ConfigError, TrainConfig, data, train
+from fastnlg.train import ConfigError, data, train
 from fastnlg.train.evaluate import loss_metrics
+from tests.tiny_model import losses, metrics, train_config
 
 
-def _cfg(tiny, out, **kw):
-    base = dict(model=tiny["model"], train_files=[tiny["train"]], eval_files=[tiny["eval"]], output_dir=str(out),
-                max_length=96, batch_size=4, max_steps=4, log_every=1, eval_every=4, save_every=4,
-                learning_rate=1e-2, progress=False, device="cpu", tensorboard=False)
-    return TrainConfig.from_dict({**base, **kw})
-
-
-def _rows(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def _losses(out):
-    return [r["loss"] for r in _rows(out) if "loss" in r]
+_cfg, _rows, _losses = train_config, metrics, losses
 
 
 @pytest.mark.parametrize("method", ["qlora", "prompt-tuning", "prefix", "ia3", "adalora"])

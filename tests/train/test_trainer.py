@@ -15,17 +15,14 @@ import transformers
 from fastnlg.train import TrainConfig, data, train
 from fastnlg.train.evaluate import bleu, rouge
 from fastnlg.train.trainer import lr_lambda
+from tests.tiny_model import losses, train_config
 
 
 def _cfg(tiny, out, **kw):
-    base = dict(model=tiny["model"], train_files=[tiny["train"]], eval_files=[tiny["eval"]], output_dir=str(out),
-                max_length=96, batch_size=4, max_steps=6, log_every=1, eval_every=3, save_every=3,
-                learning_rate=1e-3, progress=False, device="cpu")
-    return TrainConfig.from_dict({**base, **kw})
+    return train_config(tiny, out, **{"max_steps": 6, "eval_every": 3, "save_every": 3, "learning_rate": 1e-3, **kw})
 
 
-def _losses(out):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+_losses = losses
 
 
 def test_accumulation_equals_one_large_batch(tiny):

@@ -2,26 +2,21 @@
 issue's "no host syncs beyond logging", checked with torch.cuda.set_sync_debug_mode through the trainer's
 sync_debug option), patched and unpatched bf16 runs agreeing, QLoRA on bitsandbytes' 4-bit when installed."""
 import importlib.util
-import json
-import os
-
 import pytest
 import torch
 
-from fastnlg.train import TrainConfig, train
+from fastnlg.train import train
+from tests.tiny_model import losses, train_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _cfg(tiny, out, **kw):
-    base = dict(model=tiny["model"], train_files=[tiny["train"]], eval_files=[tiny["eval"]], output_dir=str(out),
-                max_length=96, batch_size=4, max_steps=8, log_every=4, eval_every=100, save_every=100,
-                learning_rate=1e-3, progress=False, device="cuda", tensorboard=False)
-    return TrainConfig.from_dict({**base, **kw})
+    return train_config(tiny, out, **{"max_steps": 8, "log_every": 4, "eval_every": 100, "save_every": 100,
+                                      "learning_rate": 1e-3, "device": "cuda", **kw})
 
 
-def _losses(out):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+_losses = losses
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

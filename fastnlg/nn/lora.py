@@ -1,5 +1,5 @@
-"""LoRA layers run by fastnlg.ops.lora_linear: over a PEFT LoRA layer (base nn.Linear or bitsandbytes 4-bit
-Linear4bit), or standalone.
+"""LoRA layers run by fastnlg.ops.lora_linear: over a PEFT LoRA layer (base nn.Linear, GPT-2's Conv1D, fastnlg's
+NF4Linear or bitsandbytes 4-bit Linear4bit), or standalone.
 
 `peft_state(layer)` reads what a PEFT `lora.Linear` computes *now*: the frozen base weight (dense tensor, or the
 Linear4bit's bytes viewed as an NF4Weight: no copy, no re-quantisation), its bias, and the active adapters'
@@ -78,7 +78,10 @@ def _base_weight(base):
         return base.weight.detach()
     if type(base).__name__ == "NF4Linear":
         return base.weight
-    raise UnsupportedLoRA(f"base layer {type(base).__name__} is not nn.Linear, bnb Linear4bit or NF4Linear")
+    if type(base).__name__ == "Conv1D" and getattr(base, "weight", None) is not None and base.weight.dim() == 2:
+        return base.weight.detach().t()  # GPT-2's projections: y = x W + b with W stored (in, out)
+    raise UnsupportedLoRA(f"base layer {type(base).__name__} is not nn.Linear, Conv1D, bnb Linear4bit or "
+                          "NF4Linear")
 
 
 def peft_state(layer) -> PeftState:

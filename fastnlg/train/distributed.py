@@ -75,7 +75,9 @@ class Dist:
             from torch.nn.parallel import DistributedDataParallel
 
             dev = next(model.parameters()).device
-            return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            # buffers (rotary tables, NF4 weights) are the same on every process: no broadcast each forward
+            return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                           broadcast_buffers=False)
         if self.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
 

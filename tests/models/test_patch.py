@@ -349,7 +349,7 @@ def test_bf16_autocast_over_fp32_weights(family, method):
         return _lora(m) if method == "lora" else m
 
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, VOCAB, (2, 11), generator=g)
+    ids = torch.randint(1, VOCAB, (8, 32), generator=g)  # enough tokens that rounding errors average out
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0  # right padding, as trainers pad (left-padded rows would make the fp64 eager model NaN)
     labels = ids.masked_fill(mask == 0, -100)
@@ -368,10 +368,16 @@ def test_bf16_autocast_over_fp32_weights(family, method):
     lo, go = step(ours, True)
     assert abs(lo - l64) <= 2 * abs(lp - l64) + 2e-3, (lo, lp, l64)
     assert go.keys() == gp.keys() == g64.keys()
-    for name, ref in g64.items():
-        ref = ref.float()
-        err_ours, err_plain = (go[name].float() - ref).norm(), (gp[name].float() - ref).norm()
-        assert err_ours <= 2 * err_plain + 2e-3 * ref.norm() + 1e-6, (name, err_ours.item(), err_plain.item())
+    names = sorted(g64)
+    ref, ours, plain = (torch.cat([g[n].double().flatten() for n in names]) for g in (g64, go, gp))
+    # the rule over the whole gradient; per tensor a looser bound, since in a tiny model one tensor's
+    # rounding error is a draw (ours/plain reaches 3x on single adapter tensors, ~1 over the whole
+    # gradient), while a wrong gradient is off by the size of the gradient itself
+    assert (ours - ref).norm() <= 2 * (plain - ref).norm() + 2e-3 * ref.norm(), "gradient"
+    for name in names:
+        ref = g64[name].double()
+        err_ours, err_plain = (go[name].double() - ref).norm(), (gp[name].double() - ref).norm()
+        assert err_ours <= 4 * err_plain + 2e-3 * ref.norm() + 1e-6, (name, err_ours.item(), err_plain.item())
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["nopad", "leftpad"])
@@ -422,3 +428,27 @@ def test_report_names_the_wrapped_model_and_a_model_that_is_no_causal_lm():
     assert report.count("norm") > 0
     assert any(e.what == "cross_entropy" and "BertModel is not a causal LM" in e.detail for e in report.skipped)
     fastnlg.unpatch(bert)
+
+
+def test_gpt2_lora_over_conv1d_is_fused_and_matches():
+    """GPT-2's projections are Conv1D (weight stored (in, out), PEFT's fan_in_fan_out=True): LoRA over them
+    runs lora_linear with the same loss and gradients as PEFT."""
+    import peft
+
+    def build():
+        torch.manual_seed(1)
+        m = peft.get_peft_model(_model("gpt2"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj",
+                                                                                                    "c_fc"],
+                                                                 fan_in_fan_out=True, init_lora_weights=False))
+        return m
+    ref, ours = build(), build()
+    report = fastnlg.patch(ours)
+    try:
+        assert report.count("lora") == 2 * 4 and not any(e.what == "lora" for e in report.skipped)
+        (out_ref, g_ref), (out, g) = _train_step(ref), _train_step(ours)
+        torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+        assert g.keys() == g_ref.keys() and any("lora_A" in k for k in g)
+        for k in g_ref:
+            torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    finally:
+        fastnlg.unpatch(ours)

@@ -49,9 +49,11 @@ PYBIND11_MODULE(_C, m) {
         DISPATCH(d, fastnlg::rope<T>(P<T>(x), P<T>(cos), P<T>(sin), P<T>(out), B, H, T_, D, backward));
     }, nogil);
     m.def("cross_entropy_fwd", [](ptr x, ptr labels, ptr scale, ptr loss, ptr lse, int64_t N, int64_t V, int64_t stride,
-                                  int64_t ignore_index, double eps, double softcap, double z_loss, bool d) {
+                                  int64_t ignore_index, double eps, double softcap, double z_loss, ptr class_weight,
+                                  bool d) {
         DISPATCH(d, fastnlg::cross_entropy_fwd<T>(P<T>(x), P<const int64_t>(labels), P<const T>(scale), P<T>(loss),
-                                                  P<T>(lse), N, V, stride, ignore_index, eps, softcap, z_loss));
+                                                  P<T>(lse), N, V, stride, ignore_index, eps, softcap, z_loss,
+                                                  P<const T>(class_weight)));
     }, nogil);
     m.def("set_cpu_isa", [](const std::string& isa) { return std::string(fastnlg::set_cpu_isa(isa.c_str())); },
           "'auto' or 'baseline': which build of the fp32 cross-entropy row kernel runs; returns the one in use");

@@ -2,8 +2,10 @@
 // gradient written in place of the logits. Same math as kernels/cross_entropy.py:
 //
 //   z = c tanh(x / c) (softcap c, else z = x),   lse = m + log sum_v exp(z_v - m),  m = max_v z_v
-//   loss = (1 - eps)(lse - z_y) + eps (lse - mean_v z) + zl lse^2          (0 where y == ignore_index)
-//   dx_v = scale * [softmax(z)_v (1 + 2 zl lse) - eps / V - (1 - eps) [v == y]] * (1 - (z_v / c)^2)
+//   class weights w (all 1 when none given), W = sum_v w_v:
+//   loss = (1 - eps) w_y (lse - z_y) + eps / V (W lse - sum_v w_v z_v) + zl lse^2   (0 where y == ignore_index)
+//   dx_v = scale * [softmax(z)_v ((1 - eps) w_y + eps W / V + 2 zl lse) - eps w_v / V - (1 - eps) w_y [v == y]]
+//          * (1 - (z_v / c)^2)
 //
 // Three sweeps per row (max + sum z; sum exp; gradient), each a vectorisable loop over V; a row of
 // 32k-256k fp32 logits (128 KB-1 MB) stays in L2 between sweeps. Rows are split over OpenMP threads.
@@ -55,14 +57,23 @@ static inline T capped(T x, T c, bool cap) { return cap ? c * std::tanh(x / c) :
 
 template <typename T>
 static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const T* scale_i, T* loss, T* lse,
-                                                          int64_t V, int64_t ignore_index, T eps, T c, bool cap, T zl) {
+                                                          int64_t V, int64_t ignore_index, T eps, T c, bool cap, T zl,
+                                                          const T* w, T wsum) {
     const bool valid = y != ignore_index;
-    T m = -std::numeric_limits<T>::infinity(), sz = 0;
+    T m = -std::numeric_limits<T>::infinity(), sz = 0, swz = 0;
     if (cap) {
         for (int64_t v = 0; v < V; ++v) {
             const T z = c * std::tanh(xr[v] / c);
             m = z > m ? z : m;
             sz += z;
+            if (w) swz += w[v] * z;
+        }
+    } else if (w) {
+#pragma omp simd reduction(max : m) reduction(+ : sz, swz)
+        for (int64_t v = 0; v < V; ++v) {
+            m = xr[v] > m ? xr[v] : m;
+            sz += xr[v];
+            swz += w[v] * xr[v];
         }
     } else {
 #pragma omp simd reduction(max : m) reduction(+ : sz)
@@ -81,39 +92,48 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
     }
     const T l = m + std::log(s);
     const T zy = valid ? capped(xr[y], c, cap) : T(0);
-    const T smooth = eps > 0 ? eps * (l - sz / T(V)) : T(0);  // no 0 * inf from -inf logits
-    *loss = valid ? (1 - eps) * (l - zy) + smooth + zl * l * l : T(0);
+    const T wy = (w && valid) ? w[y] : T(1), W = w ? wsum : T(V);
+    // no 0 * inf from -inf logits when eps == 0
+    const T smooth = eps > 0 ? (w ? eps / T(V) * (W * l - swz) : eps * (l - sz / T(V))) : T(0);
+    *loss = valid ? (1 - eps) * wy * (l - zy) + smooth + zl * l * l : T(0);
     *lse = l;
     if (scale_i == nullptr) return;
-    const T sc = valid ? *scale_i : T(0), a = (1 + 2 * zl * l) * sc, b = eps / T(V) * sc;
+    const T sc = valid ? *scale_i : T(0), a = ((1 - eps) * wy + eps * W / T(V) + 2 * zl * l) * sc,
+            b = eps / T(V) * sc, hit = (1 - eps) * wy * sc;
     if (cap) {
         for (int64_t v = 0; v < V; ++v) {
             const T t = std::tanh(xr[v] / c);
-            xr[v] = (vexp(c * t - l) * a - b) * (1 - t * t);
+            xr[v] = (vexp(c * t - l) * a - b * (w ? w[v] : T(1))) * (1 - t * t);
         }
         if (valid) {
             const T t = zy / c;
-            xr[y] -= (1 - eps) * sc * (1 - t * t);
+            xr[y] -= hit * (1 - t * t);
         }
+    } else if (w) {
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) xr[v] = vexp(xr[v] - l) * a - b * w[v];
+        if (valid) xr[y] -= hit;
     } else {
 #pragma omp simd
         for (int64_t v = 0; v < V; ++v) xr[v] = vexp(xr[v] - l) * a - b;
-        if (valid) xr[y] -= (1 - eps) * sc;
+        if (valid) xr[y] -= hit;
     }
 }
 
 // The per-row fp32 kernel, built per ISA.
 static void ce_row_f32_baseline(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
-                                int64_t ignore_index, float eps, float c, bool cap, float zl) {
-    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+                                int64_t ignore_index, float eps, float c, bool cap, float zl, const float* w,
+                                float wsum) {
+    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
 }
 
 #ifdef FASTNLG_X86_V3
 __attribute__((target("arch=x86-64-v3"))) static void ce_row_f32_v3(float* xr, int64_t y, const float* scale_i,
                                                                       float* loss, float* lse, int64_t V,
                                                                       int64_t ignore_index, float eps, float c,
-                                                                      bool cap, float zl) {
-    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+                                                                      bool cap, float zl, const float* w,
+                                                                      float wsum) {
+    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
 }
 
 static bool cpu_has_v3() {
@@ -135,41 +155,45 @@ const char* set_cpu_isa(const char* isa) {
 }
 
 static void ce_row_f32(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
-                       int64_t ignore_index, float eps, float c, bool cap, float zl) {
+                       int64_t ignore_index, float eps, float c, bool cap, float zl, const float* w, float wsum) {
 #ifdef FASTNLG_X86_V3
-    if (use_v3) return ce_row_f32_v3(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+    if (use_v3) return ce_row_f32_v3(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
 #endif
-    ce_row_f32_baseline(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+    ce_row_f32_baseline(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
 }
 
 static void ce_row_f64(double* xr, int64_t y, const double* scale_i, double* loss, double* lse, int64_t V,
-                       int64_t ignore_index, double eps, double c, bool cap, double zl) {
-    ce_row<double>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl);
+                       int64_t ignore_index, double eps, double c, bool cap, double zl, const double* w,
+                       double wsum) {
+    ce_row<double>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
 }
 
 template <typename T, typename Row>
 static void ce_rows(Row row, T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N, int64_t V,
-                    int64_t stride, int64_t ignore_index, double eps, double softcap, double z_loss) {
+                    int64_t stride, int64_t ignore_index, double eps, double softcap, double z_loss, const T* w) {
     const bool cap = softcap > 0;
     const T c = cap ? T(softcap) : T(1);
+    T wsum = 0;
+    if (w)
+        for (int64_t v = 0; v < V; ++v) wsum += w[v];
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < N; ++i)
         row(x + i * stride, labels[i], scale ? scale + i : nullptr, loss + i, lse + i, V, ignore_index, T(eps), c, cap,
-            T(z_loss));
+            T(z_loss), w, wsum);
 }
 
 template <>
 void cross_entropy_fwd<float>(float* x, const int64_t* labels, const float* scale, float* loss, float* lse, int64_t N,
                               int64_t V, int64_t stride, int64_t ignore_index, double eps, double softcap,
-                              double z_loss) {
-    ce_rows<float>(ce_row_f32, x, labels, scale, loss, lse, N, V, stride, ignore_index, eps, softcap, z_loss);
+                              double z_loss, const float* w) {
+    ce_rows<float>(ce_row_f32, x, labels, scale, loss, lse, N, V, stride, ignore_index, eps, softcap, z_loss, w);
 }
 
 template <>
 void cross_entropy_fwd<double>(double* x, const int64_t* labels, const double* scale, double* loss, double* lse,
                                int64_t N, int64_t V, int64_t stride, int64_t ignore_index, double eps, double softcap,
-                               double z_loss) {
-    ce_rows<double>(ce_row_f64, x, labels, scale, loss, lse, N, V, stride, ignore_index, eps, softcap, z_loss);
+                               double z_loss, const double* w) {
+    ce_rows<double>(ce_row_f64, x, labels, scale, loss, lse, N, V, stride, ignore_index, eps, softcap, z_loss, w);
 }
 
 }  // namespace fastnlg

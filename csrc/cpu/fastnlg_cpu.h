@@ -14,7 +14,7 @@ template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, 
 template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n, int kind);
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
-                                            double softcap, double z_loss);
+                                            double softcap, double z_loss, const T* class_weight);
 // Which build of the fp32 cross-entropy row kernel runs: "auto" (x86-64-v3 where the CPU has it) or
 // "baseline"; returns the one now in use. For tests and diagnostics.
 const char* set_cpu_isa(const char* isa);

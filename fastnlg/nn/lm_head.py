@@ -86,7 +86,7 @@ class FusedLMHead(nn.Linear):
         return fused_linear_cross_entropy(h, weight, shift_labels.reshape(-1).to(h.device), bias=bias,
                                           ignore_index=self.ignore_index, softcap=self.softcap,
                                           num_items_in_batch=_num_items(num_items_in_batch),
-                                          chunk_size=self.chunk_size)
+                                          chunk_size=self.chunk_size, loss_dtype=torch.float32)  # HF: fp32 loss
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", softcap={self.softcap}, logit_scale={self.logit_scale}, fused_loss=True"

@@ -1,13 +1,21 @@
 """Cross-entropy and fused linear + cross-entropy (the LM loss without the (N, V) logits).
 
-Semantics (both ops): F.cross_entropy on z = softcap * tanh(logits / softcap) (when softcap is set), with
-label_smoothing as in torch, plus z_loss * lse^2 per non-ignored token, then the reduction:
-mean over non-ignored tokens (0, not NaN, when all are ignored), sum, none (0 at ignored rows), or, with
-num_items_in_batch, sum / num_items_in_batch (HF Trainer's gradient-accumulation-exact scaling).
+Semantics (both ops): F.cross_entropy on z = softcap * tanh(logits / softcap) (when softcap is set; 0 or
+None is off), with class weights and label_smoothing as in torch, then the reduction: mean (over non-ignored
+tokens, or over their summed class weights, as torch; 0, not NaN, when all are ignored), sum, none (0 at
+ignored rows), or, with num_items_in_batch, sum / num_items_in_batch (HF Trainer's gradient-accumulation-exact
+scaling). Plus Liger's z-loss: z_loss * lse^2 per non-ignored token, never class-weighted, averaged over the
+non-ignored tokens under mean. The loss has the dtype F.cross_entropy returns (the input's; fp32 under
+autocast), computed in fp32 (fp64 for fp64) inside; `loss_dtype` overrides it. return_z_loss /
+return_token_accuracy give a CrossEntropyOutput(loss, z_loss, token_accuracy) whose two extras are detached,
+for logging: the z-loss part of the loss, and argmax == label over non-ignored tokens (computed chunk by chunk
+in the fused op, where the logits never exist whole).
 
-Per row (derived in kernels/cross_entropy.py, gradchecked in fp64 in tests/ops/test_cross_entropy.py):
-    loss = (1 - eps)(lse - z_y) + eps (lse - mean z) + zl lse^2
-    dloss/dz = softmax(z)(1 + 2 zl lse) - (1 - eps) onehot(y) - eps / V;  dz/dx = 1 - tanh^2(x / c)
+Per row (derived in kernels/cross_entropy.py, gradchecked in fp64 in tests/ops/test_cross_entropy.py), with
+class weights w (all 1 when none), W = sum w:
+    loss = (1 - eps) w_y (lse - z_y) + eps / V (W lse - sum_v w_v z_v) + zl lse^2
+    dloss/dz = softmax(z)((1 - eps) w_y + eps W / V + 2 zl lse) - (1 - eps) w_y onehot(y) - eps w / V;
+    dz/dx = 1 - tanh^2(x / c)
 
 fused_linear_cross_entropy(hidden (N, C), weight (V, C), labels (N,)): ignored rows are dropped first (one
 gather; no matmul work on them), then token chunks of `chunk_size` rows run
@@ -22,6 +30,8 @@ CPU default: three vectorised sweeps per row, no (chunk, V) temporaries) and tor
 from __future__ import annotations
 
 
+from typing import NamedTuple
+
 import torch
 
 from .. import backend as _backend
@@ -35,50 +45,99 @@ CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 te
 CUDA_CHUNK_BUDGET = 1024 * 2**20
 
 
-def cross_entropy_reference(logits, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                            softcap=None, z_loss=0.0, num_items_in_batch=None):
-    """The spec, in plain torch (fp32, or fp64 for fp64 logits)."""
+class CrossEntropyOutput(NamedTuple):
+    """What the losses return with return_z_loss / return_token_accuracy (the extras not asked for are None)."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+
+
+def cross_entropy_reference(logits, labels, *, weight=None, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, softcap=None, z_loss=0.0, num_items_in_batch=None,
+                            return_z_loss=False, return_token_accuracy=False):
+    """The spec, in plain torch (fp32, or fp64 for fp64 logits); returns the loss in the accumulation dtype."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    V = logits.shape[-1]
     z = logits.to(acc)
-    if softcap is not None:
+    if softcap:
         z = softcap * torch.tanh(z / softcap)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
+    w = None if weight is None else weight.to(acc)
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(-1, safe[:, None]).squeeze(-1)
-    smooth = label_smoothing * (lse - z.mean(-1)) if label_smoothing > 0 else 0.0  # no 0 * inf (-inf logits)
-    loss = (1 - label_smoothing) * nll + smooth + z_loss * lse * lse
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return _reduce(loss, valid.sum(), reduction, num_items_in_batch)
+    wy = 1.0 if w is None else w[safe]
+    if label_smoothing > 0:  # no 0 * inf (-inf logits)
+        zw = z.sum(-1) if w is None else (z * w).sum(-1)
+        smooth = label_smoothing / V * ((V if w is None else w.sum()) * lse - zw)
+    else:
+        smooth = 0.0
+    ce = torch.where(valid, (1 - label_smoothing) * wy * nll + smooth, torch.zeros_like(nll))
+    zl = torch.where(valid, z_loss * lse * lse, torch.zeros_like(nll))
+    n_valid = int(valid.sum())
+    w_valid = None if w is None else float(torch.where(valid, wy, 0.0).sum())
+    ce_den, z_den = _denominators(reduction, num_items_in_batch, n_valid, w_valid)
+    if reduction == "none" and num_items_in_batch is None:
+        loss, zpart = ce + zl, zl
+    else:
+        loss, zpart = ce.sum() / ce_den + zl.sum() / z_den, zl.sum() / z_den
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    hits = (z.argmax(-1) == labels) & valid
+    accuracy = hits.to(acc) if reduction == "none" else hits.sum().to(acc) / n_valid if n_valid else \
+        torch.tensor(float("nan"), dtype=acc)
+    return CrossEntropyOutput(loss, zpart if return_z_loss else None, accuracy if return_token_accuracy else None)
 
 
-def _reduce(loss_rows, n_valid, reduction, num_items_in_batch):
-    if num_items_in_batch is not None:
-        return loss_rows.sum() / num_items_in_batch
-    if reduction == "none":
-        return loss_rows
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / torch.clamp(torch.as_tensor(n_valid, device=loss_rows.device), min=1)
+def _denominators(reduction, num_items, n_valid, w_valid):
+    """(denominator of the cross-entropy part, of the z-loss part) of the reduction. Weighted mean divides by
+    the summed class weights of the non-ignored tokens as torch (NaN when they sum to 0, as torch); no
+    non-ignored token at all gives 0 rather than torch's NaN."""
+    if num_items is not None:
+        return float(num_items), float(num_items)
+    if reduction != "mean":
+        return 1.0, 1.0
+    if n_valid == 0:
+        return 1.0, 1.0
+    if w_valid is None:
+        return float(n_valid), float(n_valid)
+    return (w_valid if w_valid != 0 else float("nan")), float(n_valid)
 
 
 _acc = native_dtype  # accumulation dtype: fp64 for fp64 inputs, else fp32
 
 
-def _ce_chunk_torch(logits, labels, scale, ignore_index, eps, softcap, z_loss):
+class _Opts(NamedTuple):
+    """What every chunk kernel takes besides the rows: z_loss here is the per-row z weight the kernel uses
+    (the user's, rescaled so that the z part is averaged over tokens while a weighted mean divides the rest
+    by the summed class weights), class_weight (V,) in the accumulation dtype, its sum on the host."""
+    ignore_index: int
+    eps: float
+    softcap: float | None
+    z_loss: float
+    class_weight: torch.Tensor | None
+    weight_sum: float
+
+
+def _ce_chunk_torch(logits, labels, scale, o: _Opts):
     """Torch twin of kernels/cross_entropy.forward: (loss, lse) per row; grad into logits if scale given."""
     x = logits.to(_acc(logits))
-    t = torch.tanh(x / softcap) if softcap is not None else None
-    z = softcap * t if t is not None else x
-    valid = labels != ignore_index
+    eps, V, w = o.eps, logits.shape[-1], o.class_weight
+    t = torch.tanh(x / o.softcap) if o.softcap is not None else None
+    z = o.softcap * t if t is not None else x
+    valid = labels != o.ignore_index
     safe = torch.where(valid, labels, 0)
     lse = torch.logsumexp(z, dim=-1)
     zy = z.gather(-1, safe[:, None]).squeeze(-1)
-    loss = (1 - eps) * (lse - zy) + (eps * (lse - z.mean(-1)) if eps > 0 else 0.0) + z_loss * lse * lse
+    wy = 1.0 if w is None else w[safe]
+    W = V if w is None else o.weight_sum
+    smooth = eps / V * (W * lse - (z.sum(-1) if w is None else z @ w)) if eps > 0 else 0.0
+    loss = (1 - eps) * wy * (lse - zy) + smooth + o.z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if scale is not None:
-        g = torch.exp(z - lse[:, None]).mul_((1 + 2 * z_loss * lse)[:, None]).sub_(eps / z.shape[-1])
-        g.scatter_add_(-1, safe[:, None], torch.full_like(zy[:, None], -(1 - eps)))
+        g = torch.exp(z - lse[:, None]).mul_(((1 - eps) * wy + eps * W / V + 2 * o.z_loss * lse)[:, None])
+        g.sub_(eps / V if w is None else (eps / V) * w)
+        g.scatter_add_(-1, safe[:, None], (-(1 - eps) * wy * torch.ones_like(zy))[:, None])
         if t is not None:
             g.mul_(1 - t * t)
         g.mul_((scale * valid)[:, None])
@@ -86,7 +145,7 @@ def _ce_chunk_torch(logits, labels, scale, ignore_index, eps, softcap, z_loss):
     return loss, lse
 
 
-def _ce_chunk_cpp(logits, labels, scale, ignore_index, eps, softcap, z_loss):
+def _ce_chunk_cpp(logits, labels, scale, o: _Opts):
     """C++ twin: works in fp32/fp64 (fp16/bf16 chunks are upcast, and the gradient copied back)."""
     from fastnlg import _C
 
@@ -98,7 +157,7 @@ def _ce_chunk_cpp(logits, labels, scale, ignore_index, eps, softcap, z_loss):
     labels = labels.contiguous()
     scale = None if scale is None else scale.to(acc).contiguous()
     _C.cross_entropy_fwd(ptr(work), ptr(labels), ptr(scale), ptr(loss), ptr(lse), n, V, work.stride(0),
-                         ignore_index, eps, softcap or 0.0, z_loss, acc == torch.float64)
+                         o.ignore_index, o.eps, o.softcap or 0.0, o.z_loss, ptr(o.class_weight), acc == torch.float64)
     if scale is not None and work is not logits:
         logits.copy_(work)
     return loss, lse
@@ -107,14 +166,15 @@ def _ce_chunk_cpp(logits, labels, scale, ignore_index, eps, softcap, z_loss):
 _CHUNK_FNS = {"torch": _ce_chunk_torch, "cpp": _ce_chunk_cpp}
 
 
-def _ce_chunk(logits, labels, scale, ignore_index, eps, softcap, z_loss):
+def _ce_chunk(logits, labels, scale, o: _Opts):
     """(loss, lse) per row of a (n, V) chunk; with `scale` (n,) the scaled gradient overwrites logits."""
     backend = _backend.choose("cross_entropy", logits, BACKENDS)
     if backend == "triton":
         from fastnlg.kernels import cross_entropy as k
 
-        return k.forward(logits, labels, scale, ignore_index, eps, softcap, z_loss)
-    return _CHUNK_FNS[backend](logits, labels, scale, ignore_index, eps, softcap, z_loss)
+        return k.forward(logits, labels, scale, o.ignore_index, o.eps, o.softcap, o.z_loss, o.class_weight,
+                         o.weight_sum)
+    return _CHUNK_FNS[backend](logits, labels, scale, o)
 
 
 def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch):
@@ -122,8 +182,8 @@ def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{op}: softcap must be > 0 or None, got {softcap}")
+    if softcap is not None and not softcap >= 0:
+        raise ValueError(f"{op}: softcap must be > 0, or 0 / None for off, got {softcap}")
     if z_loss < 0:
         raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
     if num_items_in_batch is not None:
@@ -134,16 +194,23 @@ def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in
     return None
 
 
-def _valid_rows(op, labels, V, ignore_index):
-    """Indices of non-ignored rows; checks label range in the same single host read."""
+def _valid_rows(op, labels, V, ignore_index, class_weight=None):
+    """(indices of non-ignored rows or None when all are, their count, their summed class weight, the sum
+    of all class weights); checks the label range in the same single host read."""
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= V))
-    n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
+    counts = [valid.sum(), bad.sum()]
+    if class_weight is not None:
+        ok = valid & ~bad
+        counts += [torch.where(ok, class_weight[torch.where(ok, labels, 0)], 0).sum(), class_weight.sum()]
+    n_valid, n_bad, *sums = torch.stack([c.double() for c in counts]).tolist()
     if n_bad:
         first = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"{op}: {n_bad} label(s) outside [0, {V}) and not ignore_index={ignore_index}; "
+        raise ValueError(f"{op}: {int(n_bad)} label(s) outside [0, {V}) and not ignore_index={ignore_index}; "
                          f"first at row {first}: {int(labels[first])}")
-    return torch.nonzero(valid).squeeze(-1) if n_valid < labels.numel() else None, n_valid
+    n_valid = int(n_valid)
+    idx = torch.nonzero(valid).squeeze(-1) if n_valid < labels.numel() else None
+    return idx, n_valid, (sums[0] if sums else None), (sums[1] if sums else 0.0)
 
 
 def auto_chunk_size(n_rows: int, V: int, device: torch.device) -> int:
@@ -155,8 +222,9 @@ def auto_chunk_size(n_rows: int, V: int, device: torch.device) -> int:
     return max(1, min(n_rows, budget // (16 * V)))
 
 
-def _linear_ce_pass(h, weight, bias, y, scale, opts, chunk, need_dh, need_dw, need_db):
-    """One pass over token chunks. scale (n,) fp32 or None (no gradients)."""
+def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw, need_db, hits=None):
+    """One pass over token chunks. scale (n,) fp32 or None (no gradients); `hits` (n,) bool, when given,
+    gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
     n, V = h.shape[0], weight.shape[0]
     acc = _acc(h)
     loss = torch.empty(n, dtype=acc, device=h.device)
@@ -170,7 +238,9 @@ def _linear_ce_pass(h, weight, bias, y, scale, opts, chunk, need_dh, need_dw, ne
         e = min(n, s + chunk)
         hc = h[s:e]
         logits = torch.nn.functional.linear(hc, weight, bias)  # (chunk, V)
-        loss[s:e], lse[s:e] = _ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], *opts)
+        if hits is not None:
+            torch.eq(logits.argmax(-1), y[s:e], out=hits[s:e])
+        loss[s:e], lse[s:e] = _ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
         if not grads:
             continue
         if dh is not None:
@@ -194,39 +264,68 @@ def _scatter_rows(rows, idx, N):
     return out.index_copy_(0, idx, rows)
 
 
+class _Extras(NamedTuple):
+    """Which extras a loss call returns besides the loss (return_z_loss, return_token_accuracy)."""
+    want_z: bool
+    want_acc: bool
+
+
+def _prepare(op, labels, V, o: _Opts, reduction, num_items, class_weight, acc):
+    """Host read of the label statistics; the denominators; the options the kernels run with."""
+    cw = None if class_weight is None else class_weight.detach().to(acc).contiguous()
+    idx, n_valid, w_valid, w_sum = _valid_rows(op, labels, V, o.ignore_index, cw)
+    ce_den, z_den = _denominators(reduction, num_items, n_valid, w_valid)
+    z_kernel = o.z_loss * ce_den / z_den if o.z_loss else 0.0
+    return idx, n_valid, ce_den, z_den, o._replace(z_loss=z_kernel, class_weight=cw, weight_sum=w_sum)
+
+
+def _extras(lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, idx, N, want: _Extras):
+    """(z-loss part, token accuracy) from the non-ignored rows' lse and hits (detached; None if not asked)."""
+    zpart = acc = None
+    if want.want_z:
+        rows = (z_loss * lse_valid * lse_valid).detach()
+        zpart = rows.sum() / z_den if scalar else _scatter_rows(rows, idx, N)
+    if want.want_acc:
+        if scalar:
+            acc = hits_valid.sum().float() / n_valid if n_valid else torch.tensor(float("nan"),
+                                                                                 device=hits_valid.device)
+        else:
+            acc = _scatter_rows(hits_valid.float(), idx, N)
+    return zpart, acc
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, eps, softcap, z_loss, num_items, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want):
         N, V = hidden.shape[0], weight.shape[0]
-        idx, n_valid = _valid_rows("fused_linear_cross_entropy", labels, V, ignore_index)
+        idx, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
+                                                 num_items, opts.class_weight, _acc(hidden))
         h = hidden if idx is None else hidden.index_select(0, idx)
         y = labels if idx is None else labels.index_select(0, idx)
         h = h if h.stride(-1) == 1 else h.contiguous()
         chunk = chunk_size or auto_chunk_size(h.shape[0], V, h.device)
-        opts = (ignore_index, eps, softcap, z_loss)
+        hits = torch.empty(h.shape[0], dtype=torch.bool, device=h.device) if want.want_acc else None
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         scalar = reduction != "none" or num_items is not None
         ctx.precomputed = any(need) and scalar  # needs_input_grad is False for all under no_grad
         if ctx.precomputed:
-            denom = num_items if num_items is not None else (max(n_valid, 1) if reduction == "mean" else 1.0)
-            scale = torch.full((h.shape[0],), 1.0 / denom, dtype=_acc(h), device=h.device)
-            loss_rows, _, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, opts, chunk, *need)
+            scale = torch.full((h.shape[0],), 1.0 / ce_den, dtype=_acc(h), device=h.device)
+            loss_rows, lse, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, o, chunk, *need, hits=hits)
             ctx.save_for_backward(idx, dh, dw, db)
         else:
-            loss_rows, _, *_ = _linear_ce_pass(h, weight, bias, y, None, opts, chunk, False, False, False)
+            loss_rows, lse, *_ = _linear_ce_pass(h, weight, bias, y, None, o, chunk, False, False, False, hits=hits)
             ctx.save_for_backward(idx, hidden, weight, bias, labels)
-        ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, opts, need
+        ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, o, need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if num_items is not None:
-            return loss_rows.sum() / num_items
-        if reduction == "none":
-            return _scatter_rows(loss_rows, idx, N)
-        if reduction == "sum":
-            return loss_rows.sum()
-        return loss_rows.sum() / max(n_valid, 1)
+        loss = loss_rows.sum() / ce_den if scalar else _scatter_rows(loss_rows, idx, N)
+        zpart, acc = _extras(lse, hits, n_valid, opts.z_loss, z_den, scalar, idx, N, want)
+        zpart = loss.new_zeros(()) if zpart is None else zpart
+        acc = loss.new_zeros(()) if acc is None else acc
+        ctx.mark_non_differentiable(zpart, acc)
+        return loss, zpart, acc
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _gz, _gacc):
         if ctx.precomputed:
             idx, dh, dw, db = ctx.saved_tensors
             g = grad_out  # always scaled: testing grad_out == 1 on the host would be a GPU sync per step
@@ -246,23 +345,44 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dw = (dw if g is None else dw * g).to(dtype_w)
         if db is not None:
             db = (db if g is None else db * g).to(dtype_b)
-        return dh, dw, db, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
-                               label_smoothing=0.0, softcap=None, z_loss=0.0, num_items_in_batch=None,
-                               chunk_size=None):
+def _finish(loss, zpart, acc, dtype, want: _Extras):
+    """The public return: the loss in `dtype` alone, or a CrossEntropyOutput when extras were asked for."""
+    loss = loss.to(dtype)
+    if not (want.want_z or want.want_acc):
+        return loss
+    return CrossEntropyOutput(loss, zpart.to(dtype) if want.want_z else None, acc if want.want_acc else None)
+
+
+def _check_class_weight(op, class_weight, V, name, like):
+    if class_weight is None:
+        return
+    check_tensor(op, name, class_weight, ndim=1)
+    if class_weight.shape[0] != V:
+        raise ValueError(f"{op}: {name} {tuple(class_weight.shape)} must have one entry per class, V = {V}")
+    check_same_device(op, **{name: class_weight, "labels": like})
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=None, ignore_index=-100,
+                               reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                               num_items_in_batch=None, chunk_size=None, return_z_loss=False,
+                               return_token_accuracy=False, loss_dtype=None):
     """Loss of logits = hidden @ weight.T (+ bias) against labels, without materialising the logits.
-    hidden (N, C), weight (V, C), labels (N,) already shifted/aligned; see the module docstring."""
+    hidden (N, C), weight (V, C), labels (N,) already shifted/aligned; ce_weight (V,) class weights (Liger's
+    name: `weight` is the projection); see the module docstring."""
     op = "fused_linear_cross_entropy"
     check_tensor(op, "hidden", hidden, ndim=2)
     amp = _amp.autocast_dtype(hidden.device.type)
-    if amp is not None:  # the logits matmul as F.linear under autocast; the loss itself stays fp32 inside
+    if amp is not None:  # the logits matmul as F.linear under autocast; the loss fp32, as F.cross_entropy's
         with _amp.autocast_off(hidden.device.type):
             return fused_linear_cross_entropy(
-                hidden.to(amp), _amp.cast(weight, amp), labels, bias=_amp.cast(bias, amp), ignore_index=ignore_index,
-                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
-                num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+                hidden.to(amp), _amp.cast(weight, amp), labels, bias=_amp.cast(bias, amp), ce_weight=ce_weight,
+                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                z_loss=z_loss, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                loss_dtype=loss_dtype or torch.float32)
     check_tensor(op, "weight", weight, ndim=2)
     check_tensor(op, "labels", labels, dtypes=(torch.int64, torch.int32), ndim=1)
     if hidden.shape[1] != weight.shape[1]:
@@ -274,59 +394,76 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
         check_tensor(op, "bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: bias {tuple(bias.shape)} must have V = {weight.shape[0]} entries")
+    _check_class_weight(op, ce_weight, weight.shape[0], "ce_weight", labels)
     check_same_dtype(op, hidden=hidden, weight=weight)
     check_same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
     num_items = _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
-    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels.long(), ignore_index, reduction,
-                                          float(label_smoothing), None if softcap is None else float(softcap),
-                                          float(z_loss), num_items, chunk_size)
+    want = _Extras(bool(return_z_loss), bool(return_token_accuracy))
+    opts = _Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss),
+                 ce_weight, 0.0)
+    loss, zpart, acc = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels.long(), reduction, opts,
+                                                      num_items, chunk_size, want)
+    return _finish(loss, zpart, acc, loss_dtype or hidden.dtype, want)
 
 
-def cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
-                  z_loss=0.0, num_items_in_batch=None, inplace_backward=False):
-    """Cross-entropy on logits (N, V): one online log-sum-exp pass per row; the gradient is computed in
-    the forward pass into a fresh (N, V) buffer, or, with inplace_backward=True, into the logits' own memory
-    (saves N x V; the logits' values are gone afterwards, and autograd's version counter is bumped so any
-    other use of them in backward raises instead of reading gradients)."""
+def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  softcap=None, z_loss=0.0, num_items_in_batch=None, inplace_backward=False, return_z_loss=False,
+                  return_token_accuracy=False, loss_dtype=None):
+    """Cross-entropy on logits (N, V) with F.cross_entropy's arguments (weight (V,) class weights): one online
+    log-sum-exp pass per row; the gradient is computed in the forward pass into a fresh (N, V) buffer, or,
+    with inplace_backward=True, into the logits' own memory (saves N x V; the logits' values are gone
+    afterwards, and autograd's version counter is bumped so any other use of them in backward raises
+    instead of reading gradients). See the module docstring for the rest."""
     op = "cross_entropy"
     check_tensor(op, "logits", logits, ndim=2)
     check_tensor(op, "labels", labels, dtypes=(torch.int64, torch.int32), ndim=1)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"{op}: labels {tuple(labels.shape)} must have one entry per row of logits {tuple(logits.shape)}")
     check_same_device(op, logits=logits, labels=labels)
+    _check_class_weight(op, weight, logits.shape[1], "weight", labels)
     num_items = _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
-    return _CrossEntropy.apply(logits, labels.long(), ignore_index, reduction, float(label_smoothing),
-                               None if softcap is None else float(softcap), float(z_loss), num_items,
-                               bool(inplace_backward))
+    if loss_dtype is None:  # F.cross_entropy runs in fp32 under autocast
+        loss_dtype = torch.float32 if _amp.autocast_dtype(logits.device.type) else logits.dtype
+    want = _Extras(bool(return_z_loss), bool(return_token_accuracy))
+    opts = _Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss), weight, 0.0)
+    loss, zpart, acc = _CrossEntropy.apply(logits, labels.long(), reduction, opts, num_items, bool(inplace_backward),
+                                           want)
+    return _finish(loss, zpart, acc, loss_dtype, want)
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, eps, softcap, z_loss, num_items, inplace):
-        _, n_valid = _valid_rows("cross_entropy", labels, logits.shape[1], ignore_index)
-        opts = (ignore_index, eps, softcap, z_loss)
+    def forward(ctx, logits, labels, reduction, opts, num_items, inplace, want):
+        N, V = logits.shape
+        _, n_valid, ce_den, z_den, o = _prepare("cross_entropy", labels, V, opts, reduction, num_items,
+                                                opts.class_weight, _acc(logits))
         scalar = reduction != "none" or num_items is not None
         grad = ctx.needs_input_grad[0]
         inplace = grad and inplace and logits.is_contiguous()
+        valid = labels != o.ignore_index
+        hits = (logits.argmax(-1) == labels) & valid if want.want_acc else None  # before any in-place gradient
         work = logits if inplace else logits.contiguous().clone() if grad else logits.contiguous()
         if grad:
-            denom = num_items if num_items is not None else (max(n_valid, 1) if reduction == "mean" and scalar else 1.0)
-            scale = torch.full((logits.shape[0],), 1.0 / denom, dtype=_acc(logits), device=logits.device)
-            loss_rows, _ = _ce_chunk(work, labels, scale, *opts)
+            scale = torch.full((N,), 1.0 / (ce_den if scalar else 1.0), dtype=_acc(logits), device=logits.device)
+            loss_rows, lse = _ce_chunk(work, labels, scale, o)
             if inplace:  # the kernels wrote through the pointer: tell autograd the logits changed
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(work.detach() if inplace else work)
         else:
-            loss_rows, _ = _ce_chunk(work, labels, None, *opts)
+            loss_rows, lse = _ce_chunk(work, labels, None, o)
         ctx.scalar = scalar
-        return _reduce(loss_rows, n_valid, reduction, num_items)
+        loss = loss_rows.sum() / ce_den if scalar else loss_rows
+        lse = torch.where(valid, lse, torch.zeros_like(lse))
+        zpart, acc = _extras(lse, hits, n_valid, opts.z_loss, z_den, scalar, None, N, want)
+        zpart = loss.new_zeros(()) if zpart is None else zpart
+        acc = loss.new_zeros(()) if acc is None else acc
+        ctx.mark_non_differentiable(zpart, acc)
+        return loss, zpart, acc
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _gz, _gacc):
         (grad,) = ctx.saved_tensors
         g = grad_out if ctx.scalar else grad_out[:, None]
-        return grad * g.to(grad.dtype), None, None, None, None, None, None, None, None
-
-
+        return grad * g.to(grad.dtype), None, None, None, None, None, None

@@ -33,8 +33,10 @@ def _cast_leaves(leaves, dtype):
 
 MATMUL_OPS = {
     "lora_linear": (lambda x, W, A, B: lora_linear(x, W.detach(), A, B, scaling=2.0), [(6, 16), (8, 16), (4, 16), (8, 4)]),
-    "fused_linear_cross_entropy": (
-        lambda h, W: fused_linear_cross_entropy(h, W, torch.tensor([1, 3, -100, 7, 0, 2])), [(6, 16), (11, 16)]),
+    "fused_linear_cross_entropy": (  # the loss is fp32 under autocast (as F.cross_entropy's): ask for it outside
+        lambda h, W: fused_linear_cross_entropy(h, W, torch.tensor([1, 3, -100, 7, 0, 2]),
+                                                loss_dtype=None if torch.is_autocast_enabled("cpu") else torch.float32),
+        [(6, 16), (11, 16)]),
     "flash_attention": (lambda q, k, v: flash_attention(q, k, v, causal=True), [(1, 2, 8, 16)] * 3),
 }
 

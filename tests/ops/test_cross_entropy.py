@@ -40,10 +40,13 @@ def _flce_grads(fn, h, w, b, y, dtype, kw, out_grad):
 
 
 def _ours(h, w, b, y, kw, chunk=None):
+    kw = {("ce_weight" if k == "weight" else k): v for k, v in kw.items()}  # class weights: Liger's name
     return fused_linear_cross_entropy(h, w, y, bias=b, chunk_size=chunk, **kw)
 
 
 def _ref(h, w, b, y, kw):
+    if "weight" in kw:
+        kw = {**kw, "weight": kw["weight"].to(h.dtype)}
     return cross_entropy_reference(F.linear(h, w, b), y, **kw)
 
 
@@ -151,9 +154,59 @@ def test_gradient_accumulation_equals_full_batch():
 def test_reference_matches_torch():
     logits, y = torch.randn(20, 11, dtype=torch.float64), torch.randint(0, 11, (20,))
     y[::3] = -100
+    w = torch.rand(11, dtype=torch.float64) + 0.5
     for red in ("mean", "sum", "none"):
-        torch.testing.assert_close(cross_entropy_reference(logits, y, reduction=red, label_smoothing=0.15),
-                                   F.cross_entropy(logits, y, reduction=red, label_smoothing=0.15))
+        for kw in ({"label_smoothing": 0.15}, {"weight": w}, {"weight": w, "label_smoothing": 0.15}):
+            torch.testing.assert_close(cross_entropy_reference(logits, y, reduction=red, **kw),
+                                       F.cross_entropy(logits, y, reduction=red, **kw))
+
+
+WEIGHTED = [
+    {},
+    {"label_smoothing": 0.2},
+    {"label_smoothing": 0.2, "reduction": "sum"},
+    {"label_smoothing": 0.1, "reduction": "none", "z_loss": 1e-2},
+    {"z_loss": 1e-2, "softcap": 4.0},
+    {"label_smoothing": 0.1, "num_items_in_batch": 9},
+]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("kw", WEIGHTED, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_class_weights(device, backend, kw, use_backend):
+    """weight= as F.cross_entropy's (the fused loss: ce_weight=, Liger's name), with ignore_index, label
+    smoothing, z-loss and every reduction, on each backend, against the fp64 spec (which equals torch's)."""
+    use_backend(backend)
+    cw = torch.rand(101, device=device) * 2
+    cw[3] = 0.0  # a class that does not count
+    _check_flce(device, torch.float32, 37, 101, 24, {**kw, "weight": cw}, chunk=8)
+    logits = torch.randn(13, 101, device=device) * 3
+    y = torch.randint(0, 101, (13,), device=device)
+    y[::4] = -100
+    g = torch.rand(13, device=device) if kw.get("reduction") == "none" else torch.ones((), device=device)
+
+    def run(fn, dt):
+        x = logits.detach().to(dt).clone().requires_grad_()
+        loss = fn(x, y, weight=cw.to(dt), **kw)
+        loss.backward(g.to(loss.dtype) if loss.dim() else None)
+        return loss, x.grad
+
+    ours, ref, low = run(cross_entropy, torch.float32), run(cross_entropy_reference, torch.float64), \
+        run(cross_entropy_reference, torch.float32)
+    assert_by_rule("loss", ours[0], low[0], ref[0], torch.float32)
+    assert_by_rule("dlogits", ours[1], low[1], ref[1], torch.float32)
+
+
+def test_class_weights_gradcheck_fp64():
+    h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    cw = torch.rand(9, dtype=torch.float64) + 0.1
+    y = torch.tensor([1, -100, 8, 0, 3, 3])
+    kw = {"label_smoothing": 0.2, "z_loss": 0.1, "softcap": 2.0}
+    assert torch.autograd.gradcheck(lambda a, c: fused_linear_cross_entropy(a, c, y, ce_weight=cw, chunk_size=4, **kw),
+                                    (h, w))
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, y, weight=cw, **kw), (logits,))
 
 
 @pytest.mark.parametrize("kw", [{"softcap": 2.0, "z_loss": 0.1, "label_smoothing": 0.2}, {"reduction": "none"}])
@@ -291,3 +344,72 @@ def test_fused_loss_backward_reads_nothing_back_from_the_device(monkeypatch):
     (2 * torch.nn.functional.cross_entropy(ref_h @ ref_w.t(), y, reduction="sum") / 10).backward()
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_loss_dtype_is_torchs(dtype):
+    """The returned loss has the dtype F.cross_entropy (and F.linear + F.cross_entropy) returns: the input's,
+    and fp32 under autocast; loss_dtype overrides it. assert_close against torch does not fail on dtype."""
+    logits, y = torch.randn(8, 30).to(dtype), torch.randint(0, 30, (8,))
+    h, w = torch.randn(8, 16).to(dtype), torch.randn(30, 16).to(dtype)
+    for red in ("mean", "none"):
+        torch.testing.assert_close(cross_entropy(logits, y, reduction=red),
+                                   F.cross_entropy(logits, y, reduction=red), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, y, reduction=red),
+                                   F.cross_entropy(F.linear(h, w), y, reduction=red), atol=5e-2, rtol=2e-2)
+    assert cross_entropy(logits, y, loss_dtype=torch.float32).dtype == torch.float32
+    assert fused_linear_cross_entropy(h, w, y, loss_dtype=torch.float32).dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert F.cross_entropy(logits, y).dtype == cross_entropy(logits, y).dtype == torch.float32
+        assert F.cross_entropy(F.linear(h.float(), w.float()), y).dtype == torch.float32
+        assert fused_linear_cross_entropy(h.float(), w.float(), y).dtype == torch.float32
+
+
+def test_softcap_zero_or_none_is_off():
+    logits, y = torch.randn(8, 30), torch.randint(0, 30, (8,))
+    h, w = torch.randn(8, 16), torch.randn(30, 16)
+    off = cross_entropy(logits, y)
+    assert torch.equal(cross_entropy(logits, y, softcap=0.0), off)
+    assert torch.equal(cross_entropy(logits, y, softcap=None), off)
+    assert torch.equal(fused_linear_cross_entropy(h, w, y, softcap=0), fused_linear_cross_entropy(h, w, y))
+    with pytest.raises(ValueError, match="softcap must be > 0, or 0 / None for off, got -1"):
+        cross_entropy(logits, y, softcap=-1.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("kw", [{}, {"reduction": "sum"}, {"reduction": "none"}, {"num_items_in_batch": 11},
+                                {"weight": True, "label_smoothing": 0.1}, {"softcap": 3.0}],
+                         ids=["mean", "sum", "none", "num_items", "weighted", "softcap"])
+def test_z_loss_and_token_accuracy_returned(device, backend, kw, use_backend):
+    """return_z_loss: the z-loss part of the total (loss with z_loss minus loss without, and the spec's);
+    return_token_accuracy: argmax == label over non-ignored tokens of the materialised logits (chunk by chunk
+    in the fused loss). Both detached; the loss and its gradients are the same as without them."""
+    use_backend(backend)
+    N, V, C = 29, 57, 12
+    h, w = torch.randn(N, C, device=device), torch.randn(V, C, device=device)
+    y = torch.randint(0, V, (N,), device=device)
+    y[::5] = -100
+    logits = F.linear(h, w)
+    y[1] = int(logits[1].argmax())  # at least one hit
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(V, device=device) + 0.5
+    zl = 0.05
+    scalar = kw.get("reduction", "mean") != "none" or "num_items_in_batch" in kw
+    spec = cross_entropy_reference(logits.double(), y, z_loss=zl, return_z_loss=True, return_token_accuracy=True,
+                                   **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    hits = (logits.argmax(-1) == y) & (y != -100)
+    expect_acc = hits.sum() / (y != -100).sum() if scalar else hits.float()
+    for name, fn in (("cross_entropy", lambda **o: cross_entropy(logits, y, **kw, **o)),
+                     ("fused", lambda **o: _ours(h, w, None, y, {**kw, **o}, chunk=7))):
+        out = fn(z_loss=zl, return_z_loss=True, return_token_accuracy=True)
+        plain = fn(z_loss=zl)
+        without = fn(z_loss=0.0)
+        assert not out.z_loss.requires_grad and not out.token_accuracy.requires_grad
+        torch.testing.assert_close(out.loss, plain, msg=name)
+        torch.testing.assert_close(out.z_loss, out.loss - without, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(out.z_loss.double(), spec.z_loss, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(out.token_accuracy.float(), expect_acc.float(), msg=name)
+        torch.testing.assert_close(spec.token_accuracy.float(), expect_acc.float(), msg=name)
+        only_acc = fn(return_token_accuracy=True)
+        assert only_acc.z_loss is None and only_acc.token_accuracy is not None

@@ -3,6 +3,7 @@
 Forward, one program per row n of X (N, C):
     r_n = (sum_c X[n,c]^2 / C + eps)^-1/2            -> RSTD[n] (fp32, saved for backward)
     Y[n,c] = X[n,c] * r_n * (W[c] + offset)
+    (CAST_XHAT, Llama's casting: X[n,c] * r_n is rounded to X's dtype before the multiply; Y may be X itself)
 Backward, G = num_programs persistent programs, each over a contiguous span of rows:
     g = dY[n,:] * (W + offset)
     dX[n,:] = r_n * g - X[n,:] * r_n^3 * (sum_c g_c X[n,c]) / C
@@ -18,14 +19,18 @@ from ._launch import num_programs, row_block, row_specs
 
 
 @triton.jit
-def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, offset, BLOCK_C: tl.constexpr):
+def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, C, eps, offset, CAST_XHAT: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_C,)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    xhat = x * rstd
+    if CAST_XHAT:
+        xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (xhat * w).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -52,16 +57,17 @@ def rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, str
         tl.store(DW_PARTIAL + pid * C + cols, dw, mask=mask)
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
-    """x (N, C) with unit column stride -> (y (N, C), rstd (N,) fp32)."""
+def forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_xhat: bool = False, out=None):
+    """x (N, C) with unit column stride -> (y (N, C), rstd (N,) fp32); y is `out` when given (x itself for
+    in place: the row is read whole before it is written)."""
     N, C = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return y, rstd
     block, warps = row_block(C)
     rms_norm_fwd_kernel[(N,)](x, weight, y, rstd, x.stride(0), y.stride(0), C, eps, offset,
-                              BLOCK_C=block, num_warps=warps)
+                              CAST_XHAT=cast_xhat, BLOCK_C=block, num_warps=warps)
     return y, rstd
 
 
@@ -81,11 +87,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torc
     return dx, (partial.sum(0) if compute_dw else None)
 
 
+_FWD_SIGNATURE = {"X": None, "W": "*fp32", "Y": None, "RSTD": "*fp32", "stride_x": "i64", "stride_y": "i64",
+                  "C": "i32", "eps": "fp32", "offset": "fp32", "CAST_XHAT": "constexpr", "BLOCK_C": "constexpr"}
 AOT_SPECS = (
-    row_specs(rms_norm_fwd_kernel,
-              {"X": None, "W": "*fp32", "Y": None, "RSTD": "*fp32", "stride_x": "i64", "stride_y": "i64",
-               "C": "i32", "eps": "fp32", "offset": "fp32", "BLOCK_C": "constexpr"},
-              dtype_args=("X", "W", "Y"))
+    [spec for cast in (False, True) for spec in row_specs(rms_norm_fwd_kernel, _FWD_SIGNATURE, dtype_args=("X", "W", "Y"),
+                                                          extra_constexprs={"CAST_XHAT": cast})]
     + row_specs(rms_norm_bwd_kernel,
                 {"DY": None, "X": None, "W": "*fp32", "RSTD": "*fp32", "DX": None, "DW_PARTIAL": "*fp32",
                  "stride_dy": "i64", "stride_x": "i64", "stride_dx": "i64", "N": "i32", "C": "i32", "offset": "fp32",

@@ -27,8 +27,9 @@ template <typename T> static T* P(ptr p) { return reinterpret_cast<T*>(p); }
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastnlg C++ CPU kernels (raw pointers + sizes; inputs are checked in Python)";
     auto nogil = py::call_guard<py::gil_scoped_release>();
-    m.def("rms_norm_fwd", [](ptr x, ptr w, ptr y, ptr rstd, int64_t N, int64_t C, double eps, double offset, bool d) {
-        DISPATCH(d, fastnlg::rms_norm_fwd<T>(P<T>(x), P<T>(w), P<T>(y), P<T>(rstd), N, C, eps, offset));
+    m.def("rms_norm_fwd", [](ptr x, ptr w, ptr y, ptr rstd, int64_t N, int64_t C, double eps, double offset,
+                             int round_xhat, bool d) {
+        DISPATCH(d, fastnlg::rms_norm_fwd<T>(P<T>(x), P<T>(w), P<T>(y), P<T>(rstd), N, C, eps, offset, round_xhat));
     }, nogil);
     m.def("rms_norm_bwd", [](ptr dy, ptr x, ptr w, ptr rstd, ptr dx, ptr dw, int64_t N, int64_t C, double offset, bool d) {
         DISPATCH(d, fastnlg::rms_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(rstd), P<T>(dx), P<T>(dw), N, C, offset));

@@ -1,6 +1,7 @@
 // RMSNorm and LayerNorm, forward and backward, over rows of length C.
 //
-// RMSNorm:   r = (mean(x^2) + eps)^-1/2,  y = x * r * (w + offset)
+// RMSNorm:   r = (mean(x^2) + eps)^-1/2,  y = x * r * (w + offset), or with round_xhat (Llama's casting:
+//   x * r is cast to the input's bf16 / fp16 before the multiply) y = round(x * r) * (w + offset)
 //   g = dy * (w + offset),  dx = r * g - x * r^3 * mean(g * x),  dw = sum_rows dy * x * r
 // LayerNorm: mu = mean(x), r = (var(x) + eps)^-1/2, xh = (x - mu) * r, y = xh * w + b
 //   g = dy * w,  dx = r * (g - mean(g) - xh * mean(g * xh)),  dw = sum_rows dy * xh,  db = sum_rows dy
@@ -12,12 +13,35 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace fastnlg {
 
+// v rounded to bfloat16 (nearest, ties to even; NaN kept) and back.
+static inline float round_bf16(float v) {
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return v;
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+// v rounded to IEEE half (nearest, ties to even, as the hardware conversion) and back.
+static inline float round_fp16(float v) { return static_cast<float>(static_cast<_Float16>(v)); }
+
 template <typename T>
-void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset) {
+static inline T round_to(T v, int mode) {
+    if (mode == 1) return T(round_bf16(float(v)));
+    if (mode == 2) return T(round_fp16(float(v)));
+    return v;
+}
+
+template <typename T>
+void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset,
+                  int round_xhat) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; ++i) {
         const T* xi = x + i * C;
@@ -26,9 +50,13 @@ void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, d
         for (int64_t j = 0; j < C; ++j) ss += xi[j] * xi[j];
         const T r = T(1) / std::sqrt(ss / T(C) + T(eps));
         rstd[i] = r;
-        T* yi = y + i * C;
+        T* yi = y + i * C;  // may be xi itself (in place): each element is read before it is written
+        if (round_xhat) {
+            for (int64_t j = 0; j < C; ++j) yi[j] = round_to(xi[j] * r, round_xhat) * (w[j] + T(offset));
+        } else {
 #pragma omp simd
-        for (int64_t j = 0; j < C; ++j) yi[j] = xi[j] * r * (w[j] + T(offset));
+            for (int64_t j = 0; j < C; ++j) yi[j] = xi[j] * r * (w[j] + T(offset));
+        }
     }
 }
 
@@ -123,7 +151,7 @@ void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T*
 }
 
 #define FASTNLG_INSTANTIATE(T)                                                                               \
-    template void rms_norm_fwd<T>(const T*, const T*, T*, T*, int64_t, int64_t, double, double);             \
+    template void rms_norm_fwd<T>(const T*, const T*, T*, T*, int64_t, int64_t, double, double, int);        \
     template void rms_norm_bwd<T>(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t, double); \
     template void layer_norm_fwd<T>(const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, double);     \
     template void layer_norm_bwd<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t);

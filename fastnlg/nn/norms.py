@@ -8,29 +8,35 @@ from ..ops import layer_norm, rms_norm
 
 
 class FastRMSNorm(nn.Module):
-    """RMSNorm with `weight` (C,); offset=1.0 gives Gemma's (1 + weight) scaling."""
+    """RMSNorm with `weight` (C,); offset=1.0 gives Gemma's (1 + weight) scaling; casting_mode "gemma"
+    (fp32 throughout, one rounding) or "llama" (x_hat rounded to x's dtype before the multiply, as
+    LlamaRMSNorm): see fastnlg.ops.rms_norm."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, device=None, dtype=None,
+                 casting_mode: str = "gemma"):
         super().__init__()
         init = torch.zeros if offset else torch.ones
         self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
         self.variance_epsilon = eps
         self.offset = offset
+        self.casting_mode = casting_mode
 
     @classmethod
-    def from_module(cls, module: nn.Module, offset: float = 0.0) -> "FastRMSNorm":
+    def from_module(cls, module: nn.Module, offset: float = 0.0, casting_mode: str = "gemma") -> "FastRMSNorm":
         """Shares `module.weight` (no copy); reads eps from `variance_epsilon` or `eps`."""
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.weight, new.variance_epsilon, new.offset = module.weight, float(eps), offset
+        new.casting_mode = casting_mode
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.variance_epsilon, self.offset)
+        return rms_norm(x, self.weight, self.variance_epsilon, self.offset, casting_mode=self.casting_mode)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, " \
+               f"casting_mode={self.casting_mode!r}"
 
 
 class FastLayerNorm(nn.LayerNorm):

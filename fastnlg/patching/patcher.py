@@ -90,7 +90,8 @@ def _patch_modules(model, report, undo, *, norm, mlp):
     for path, module in list(model.named_modules()):
         name = type(module).__name__
         if norm and name in table.RMS_NORMS:
-            _swap(model, path, FastRMSNorm.from_module(module, offset=table.RMS_NORMS[name]), undo)
+            offset, casting = table.RMS_NORMS[name]
+            _swap(model, path, FastRMSNorm.from_module(module, offset=offset, casting_mode=casting), undo)
             report.patched.append(Entry(path, "norm", f"{name} -> FastRMSNorm"))
         elif norm and type(module) is nn.LayerNorm:
             if len(module.normalized_shape) == 1 and module.weight is not None:

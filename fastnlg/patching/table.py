@@ -3,10 +3,11 @@ mapped to what replaces them. A family is listed only when tests/models/test_pat
 unpatched model; anything else is reported as skipped, never patched by guessing.
 """
 
-# RMSNorm classes -> offset of the scale (0: w * x_hat, as Llama; 1: (1 + w) * x_hat, as Gemma).
+# RMSNorm classes -> (offset of the scale, casting mode): Llama's w * x_hat.to(x.dtype) (x_hat rounded before
+# the multiply), Gemma's ((1 + w) * x_hat).to(x.dtype) in fp32 (see fastnlg/ops/rms_norm.py).
 RMS_NORMS = {
-    "LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "Qwen3RMSNorm": 0.0,
-    "GemmaRMSNorm": 1.0, "Gemma2RMSNorm": 1.0,
+    "LlamaRMSNorm": (0.0, "llama"), "MistralRMSNorm": (0.0, "llama"), "Qwen2RMSNorm": (0.0, "llama"),
+    "Qwen3RMSNorm": (0.0, "llama"), "GemmaRMSNorm": (1.0, "gemma"), "Gemma2RMSNorm": (1.0, "gemma"),
 }
 
 # Gated MLPs computing down_proj(act(gate_proj(x)) * up_proj(x)) -> the config field naming act.

@@ -98,3 +98,89 @@ def test_forced_backend_that_cannot_run(monkeypatch):
     monkeypatch.setenv("FASTNLG_BACKEND", "triton")
     with pytest.raises(ValueError, match="float64"):
         rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
+
+
+def _family_norms(C, dtype, weight_dtype=None):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    llama, gemma = LlamaRMSNorm(C, eps=1e-6), GemmaRMSNorm(C, eps=1e-6)
+    with torch.no_grad():
+        llama.weight.copy_(torch.randn(C) * 0.5 + 1)
+        gemma.weight.copy_(torch.randn(C) * 0.5)
+    return llama.to(weight_dtype or dtype), gemma.to(weight_dtype or dtype)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_casting_modes_round_as_each_family(device, backend, dtype, use_backend):
+    """casting_mode="llama" gives LlamaRMSNorm's bits (x_hat rounded before the multiply), "gemma" (offset 1)
+    GemmaRMSNorm's; the other family's mode differs in about a quarter of the elements, so the test can fail."""
+    skip_interpreter_bf16(device, backend, dtype)
+    use_backend(backend)
+    x = (torch.randn(64, 512) * 3).to(dtype).to(device)
+    llama, gemma = (m.to(device) for m in _family_norms(512, dtype))
+    with torch.no_grad():
+        want_l, want_g = llama(x), gemma(x)
+        ours_l = rms_norm(x, llama.weight, 1e-6, casting_mode="llama")
+        ours_g = rms_norm(x, gemma.weight, 1e-6, offset=1.0, casting_mode="gemma")
+        wrong_l = rms_norm(x, llama.weight, 1e-6, casting_mode="gemma")
+    assert ours_l.dtype == want_l.dtype and ours_g.dtype == want_g.dtype
+    assert (ours_l == want_l).float().mean() >= 0.999
+    assert (ours_g == want_g).float().mean() >= 0.999  # the last ulp of rsqrt vs 1/sqrt, rarely
+    assert (wrong_l == want_l).float().mean() < 0.9
+    torch.testing.assert_close(ours_l, rms_norm_reference(x, llama.weight, 1e-6, casting_mode="llama"), atol=0, rtol=0.01)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_llama_mode_fp32_weight_promotes_as_eager(device, backend, use_backend):
+    """bf16 activations with fp32 norm weights (PEFT's prepare_model_for_kbit_training): Llama's eager norm
+    returns fp32 (weight * x_hat.to(bf16)), and so does casting_mode="llama"; gradients in each input's dtype."""
+    use_backend(backend)
+    dtype = torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
+    x = (torch.randn(6, 96) * 2).to(dtype).to(device)
+    llama, _ = _family_norms(96, dtype, weight_dtype=torch.float32)
+    llama = llama.to(device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = llama(xa)
+    ours = rms_norm(xb, llama.weight, 1e-6, casting_mode="llama")
+    assert ours.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(ours, want, atol=1e-6, rtol=1e-6)
+    dy = torch.randn_like(want)
+    gw_want = torch.autograd.grad(want, (xa, llama.weight), dy)
+    gw_ours = torch.autograd.grad(ours, (xb, llama.weight), dy)
+    for a, b in zip(gw_ours, gw_want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_no_weight_and_in_place(device, backend, dtype, use_backend):
+    """rms_norm(x, None) is F.rms_norm without weight (forward and dx); inplace=True under no_grad writes
+    the same values into x and returns x; with gradients required it refuses."""
+    use_backend(backend)
+    x = (torch.randn(5, 3, 70) * 2).to(device)
+    dy = torch.randn(x.shape, device=device, dtype=dtype)
+    out, g = grads_of(lambda a: rms_norm(a, None, 1e-6), [leaf(x, dtype)], dy)
+    ref, gr = grads_of(lambda a: torch.nn.functional.rms_norm(a, (70,), None, 1e-6), [leaf(x, torch.float64)],
+                       dy.double())
+    low, gl = grads_of(lambda a: torch.nn.functional.rms_norm(a, (70,), None, 1e-6), [leaf(x, dtype)], dy)
+    assert_by_rule("y", out, low, ref, dtype)
+    assert_by_rule("dx", g[0], gl[0], gr[0], dtype)
+    w = torch.randn(70, device=device, dtype=dtype)
+    for mode in ("gemma", "llama"):
+        xi = x.to(dtype).clone()
+        with torch.no_grad():
+            expect = rms_norm(xi, w, 1e-6, casting_mode=mode)
+            got = rms_norm(xi, w, 1e-6, casting_mode=mode, inplace=True)
+        assert got is xi and torch.equal(xi, expect), mode
+    with pytest.raises(ValueError, match="inplace=True is for inference"):
+        rms_norm(x.to(dtype).requires_grad_(), w, inplace=True)
+    with pytest.raises(ValueError, match="inplace=True needs a contiguous x"):
+        with torch.no_grad():
+            rms_norm(x.to(dtype).transpose(0, 1), w, inplace=True)
+    with pytest.raises(ValueError, match="offset=1.0 scales a weight"):
+        rms_norm(x, None, offset=1.0)
+    with pytest.raises(ValueError, match="casting_mode must be one of"):
+        rms_norm(x, None, casting_mode="none")

@@ -2,7 +2,12 @@
 
     q_embed = q * cos + rotate_half(q) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
 
-q (B, Hq, T, D), k (B, Hk, T, D) (GQA: Hk may differ), cos/sin (B, T, D) or (T, D), broadcast over heads.
+q (B, Hq, T, D), k (B, Hk, T, D) (GQA: Hk may differ), cos/sin (B, T, D) or (T, D), broadcast over heads;
+HF's arguments too: unsqueeze_dim=2 for q, k laid out (B, T, H, D); position_ids to index a (max_pos, D)
+cos/sin table (older Transformers' convention; ignored with per-batch cos/sin, as Transformers does now).
+Partial rotary (Phi-3, GPT-NeoX, StableLM): cos/sin of width R < D rotate the first R dims of each head and
+pass the rest through, as those models' apply_rotary_pos_emb. An odd R (rotate_half then splits at R // 2,
+as HF's does) runs in plain torch; even R runs the fused kernels.
 Backward: the transpose of the per-pair rotation (see kernels/rope.py); cos/sin are constants (HF builds
 them under no_grad), and a cos/sin that requires grad is refused rather than silently not differentiated.
 Backends: Triton (kernels/rope.py), C++ (csrc/cpu/rope.cpp), torch (below).
@@ -24,13 +29,20 @@ def _rotate_half(x):
 
 
 def apply_rope_reference(q, k, cos, sin):
-    """HF's apply_rotary_pos_emb (unsqueeze_dim=1), computed in fp32 (fp64 for fp64)."""
+    """HF's apply_rotary_pos_emb (unsqueeze_dim=1; partial rotary when cos is narrower than the head, as
+    Phi-3's), computed in fp32 (fp64 for fp64)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     c, s = cos.to(acc).unsqueeze(1), sin.to(acc).unsqueeze(1)
-    qf, kf = q.to(acc), k.to(acc)
-    return (qf * c + _rotate_half(qf) * s).to(q.dtype), (kf * c + _rotate_half(kf) * s).to(k.dtype)
+    R = cos.shape[-1]
+
+    def turn(x):
+        xf = x.to(acc)
+        rot, rest = xf[..., :R], xf[..., R:]
+        return torch.cat((rot * c + _rotate_half(rot) * s, rest), dim=-1).to(x.dtype)
+
+    return turn(q), turn(k)
 
 
 def _rope_torch(x, cos, sin, backward):
@@ -108,8 +120,10 @@ def _backward(ctx, dq, dk):
 _rope_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by cos/sin (B, T, D) or (T, D); returns (q, k)."""
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids=None,
+               unsqueeze_dim: int = 1):
+    """Rotate q (B, Hq, T, D) and k (B, Hk, T, D) by cos/sin (B, T, R) or (T, R), R <= D; returns (q, k).
+    See the module docstring for position_ids, unsqueeze_dim and partial rotary."""
     op = "apply_rope"
     for name, t in (("q", q), ("k", k)):
         check_tensor(op, name, t, ndim=4)
@@ -120,16 +134,33 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                              "(compute them under torch.no_grad(), as Hugging Face does)")
     check_same_dtype(op, q=q, k=k)
     check_same_device(op, q=q, k=k, cos=cos, sin=sin)
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"{op}: unsqueeze_dim must be 1 (q, k as (B, H, T, D)) or 2 ((B, T, H, D)), got {unsqueeze_dim}")
+    if unsqueeze_dim == 2:  # (B, T, H, D) -> (B, H, T, D) views; the kernels take any strides but D's
+        q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, position_ids)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
     B, _, T, D = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
         raise ValueError(f"{op}: k must be (B, Hk, T, D) matching q (B, Hq, T, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if D % 2:
-        raise ValueError(f"{op}: head dim D must be even, got q {tuple(q.shape)}")
     if cos.shape != sin.shape:
         raise ValueError(f"{op}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    if position_ids is not None and cos.dim() == 2:
+        if tuple(position_ids.shape) not in ((T,), (B, T), (1, T)):
+            raise ValueError(f"{op}: position_ids must be (T,) or (B, T) with B={B}, T={T}, got "
+                             f"{tuple(position_ids.shape)}")
+        cos, sin = cos[position_ids], sin[position_ids]
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    if cos.dim() != 3 or cos.shape[1:] != (T, D) or cos.shape[0] not in (1, B):
-        raise ValueError(f"{op}: cos/sin must be (B, T, D) or (T, D) with B={B}, T={T}, D={D}, got {tuple(cos.shape)}")
-    cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)
+    R = cos.shape[-1] if cos.dim() == 3 else -1
+    if cos.dim() != 3 or cos.shape[1] != T or not 0 < R <= D or cos.shape[0] not in (1, B):
+        raise ValueError(f"{op}: cos/sin must be (B, T, R) or (T, R) with B={B}, T={T}, R <= D={D}, got "
+                         f"{tuple(cos.shape)}")
+    cos, sin = cos.expand(B, T, R), sin.expand(B, T, R)
+    if R < D:  # partial rotary: the first R dims of each head turn, the rest pass through
+        q_rot, k_rot = apply_rope(q[..., :R], k[..., :R], cos, sin)
+        return torch.cat((q_rot, q[..., R:]), dim=-1), torch.cat((k_rot, k[..., R:]), dim=-1)
+    if D % 2:  # HF's rotate_half on an odd width: plain torch, differentiated by autograd
+        acc = native_dtype(q)
+        c, s = cos.to(acc).unsqueeze(1), sin.to(acc).unsqueeze(1)
+        return tuple((t.to(acc) * c + _rotate_half(t.to(acc)) * s).to(t.dtype) for t in (q, k))
     return torch.ops.fastnlg.rope_fwd(q, k, cos, sin)

@@ -155,14 +155,23 @@ def _patch_attention(hf, report, undo):
 def _rope_function(original):
     from ..ops import apply_rope
 
+    signature = inspect.signature(original)  # (q, k, cos, sin, [position_ids,] unsqueeze_dim=1) by version
+
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        """fastnlg.ops.apply_rope where the call is the standard one (unsqueeze_dim=1, full-width rotation,
-        constant cos/sin), else the original function."""
-        standard = (not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
-                    and q.dim() == 4 and k.dim() == 4 and q.dtype == k.dtype and cos.shape[-1] == q.shape[-1]
-                    and k.shape[-1] == q.shape[-1] and cos.dim() in (2, 3) and not cos.requires_grad
-                    and not sin.requires_grad)
-        return apply_rope(q, k, cos, sin) if standard else original(q, k, cos, sin, *args, **kwargs)
+        """fastnlg.ops.apply_rope (with the call's unsqueeze_dim 1 or 2, position_ids, partial rotary) where
+        the tensors are what it takes (4-D q, k of one dtype, constant cos/sin), else the original function."""
+        try:
+            bound = signature.bind(q, k, cos, sin, *args, **kwargs).arguments
+        except TypeError:
+            bound = None
+        extra = set(bound or ()) - {"q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"}
+        unsqueeze_dim = (bound or {}).get("unsqueeze_dim", 1)
+        standard = (bound is not None and not extra and unsqueeze_dim in (1, 2) and q.dim() == 4 and k.dim() == 4
+                    and q.dtype == k.dtype and cos.dim() in (2, 3) and cos.shape[-1] <= q.shape[-1]
+                    and k.shape[-1] == q.shape[-1] and not cos.requires_grad and not sin.requires_grad)
+        if standard:
+            return apply_rope(q, k, cos, sin, position_ids=bound.get("position_ids"), unsqueeze_dim=unsqueeze_dim)
+        return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.__fastnlg_original__ = original
     return apply_rotary_pos_emb

@@ -146,6 +146,39 @@ def test_patch_twice_and_unpatch_unpatched_are_errors():
     fastnlg.unpatch(model)
 
 
+def test_patched_rope_function_takes_the_hf_arguments(monkeypatch):
+    """The patched apply_rotary_pos_emb runs fastnlg's op for HF's calls (unsqueeze_dim positional or by name,
+    1 or 2, partial-width cos/sin) with the original's values, and hands anything else to the original."""
+    import fastnlg.ops.rope as rope_op
+
+    model = _model("llama")
+    module = sys.modules[type(model).__module__]
+    original = module.apply_rotary_pos_emb
+    fastnlg.patch(model)
+    calls, run = [], rope_op._run
+    monkeypatch.setattr(rope_op, "_run", lambda *a: calls.append(1) or run(*a))  # the fused op's body
+    try:
+        patched = module.apply_rotary_pos_emb
+        B, T, D = 2, 5, 16
+        q, k = torch.randn(B, 4, T, D), torch.randn(B, 2, T, D)
+        cos, sin = torch.randn(B, T, D), torch.randn(B, T, D)
+        for args, kwargs, (qq, kk) in [((), {}, (q, k)), ((2,), {}, (q.transpose(1, 2), k.transpose(1, 2))),
+                                       ((), {"unsqueeze_dim": 2}, (q.transpose(1, 2), k.transpose(1, 2))),
+                                       ((), {}, (q, k))]:
+            for got, want in zip(patched(qq, kk, cos, sin, *args, **kwargs), original(qq, kk, cos, sin, *args, **kwargs)):
+                torch.testing.assert_close(got, want)
+        half_cos, half_sin = cos[..., :8], sin[..., :8]  # partial rotary: cat(rotated 8, pass-through 8)
+        for got in patched(q, k, half_cos, half_sin):
+            assert got.shape == (B, got.shape[1], T, D)
+        assert len(calls) == 5
+        q3 = torch.randn(B, T, D)  # not what apply_rope takes: the original handles (and rejects) it
+        with pytest.raises(Exception):
+            patched(q3, q3, cos, sin, unsqueeze_dim=5)
+        assert len(calls) == 5
+    finally:
+        fastnlg.unpatch(model)
+
+
 def test_rope_function_shared_by_two_models_is_restored_after_both():
     module = sys.modules["transformers.models.llama.modeling_llama"]
     original = module.apply_rotary_pos_emb

@@ -71,10 +71,77 @@ def test_matches_transformers():
 
 @pytest.mark.parametrize("make,match", [
     (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 2, 6, 16), *hf_cos_sin(2, 5, 16)), r"k must be \(B, Hk, T, D\)"),
-    (lambda: (torch.randn(2, 4, 5, 15), torch.randn(2, 2, 5, 15), torch.randn(5, 15), torch.randn(5, 15)), "must be even"),
+    (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(5, 18), torch.randn(5, 18)), "R <= D=16"),
     (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(3, 5, 16), torch.randn(3, 5, 16)), "cos/sin must be"),
     (lambda: (torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(5, 16, requires_grad=True), torch.randn(5, 16)), "constants"),
 ])
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         apply_rope(*make())
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("R", [8, 6, 5], ids=["half", "even", "odd"])
+def test_partial_rotary(device, backend, R, use_backend):
+    """cos/sin narrower than the head (Phi-3's partial_rotary_factor): the first R dims turn, the rest pass
+    through; against the fp64 spec (values and gradients), and Phi-3's own apply_rotary_pos_emb."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    use_backend(backend)
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    cos, sin = hf_cos_sin(2, 5, R) if R % 2 == 0 else (torch.randn(2, 5, R), torch.randn(2, 5, R))
+    _check(device, torch.float32, q, k, cos, sin)
+    for got, want in zip(apply_rope(q.to(device), k.to(device), cos.to(device), sin.to(device)),
+                         apply_rotary_pos_emb(q, k, cos, sin)):
+        torch.testing.assert_close(got.cpu(), want)
+        assert torch.equal(got[..., R:].cpu(), q[..., R:] if got.shape == q.shape else k[..., R:])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_odd_head_dim(device, backend, use_backend):
+    """An odd head dim rotates as HF's rotate_half splits it (at D // 2), instead of being refused."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    use_backend(backend)
+    q, k = torch.randn(1, 3, 4, 15), torch.randn(1, 1, 4, 15)
+    cos, sin = torch.randn(1, 4, 15), torch.randn(1, 4, 15)
+    _check(device, torch.float32, q, k, cos, sin)
+    for got, want in zip(apply_rope(q.to(device), k.to(device), cos.to(device), sin.to(device)),
+                         apply_rotary_pos_emb(q, k, cos, sin)):
+        torch.testing.assert_close(got.cpu(), want)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_hf_arguments(device, backend, use_backend):
+    """unsqueeze_dim=2 takes q, k as (B, T, H, D) like HF's; position_ids index a (max_pos, D) table, and are
+    ignored (as HF ignores them) with per-batch cos/sin."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    use_backend(backend)
+    B, T, D = 2, 5, 16
+    q, k = torch.randn(B, T, 4, D, device=device), torch.randn(B, T, 2, D, device=device)
+    cos, sin = (t.to(device) for t in hf_cos_sin(B, T, D))
+    got = apply_rope(q, k, cos, sin, unsqueeze_dim=2)
+    for a, b in zip(got, apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    table_cos, table_sin = (t[0] for t in hf_cos_sin(1, 40, D))
+    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 0, 1]])
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    got = apply_rope(qh, kh, table_cos.to(device), table_sin.to(device), position_ids=pos.to(device))
+    want = apply_rotary_pos_emb(qh, kh, table_cos.to(device)[pos], table_sin.to(device)[pos])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    same = apply_rope(qh, kh, cos, sin, position_ids=pos.to(device))
+    for a, b in zip(same, apply_rope(qh, kh, cos, sin)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unsqueeze_dim must be 1"):
+        apply_rope(qh, kh, cos, sin, unsqueeze_dim=0)
+
+
+def test_partial_and_odd_gradcheck_fp64():
+    q = torch.randn(2, 2, 3, 9, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 3, 9, dtype=torch.float64, requires_grad=True)
+    for R in (4, 9):
+        cos, sin = torch.randn(2, 3, R, dtype=torch.float64), torch.randn(2, 3, R, dtype=torch.float64)
+        assert torch.autograd.gradcheck(lambda a, b: apply_rope(a, b, cos, sin), (q, k))

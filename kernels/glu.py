@@ -6,6 +6,7 @@
                  act'(g) = S + 2 g S (1 - S) k (1 + 3 * 0.044715 g^2)
     GeGLU erf:   act(g) = g * Phi(g);     act'(g) = Phi(g) + g * exp(-g^2 / 2) / sqrt(2 pi)
 Backward: dgate = dy * up * act'(g), dup = dy * act(g); act is recomputed, nothing extra is saved.
+ROUND_ACT (eager's rounding): act(g) is rounded to the input dtype before the multiply by up.
 Tiling: flat index over the n = gate.numel() values, BLOCK per program, fp32 math.
 """
 import torch
@@ -37,12 +38,14 @@ def _act_and_grad(g, KIND: tl.constexpr):
 
 
 @triton.jit
-def glu_fwd_kernel(GATE, UP, Y, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+def glu_fwd_kernel(GATE, UP, Y, n, KIND: tl.constexpr, ROUND_ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
     act, _ = _act_and_grad(g, KIND)
+    if ROUND_ACT:
+        act = act.to(GATE.dtype.element_ty).to(tl.float32)
     tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -58,12 +61,13 @@ def glu_bwd_kernel(DY, GATE, UP, DGATE, DUP, n, KIND: tl.constexpr, BLOCK: tl.co
     tl.store(DUP + offs, (dy * act).to(DUP.dtype.element_ty), mask=mask)
 
 
-def forward(gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
+def forward(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool = False) -> torch.Tensor:
     """gate, up contiguous, same shape and dtype."""
     y = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, KIND=kind, ROUND_ACT=round_act, BLOCK=BLOCK,
+                                                 num_warps=NUM_WARPS)
     return y
 
 
@@ -82,8 +86,10 @@ def _specs():
         t = "*" + TRITON_DTYPE[dtype]
         for kind in (SWIGLU, GEGLU_TANH, GEGLU_ERF):
             c = {"KIND": kind, "BLOCK": BLOCK}
-            specs.append({"kernel": glu_fwd_kernel, "num_warps": NUM_WARPS, "constexprs": c, "signature": {
-                "GATE": t, "UP": t, "Y": t, "n": "i64", "KIND": "constexpr", "BLOCK": "constexpr"}})
+            for round_act in (False, True):
+                specs.append({"kernel": glu_fwd_kernel, "num_warps": NUM_WARPS, "constexprs": {**c, "ROUND_ACT": round_act},
+                              "signature": {"GATE": t, "UP": t, "Y": t, "n": "i64", "KIND": "constexpr",
+                                            "ROUND_ACT": "constexpr", "BLOCK": "constexpr"}})
             specs.append({"kernel": glu_bwd_kernel, "num_warps": NUM_WARPS, "constexprs": c, "signature": {
                 "DY": t, "GATE": t, "UP": t, "DGATE": t, "DUP": t, "n": "i64", "KIND": "constexpr",
                 "BLOCK": "constexpr"}})

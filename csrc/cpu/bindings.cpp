@@ -40,8 +40,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("layer_norm_bwd", [](ptr dy, ptr x, ptr w, ptr mean, ptr rstd, ptr dx, ptr dw, ptr db, int64_t N, int64_t C, bool d) {
         DISPATCH(d, fastnlg::layer_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(mean), P<T>(rstd), P<T>(dx), P<T>(dw), P<T>(db), N, C));
     }, nogil);
-    m.def("glu_fwd", [](ptr gate, ptr up, ptr y, int64_t n, int kind, bool d) {
-        DISPATCH(d, fastnlg::glu_fwd<T>(P<T>(gate), P<T>(up), P<T>(y), n, kind));
+    m.def("glu_fwd", [](ptr gate, ptr up, ptr y, int64_t n, int kind, int round_act, bool d) {
+        DISPATCH(d, fastnlg::glu_fwd<T>(P<T>(gate), P<T>(up), P<T>(y), n, kind, round_act));
     }, nogil);
     m.def("glu_bwd", [](ptr dy, ptr gate, ptr up, ptr dgate, ptr dup, int64_t n, int kind, bool d) {
         DISPATCH(d, fastnlg::glu_bwd<T>(P<T>(dy), P<T>(gate), P<T>(up), P<T>(dgate), P<T>(dup), n, kind));

@@ -3,15 +3,32 @@
 // fp32 by the Python caller. Rows are independent and split over OpenMP threads.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 namespace fastnlg {
+
+// Rounding of an fp32 value to the caller's low-precision dtype and back, for the modes that round an
+// intermediate as the eager module does (round code 0: none, 1: bfloat16, 2: IEEE half).
+inline float round_bf16(float v) {  // nearest, ties to even; NaN kept
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return v;
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+}
+inline float round_fp16(float v) { return static_cast<float>(static_cast<_Float16>(v)); }
+template <typename T>
+inline T round_to(T v, int code) {
+    return code == 1 ? T(round_bf16(float(v))) : code == 2 ? T(round_fp16(float(v))) : v;
+}
 
 template <typename T> void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset,
                                        int round_xhat);
 template <typename T> void rms_norm_bwd(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* dw, int64_t N, int64_t C, double offset);
 template <typename T> void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t N, int64_t C, double eps);
 template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C);
-template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, int kind);
+template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, int kind, int round_act);
 template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n, int kind);
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,

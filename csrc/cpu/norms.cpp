@@ -13,31 +13,9 @@
 #include <omp.h>
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace fastnlg {
-
-// v rounded to bfloat16 (nearest, ties to even; NaN kept) and back.
-static inline float round_bf16(float v) {
-    std::uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return v;
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    std::memcpy(&v, &u, sizeof v);
-    return v;
-}
-
-// v rounded to IEEE half (nearest, ties to even, as the hardware conversion) and back.
-static inline float round_fp16(float v) { return static_cast<float>(static_cast<_Float16>(v)); }
-
-template <typename T>
-static inline T round_to(T v, int mode) {
-    if (mode == 1) return T(round_bf16(float(v)));
-    if (mode == 2) return T(round_fp16(float(v)));
-    return v;
-}
 
 template <typename T>
 void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset,

@@ -37,6 +37,9 @@ class FusedLMHead(nn.Linear):
             raise ValueError(f"FusedLMHead: softcap must be > 0 or None, got {softcap}")
         self.softcap, self.logit_scale = softcap, logit_scale
         self.ignore_index, self.chunk_size = ignore_index, chunk_size
+        # set to a (2,) tensor to count [argmax == label, counted tokens] in every loss call (the fused loss
+        # reads the argmax chunk by chunk; the counts stay on the device)
+        self.accuracy_counts: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> "FusedLMHead":
@@ -83,10 +86,17 @@ class FusedLMHead(nn.Linear):
         if self.logit_scale is not None:  # s (h W^T + b) = (s h) W^T + s b
             h = h * self.logit_scale
             bias = None if bias is None else bias * self.logit_scale
-        return fused_linear_cross_entropy(h, weight, shift_labels.reshape(-1).to(h.device), bias=bias,
-                                          ignore_index=self.ignore_index, softcap=self.softcap,
-                                          num_items_in_batch=_num_items(num_items_in_batch),
-                                          chunk_size=self.chunk_size, loss_dtype=torch.float32)  # HF: fp32 loss
+        y = shift_labels.reshape(-1).to(h.device)
+        counts = self.accuracy_counts
+        out = fused_linear_cross_entropy(h, weight, y, bias=bias, ignore_index=self.ignore_index, softcap=self.softcap,
+                                         num_items_in_batch=_num_items(num_items_in_batch), chunk_size=self.chunk_size,
+                                         loss_dtype=torch.float32,  # HF's loss is fp32
+                                         return_token_accuracy=counts is not None)
+        if counts is None:
+            return out
+        n = (y != self.ignore_index).sum()
+        counts += torch.stack([torch.round(out.token_accuracy.nan_to_num(0.0) * n), n]).to(counts)
+        return out.loss
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", softcap={self.softcap}, logit_scale={self.logit_scale}, fused_loss=True"

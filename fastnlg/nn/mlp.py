@@ -1,6 +1,8 @@
 """Gated MLP (Llama/Mistral/Qwen SwiGLU, Gemma GeGLU): down(act(gate(x)) * up(x)) with the fused activation."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -8,28 +10,32 @@ from ..ops import geglu, swiglu
 
 
 class FastGatedMLP(nn.Module):
+    """eager_rounding: the activation rounds as eager does (see fastnlg.ops.glu), else once, in fp32."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, eager_rounding: bool = False):
         super().__init__()
         kw = {"bias": bias, "device": device, "dtype": dtype}
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
         self.activation = activation
+        self.eager_rounding = eager_rounding
         _activation_fn(activation)  # validate now, not at the first forward
 
     @classmethod
-    def from_module(cls, module: nn.Module, activation: str) -> "FastGatedMLP":
+    def from_module(cls, module: nn.Module, activation: str, eager_rounding: bool = False) -> "FastGatedMLP":
         """Shares the projections of an HF MLP with gate_proj/up_proj/down_proj."""
         _activation_fn(activation)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.gate_proj, new.up_proj, new.down_proj = module.gate_proj, module.up_proj, module.down_proj
-        new.activation = activation
+        new.activation, new.eager_rounding = activation, eager_rounding
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(_activation_fn(self.activation)(self.gate_proj(x), self.up_proj(x)))
+        act = _activation_fn(self.activation)
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x), eager_rounding=self.eager_rounding))
 
 
 def _activation_fn(name: str):
@@ -37,7 +43,7 @@ def _activation_fn(name: str):
     if name in ("silu", "swish"):
         return swiglu
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return lambda g, u: geglu(g, u, approximate="tanh")
+        return functools.partial(geglu, approximate="tanh")
     if name == "gelu":
-        return lambda g, u: geglu(g, u, approximate="none")
+        return functools.partial(geglu, approximate="none")
     raise ValueError(f"FastGatedMLP: unsupported activation {name!r} (silu, gelu, gelu_pytorch_tanh)")

@@ -5,6 +5,15 @@ with act' written out in kernels/glu.py. Backends: Triton (kernels/glu.py), C++ 
 torch (below). On CPU the default is torch: its SLEEF-vectorised exp beat our C++ loop ~3x (256 x 11008
 fp32 swiglu fwd, 2 cores: 3.1 ms vs 9.6 ms), because glibc's vector exp needs -ffast-math, which we do not
 build with (it drops NaN/Inf semantics). FASTNLG_BACKEND=cpp still selects the C++ kernel.
+
+Rounding: by default act(gate) * up is computed in fp32 and rounded once (more accurate than eager). For
+bf16/fp16 inputs eager rounds act(gate) to the input dtype first (F.silu returns bf16), which differs from
+the single rounding by one ulp in a quarter of the elements; `eager_rounding=True` rounds as eager does, for
+parity with the unpatched module: bit for bit for SwiGLU on every backend and for bf16 GeGLU on the torch
+backend (which then calls F.gelu; torch's own fp16 CPU erf-GELU rounds differently again, ~95%); the Triton and
+C++ GeGLU keep their cancellation-free sigmoid form of the tanh
+approximation, whose last fp32 bits differ from torch's 0.5 g (1 + tanh z), so they agree with eager in
+~93-97% of bf16/fp16 elements instead of ~71%. The backward is the exact derivative in both modes.
 """
 from __future__ import annotations
 
@@ -19,12 +28,16 @@ BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": 0, "geglu_tanh": 1, "geglu_none": 2}  # same numbering as kernels/glu.py and csrc
 
 
-def swiglu_reference(gate, up):
+def swiglu_reference(gate, up, eager_rounding=False):
+    if eager_rounding:
+        return F.silu(gate) * up
     acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
 
-def geglu_reference(gate, up, approximate="tanh"):
+def geglu_reference(gate, up, approximate="tanh", eager_rounding=False):
+    if eager_rounding:
+        return F.gelu(gate, approximate=approximate) * up
     acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
     return (F.gelu(gate.to(acc), approximate=approximate) * up.to(acc)).to(gate.dtype)
 
@@ -41,20 +54,28 @@ def _act_and_grad_torch(g, kind):
     return g * cdf, cdf + g * 0.3989422804014327 * torch.exp(-0.5 * g * g)
 
 
-def _fwd(backend, gate, up, kind):
+_ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2}  # the C++ kernel's rounding of act(gate)
+_EAGER_ACT = {0: F.silu, 1: lambda g: F.gelu(g, approximate="tanh"), 2: F.gelu}
+
+
+def _fwd(backend, gate, up, kind, round_act):
     if backend == "triton":
         from fastnlg.kernels import glu as k
 
-        return k.forward(gate.contiguous(), up.contiguous(), kind)
+        return k.forward(gate.contiguous(), up.contiguous(), kind, round_act)
     acc = native_dtype(gate)
     if backend == "cpp":
         from fastnlg import _C
 
         g, u = to_native(gate, acc), to_native(up, acc)
         y = torch.empty_like(g)
-        _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, acc == torch.float64)
+        _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, _ROUND_CODE.get(gate.dtype, 0) if round_act else 0,
+                   acc == torch.float64)
         return y.to(gate.dtype)
-    act, _ = _act_and_grad_torch(gate.to(acc), kind)
+    if round_act:  # torch's own activation, rounded as eager rounds it
+        act = _EAGER_ACT[kind](gate.to(acc)).to(gate.dtype).to(acc)
+    else:
+        act, _ = _act_and_grad_torch(gate.to(acc), kind)
     return (act * up.to(acc)).to(gate.dtype)
 
 
@@ -77,12 +98,13 @@ def _bwd(backend, dy, gate, up, kind):
 
 
 @torch.library.custom_op("fastnlg::glu_fwd", mutates_args=())
-def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
-    return _fwd(_backend.choose("glu", gate, BACKENDS, cpu_default_cpp=False), gate, up, kind).view(gate.shape)
+def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool) -> torch.Tensor:
+    return _fwd(_backend.choose("glu", gate, BACKENDS, cpu_default_cpp=False), gate, up, kind,
+                round_act).view(gate.shape)
 
 
 @_glu_fwd.register_fake
-def _(gate, up, kind):
+def _(gate, up, kind, round_act):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
@@ -99,7 +121,7 @@ def _(dy, gate, up, kind):
 
 
 def _setup(ctx, inputs, output):
-    gate, up, kind = inputs
+    gate, up, kind, _round = inputs
     ctx.save_for_backward(gate, up)
     ctx.kind = kind
 
@@ -107,7 +129,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
     dg, du = torch.ops.fastnlg.glu_bwd(dy, gate, up, ctx.kind)
-    return dg, du, None
+    return dg, du, None, None
 
 
 _glu_fwd.register_autograd(_backward, setup_context=_setup)
@@ -121,15 +143,16 @@ def _check(op, gate, up):
     check_same_device(op, gate=gate, up=up)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (Llama, Mistral, Qwen MLPs)."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, eager_rounding: bool = False) -> torch.Tensor:
+    """silu(gate) * up (Llama, Mistral, Qwen MLPs); eager_rounding: see the module docstring."""
     _check("swiglu", gate, up)
-    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS["swiglu"])
+    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS["swiglu"], bool(eager_rounding))
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
+          eager_rounding: bool = False) -> torch.Tensor:
     """gelu(gate, approximate) * up (Gemma MLPs); approximate is "tanh" or "none" as in F.gelu."""
     _check("geglu", gate, up)
     if approximate not in ("tanh", "none"):
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
-    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS[f"geglu_{approximate}"])
+    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS[f"geglu_{approximate}"], bool(eager_rounding))

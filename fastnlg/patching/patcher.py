@@ -6,8 +6,10 @@
 
 Every change keeps the model's Parameters and state_dict keys as they were (replacement modules share the
 original Parameters), so optimizers, checkpoints and PEFT's save_pretrained see the same model:
-- norm: RMSNorm classes of the table -> FastRMSNorm, nn.LayerNorm -> FastLayerNorm (module swap);
-- mlp: gated MLPs of the table -> FastGatedMLP over the same gate/up/down projections (module swap);
+- norm: RMSNorm classes of the table -> FastRMSNorm rounding as the family does, nn.LayerNorm ->
+  FastLayerNorm (module swap);
+- mlp: gated MLPs of the table -> FastGatedMLP over the same gate/up/down projections (module swap); its
+  activation rounds once (more accurate than eager), or, with eager_rounding=True, as the eager module does;
 - cross_entropy: the causal LM's lm_head -> FusedLMHead and its forward -> causal_lm_forward (the loss
   without logits in training), on the instance;
 - attention: config attn implementation -> "fastnlg" (fastnlg.nn.hf_attention);
@@ -84,7 +86,7 @@ def _set_forward(module, fn, undo):
     undo.append(lambda: setattr(module, "forward", previous) if had else module.__dict__.pop("forward", None))
 
 
-def _patch_modules(model, report, undo, *, norm, mlp):
+def _patch_modules(model, report, undo, *, norm, mlp, eager_rounding=False):
     from ..nn import FastGatedMLP, FastLayerNorm, FastRMSNorm
 
     for path, module in list(model.named_modules()):
@@ -104,7 +106,7 @@ def _patch_modules(model, report, undo, *, norm, mlp):
         elif mlp and name in table.GATED_MLPS:
             act = getattr(getattr(module, "config", None), table.GATED_MLPS[name], None)
             try:
-                new = FastGatedMLP.from_module(module, act)
+                new = FastGatedMLP.from_module(module, act, eager_rounding=eager_rounding)
             except ValueError as exc:  # an activation the fused ops do not implement
                 report.skipped.append(Entry(path, "mlp", str(exc)))
                 continue
@@ -233,10 +235,12 @@ def _patch_lora(model, report, undo):
 
 
 def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = True, norm: bool = True,
-          rope: bool = True, mlp: bool = True, lora: bool = True, strict: bool = False) -> PatchReport:
+          rope: bool = True, mlp: bool = True, lora: bool = True, strict: bool = False,
+          eager_rounding: bool = False) -> PatchReport:
     """Swap fastnlg's fused kernels into `model` in place; returns what was patched and skipped (see the
     module docstring). Raises ValueError when the model is already patched, and with strict=True when
-    anything of a kind asked for was skipped (the model is then left unpatched)."""
+    anything of a kind asked for was skipped (the model is then left unpatched). eager_rounding=True makes
+    the gated-MLP activation round as the unpatched module (bit-for-bit SwiGLU outputs in bf16/fp16)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastnlg.patch: expected an nn.Module, got {type(model).__name__}")
     if model in _PATCHED:
@@ -247,7 +251,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
         if lora:
             _patch_lora(model, report, undo)
         if norm or mlp:
-            _patch_modules(model, report, undo, norm=norm, mlp=mlp)
+            _patch_modules(model, report, undo, norm=norm, mlp=mlp, eager_rounding=eager_rounding)
         if cross_entropy:
             _patch_lm_heads(model, report, undo)
             if not any(e.what == "cross_entropy" for e in report.patched + report.skipped):

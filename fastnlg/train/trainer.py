@@ -13,8 +13,9 @@ Exact accumulation: a step of `grad_accum` micro-batches counts the target token
 (n_step), and every micro-batch's loss is sum / n_step (`num_items_in_batch`, which the fused loss and HF's
 loss both honour), so the summed gradients are those of one batch holding all the micro-batches.
 
-Everything goes to output_dir: config.json, patch_report.txt, metrics.jsonl (one line per logged step and per
-evaluation), checkpoint-<step>/ (checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
+Everything goes to output_dir: config.json, patch_report.txt, metrics.jsonl (one line per logged step: loss,
+lr, grad_norm, token_accuracy of the training tokens since the last line (counted inside the fused loss, or
+from the logits of an unpatched model), tokens/s, peak memory; and one per evaluation), checkpoint-<step>/ (checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
 (model/ for full and BitFit, adapter/ in PEFT's format for the PEFT methods) with the tokenizer; base/ holds a
 built-in config's model as initialised.
 """
@@ -215,10 +216,34 @@ def make_optimizer(params, cfg: TrainConfig, device):
                              **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
-def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | None = None, scaler=None):
+def _logit_hits(logits, labels):
+    """[argmax == next label, counted tokens] of a causal LM's logits (B, T, V) against labels (B, T)."""
+    if labels is None or logits.shape[:2] != labels.shape:  # prompt tuning: virtual tokens in front
+        return torch.zeros(2, device=logits.device)
+    target = labels[:, 1:].to(logits.device)
+    valid = target != -100
+    hits = (logits[:, :-1].argmax(-1) == target) & valid
+    return torch.stack([hits.sum(), valid.sum()]).float()
+
+
+def _accuracy_counts(model, device):
+    """A (2,) device tensor the fused LM heads count token accuracy into (also filled from the logits of an
+    unpatched model by forward_backward)."""
+    from ..nn.lm_head import FusedLMHead
+
+    counts = torch.zeros(2, device=device)
+    for m in model.modules():
+        if isinstance(m, FusedLMHead):
+            m.accuracy_counts = counts
+    return counts
+
+
+def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | None = None, scaler=None,
+                     accuracy: torch.Tensor | None = None):
     """The gradients of one optimizer step: micro = [(batch, target tokens of its global micro-batch)].
     Every loss is over the target tokens of the whole step (exact accumulation); returns the step's loss
-    summed over processes (a device tensor: no host sync)."""
+    summed over processes (a device tensor: no host sync). `accuracy` (from _accuracy_counts) gets the
+    step's [correct, counted] training tokens."""
     dist = dist or Dist.single()
     n_step = max(sum(n for _, n in micro), 1)
     loss_sum = torch.zeros((), device=device)
@@ -228,6 +253,8 @@ def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | 
             with _autocast(cfg, device), _offload(cfg, device):
                 out = model(**b, num_items_in_batch=n_step, use_cache=False)  # packing needs no cache
             loss = out.loss
+            if accuracy is not None and out.logits is not None:  # unpatched: from the logits it returns
+                accuracy += _logit_hits(out.logits, b.get("labels"))
             # DDP / FSDP average gradients over processes; each loss is already over the global tokens
             (scaler.scale(loss * dist.world) if scaler else loss * dist.world).backward()
         loss_sum += loss.detach()
@@ -293,6 +320,7 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
                 f.write(str(report) + "\n")
         log(str(report))
     core = model  # the unwrapped model: saving, unpatching, AdaLoRA's rank allocation
+    accuracy = _accuracy_counts(core, device)  # training token accuracy since the last log line
     model = dist.wrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
@@ -327,7 +355,7 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
                 f.write(json.dumps(record) + "\n")
             if board is not None:
                 for k, v in record.items():
-                    if k != "step":
+                    if k != "step" and v is not None:
                         board.add_scalar(k if k.startswith("eval_") else f"train/{k}", v, record["step"])
 
     def save_checkpoint():
@@ -346,7 +374,7 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
         logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
         _sync_debug(cfg, device, on=step > 0 and not logging)  # the first step tunes kernels
         micro = [batches.next() for _ in range(cfg.grad_accum)]
-        loss_sum = forward_backward(model, micro, cfg, device, dist, scaler)
+        loss_sum = forward_backward(model, micro, cfg, device, dist, scaler, accuracy)
         tokens_seen += sum(int(b["input_ids"].numel()) for b, _ in micro) * dist.world
         if scaler:
             scaler.unscale_(optimizer)
@@ -387,8 +415,11 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
                                      "lower learning_rate or use fp32 (last good checkpoint kept)")
         if logging:
             elapsed = time.perf_counter() - t0
+            correct, counted = dist.all_sum(accuracy.clone()).tolist()
+            accuracy.zero_()
             last = {"step": step, "loss": loss_sum.item(), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    "grad_norm": float(grad_norm), "token_accuracy": correct / counted if counted else None,
+                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                     "peak_memory_mb": _peak_mb(device), "skipped_steps": state["skipped_steps"]}
             write(last)
             progress.update(step, last)

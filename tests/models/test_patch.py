@@ -485,3 +485,22 @@ def test_gpt2_lora_over_conv1d_is_fused_and_matches():
             torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6, msg=k)
     finally:
         fastnlg.unpatch(ours)
+
+
+@pytest.mark.parametrize("eager_rounding", [False, True])
+def test_mlp_rounding_in_bf16(eager_rounding):
+    """patch(eager_rounding=True): a bf16 Llama MLP gives the unpatched module's bits; the default rounds
+    once (more accurate) and so differs in some elements. The patched RMSNorm rounds as LlamaRMSNorm always."""
+    model = _model("llama").to(torch.bfloat16)
+    mlp, norm = model.model.layers[0].mlp, model.model.layers[0].input_layernorm
+    x = torch.randn(4, 9, model.config.hidden_size, dtype=torch.bfloat16) * 2
+    with torch.no_grad():
+        want_mlp, want_norm = mlp(x), norm(x)
+        fastnlg.patch(model, eager_rounding=eager_rounding)
+        try:
+            got_mlp, got_norm = model.model.layers[0].mlp(x), model.model.layers[0].input_layernorm(x)
+            assert type(model.model.layers[0].mlp).__name__ == "FastGatedMLP"
+        finally:
+            fastnlg.unpatch(model)
+    assert torch.equal(got_norm, want_norm)
+    assert torch.equal(got_mlp, want_mlp) == eager_rounding

@@ -191,3 +191,31 @@ def test_fifty_step_lora_run_learns(tiny, tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 50 and evals[1] < evals[0] and sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_training_token_accuracy_patched_and_unpatched(tiny, tmp_path):
+    """Each log line has the training tokens' accuracy (argmax == next label, over the loss's tokens): read
+    chunk by chunk inside the fused loss when patched, from the returned logits when not; the two agree, and
+    the counts equal an argmax over materialised logits of the same model (checked on FusedLMHead directly)."""
+    ours = _cfg(tiny, tmp_path / "p", method="lora", lora_dropout=0.0, grad_accum=2)
+    ref = _cfg(tiny, tmp_path / "u", method="lora", lora_dropout=0.0, grad_accum=2, patch=False)
+    train(ours, log=lambda *_: None)
+    train(ref, log=lambda *_: None)
+    a = [r["token_accuracy"] for r in _rows(ours.output_dir) if "loss" in r]
+    b = [r["token_accuracy"] for r in _rows(ref.output_dir) if "loss" in r]
+    assert len(a) == len(b) == 4 and all(0.0 <= x <= 1.0 for x in a)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=0.02, rtol=0)
+
+    from fastnlg.nn import FusedLMHead
+
+    torch.manual_seed(0)
+    head = FusedLMHead(16, 40, chunk_size=5)
+    head.accuracy_counts = torch.zeros(2)
+    hidden, labels = torch.randn(3, 7, 16), torch.randint(0, 40, (3, 7))
+    labels[0, :3] = -100
+    logits = head(hidden)
+    labels[1, 3] = int(logits[1, 2].argmax())  # a sure hit
+    head.loss(hidden, labels)
+    target = labels[:, 1:]
+    hits = ((logits[:, :-1].argmax(-1) == target) & (target != -100)).sum()
+    assert head.accuracy_counts.tolist() == [float(hits), float((target != -100).sum())]

@@ -20,7 +20,11 @@ if __name__ == "kernels":
     _rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _rest)
     if _spec is None:
-        sys.modules["kernels"] = types.ModuleType("kernels", "Hugging Face's kernels package is not installed")
+        _stub = types.ModuleType("kernels", "Hugging Face's kernels package is not installed")
+        # a spec, so that a later importlib.util.find_spec("kernels") (Transformers asks again whenever its
+        # cached check is called with other arguments) returns it instead of raising "__spec__ is None"
+        _stub.__spec__ = importlib.machinery.ModuleSpec("kernels", None)
+        sys.modules["kernels"] = _stub
     else:
         _module = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _module

@@ -4,13 +4,17 @@ Rule (DESIGN.md §2):
 - CUDA tensors  -> Triton (``cuda`` where an op has a CUDA kernel and it is faster);
 - CPU tensors   -> Triton when ``TRITON_INTERPRET=1`` (how CI runs the kernels), else the C++
                    extension where the op has one, else the plain-torch reference;
-- ``FASTNLG_BACKEND=torch|triton|cpp|cuda`` overrides, and a backend that cannot run on the given
-  tensors is a clear error, never a silent fallback.
+- ``FASTNLG_BACKEND_<OP>=torch|triton|cpp|cuda`` (e.g. ``FASTNLG_BACKEND_RMS_NORM=cpp``) overrides one op:
+  a backend the op does not have, or one that cannot run on the given tensors, is a clear error;
+- ``FASTNLG_BACKEND=...`` overrides every op that has that backend, so it can be set for a whole model:
+  an op without it keeps its default and says so once (a warning naming the op); one that has it but
+  cannot run it on the given tensors is an error, never a silent fallback.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -48,13 +52,25 @@ def has_cuda_ext() -> bool:
     return True
 
 
-def requested_backend() -> str | None:
-    value = os.environ.get("FASTNLG_BACKEND", "").strip().lower()
-    if not value:
-        return None
-    if value not in BACKENDS:
-        raise ValueError(f"FASTNLG_BACKEND={value!r} is not one of {', '.join(BACKENDS)}")
-    return value
+def requested_backend(op: str | None = None) -> tuple[str | None, str]:
+    """(backend asked for `op`, the variable that asked): FASTNLG_BACKEND_<OP> first, then FASTNLG_BACKEND."""
+    for var in ((f"FASTNLG_BACKEND_{op.upper()}",) if op else ()) + ("FASTNLG_BACKEND",):
+        value = os.environ.get(var, "").strip().lower()
+        if value:
+            if value not in BACKENDS:
+                raise ValueError(f"{var}={value!r} is not one of {', '.join(BACKENDS)}")
+            return value, var
+    return None, "FASTNLG_BACKEND"
+
+
+_WARNED: set = set()
+
+
+def _warn_once(op: str, value: str, available: tuple[str, ...]) -> None:
+    if (op, value) not in _WARNED:
+        _WARNED.add((op, value))
+        warnings.warn(f"FASTNLG_BACKEND={value!r} does not apply to {op} (it has: {', '.join(available)}); "
+                      f"{op} keeps its default backend", stacklevel=3)
 
 
 def _unusable_reason(backend: str, tensor: torch.Tensor) -> str | None:
@@ -87,16 +103,17 @@ def choose(op: str, tensor: torch.Tensor, available: tuple[str, ...], cpu_defaul
     `cpu_default_cpp=False` keeps an op's C++ kernel opt-in (FASTNLG_BACKEND=cpp) where it measured
     slower than the torch reference on CPU."""
     device = tensor.device
-    requested = requested_backend()
+    requested, var = requested_backend(op)
+    if requested is not None and requested not in available:
+        if var != "FASTNLG_BACKEND":
+            raise ValueError(f"{op}: {var}={requested!r} is not implemented for this op (it has: "
+                             f"{', '.join(available)})")
+        _warn_once(op, requested, available)
+        requested = None
     if requested is not None:
-        if requested not in available:
-            raise ValueError(
-                f"{op}: FASTNLG_BACKEND={requested!r} is not implemented for this op "
-                f"(it has: {', '.join(available)})"
-            )
         reason = _unusable_reason(requested, tensor)
         if reason:
-            raise ValueError(f"{op}: FASTNLG_BACKEND={requested!r} cannot run here: {reason}")
+            raise ValueError(f"{op}: {var}={requested!r} cannot run here: {reason}")
         return requested
     if device.type == "cuda":
         order = ("cuda", "triton", "torch")

@@ -33,9 +33,9 @@ class FusedLMHead(nn.Linear):
         self._configure(softcap, logit_scale, ignore_index, chunk_size)
 
     def _configure(self, softcap, logit_scale, ignore_index, chunk_size):
-        if softcap is not None and not softcap > 0:
-            raise ValueError(f"FusedLMHead: softcap must be > 0 or None, got {softcap}")
-        self.softcap, self.logit_scale = softcap, logit_scale
+        if softcap is not None and not softcap >= 0:
+            raise ValueError(f"FusedLMHead: softcap must be > 0, or 0 / None for off, got {softcap}")
+        self.softcap, self.logit_scale = softcap or None, logit_scale
         self.ignore_index, self.chunk_size = ignore_index, chunk_size
         # set to a (2,) tensor to count [argmax == label, counted tokens] in every loss call (the fused loss
         # reads the argmax chunk by chunk; the counts stay on the device)

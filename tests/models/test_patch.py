@@ -504,3 +504,25 @@ def test_mlp_rounding_in_bf16(eager_rounding):
             fastnlg.unpatch(model)
     assert torch.equal(got_norm, want_norm)
     assert torch.equal(got_mlp, want_mlp) == eager_rounding
+
+
+def test_whole_model_under_a_global_backend_override(monkeypatch):
+    """FASTNLG_BACKEND=cpp on a patched model: the ops with a C++ kernel run it, attention keeps its default
+    (said once in a warning) instead of raising, and the step matches the unpatched model."""
+    from fastnlg import backend
+
+    monkeypatch.setattr(backend, "_WARNED", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ref = _model("llama")
+    ours = _model("llama")
+    ref_out, ref_grads = _train_step(ref)
+    fastnlg.patch(ours)
+    monkeypatch.setenv("FASTNLG_BACKEND", "cpp")
+    try:
+        with pytest.warns(UserWarning, match="does not apply to flash_attention"):
+            out, grads = _train_step(ours)
+    finally:
+        fastnlg.unpatch(ours)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-4, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-5, msg=name)

@@ -36,6 +36,32 @@ def test_bad_backend_names(monkeypatch):
         backend.choose("op", torch.randn(1), ("torch", "triton"))
 
 
+def test_global_override_applies_where_an_op_has_the_backend(monkeypatch):
+    """FASTNLG_BACKEND=cpp can be set for a whole model: ops with a C++ kernel use it, an op without one
+    keeps its default and says so once; FASTNLG_BACKEND_<OP> overrides one op and insists."""
+    import warnings
+
+    monkeypatch.setattr(backend, "_WARNED", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTNLG_BACKEND", "cpp")
+    x = torch.randn(2, 2)
+    assert backend.choose("rms_norm", x, ("torch", "triton", "cpp")) == "cpp"
+    with pytest.warns(UserWarning, match=r"FASTNLG_BACKEND='cpp' does not apply to flash_attention \(it has: torch, "
+                                         r"triton\); flash_attention keeps its default backend"):
+        assert backend.choose("flash_attention", x, ("torch", "triton")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert backend.choose("flash_attention", x, ("torch", "triton")) == "torch"
+    monkeypatch.setenv("FASTNLG_BACKEND_RMS_NORM", "torch")  # the per-op variable wins
+    assert backend.choose("rms_norm", x, ("torch", "triton", "cpp")) == "torch"
+    monkeypatch.setenv("FASTNLG_BACKEND_FLASH_ATTENTION", "cpp")
+    with pytest.raises(ValueError, match="FASTNLG_BACKEND_FLASH_ATTENTION='cpp' is not implemented for this op"):
+        backend.choose("flash_attention", x, ("torch", "triton"))
+    monkeypatch.setenv("FASTNLG_BACKEND", "cpp")
+    with pytest.raises(ValueError, match="FASTNLG_BACKEND='cpp' cannot run here"):  # has it, cannot run it
+        backend.choose("rms_norm_other", torch.randn(2, 2, device="meta"), ("torch", "cpp"))
+
+
 def test_nvcc_compiles_cuda_sources():
     """csrc/cuda/*.cu compile for sm_80/86/89/90 when nvcc is present (scripts/check_nvcc.sh)."""
     import shutil
@@ -68,3 +94,32 @@ def test_cuda_extension_builds_and_links(tmp_path):
                            str(tmp_path / "lib")], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list((tmp_path / "lib" / "fastnlg").glob("_C_cuda*.so"))
+
+
+def test_readme_backend_table_matches_the_ops():
+    """The README's table of backends per op is what the ops declare."""
+    import os
+    import re
+
+    import importlib
+
+    from fastnlg.quant import _backends as nf4
+
+    def of(module):  # fastnlg.ops exports functions named as their modules
+        return importlib.import_module(f"fastnlg.ops.{module}").BACKENDS
+
+    declared = {"RMS_NORM": of("rms_norm"), "LAYER_NORM": of("layer_norm"), "APPLY_ROPE": of("rope"),
+                "CROSS_ENTROPY": of("cross_entropy"), "GLU": of("glu"), "FLASH_ATTENTION": of("attention"),
+                "LORA_LINEAR": of("lora_linear"), "QUANTIZE_NF4": nf4.BACKENDS, "DEQUANTIZE_NF4": nf4.DEQUANT_BACKENDS,
+                "NF4_GEMV": ("torch", "cuda")}
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    listed = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`") and "(" not in cells[0].split("`")[1]:
+            have = tuple(b for b, c in zip(("torch", "triton", "cpp", "cuda"), cells[1:]) if c.startswith("yes"))
+            for name in re.findall(r"`([A-Z0-9_]+)`", cells[0]):
+                listed[name] = have
+    assert listed.keys() == declared.keys()
+    for name, have in declared.items():
+        assert set(listed[name]) == set(have), name

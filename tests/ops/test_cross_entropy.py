@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fastnlg.ops import cross_entropy, fused_linear_cross_entropy
 from fastnlg.ops.cross_entropy import cross_entropy_reference
-from tests.conftest import backend_params
+from tests.conftest import backend_params, skip_interpreter_bf16
 from tests.tolerance import assert_by_rule
 
 BACKENDS = backend_params()
@@ -346,12 +346,15 @@ def test_fused_loss_backward_reads_nothing_back_from_the_device(monkeypatch):
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_loss_dtype_is_torchs(dtype):
+def test_loss_dtype_is_torchs(device, backend, dtype, use_backend):
     """The returned loss has the dtype F.cross_entropy (and F.linear + F.cross_entropy) returns: the input's,
     and fp32 under autocast; loss_dtype overrides it. assert_close against torch does not fail on dtype."""
-    logits, y = torch.randn(8, 30).to(dtype), torch.randint(0, 30, (8,))
-    h, w = torch.randn(8, 16).to(dtype), torch.randn(30, 16).to(dtype)
+    skip_interpreter_bf16(device, backend, dtype)
+    use_backend(backend)
+    logits, y = torch.randn(8, 30, device=device).to(dtype), torch.randint(0, 30, (8,), device=device)
+    h, w = torch.randn(8, 16, device=device).to(dtype), torch.randn(30, 16, device=device).to(dtype)
     for red in ("mean", "none"):
         torch.testing.assert_close(cross_entropy(logits, y, reduction=red),
                                    F.cross_entropy(logits, y, reduction=red), atol=2e-2, rtol=2e-2)
@@ -359,7 +362,7 @@ def test_loss_dtype_is_torchs(dtype):
                                    F.cross_entropy(F.linear(h, w), y, reduction=red), atol=5e-2, rtol=2e-2)
     assert cross_entropy(logits, y, loss_dtype=torch.float32).dtype == torch.float32
     assert fused_linear_cross_entropy(h, w, y, loss_dtype=torch.float32).dtype == torch.float32
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast(device, torch.bfloat16):
         assert F.cross_entropy(logits, y).dtype == cross_entropy(logits, y).dtype == torch.float32
         assert F.cross_entropy(F.linear(h.float(), w.float()), y).dtype == torch.float32
         assert fused_linear_cross_entropy(h.float(), w.float(), y).dtype == torch.float32

@@ -26,6 +26,7 @@ import torch
 from .. import backend as _backend
 from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._native import native_dtype
 
 BACKENDS = ("torch", "triton")
 MAX_HEAD_DIM = 256
@@ -82,7 +83,7 @@ def masked_attention_reference(q, k, v, allowed, *, softmax_scale=None, softcap=
     """Attention under any bool mask `allowed` (broadcastable to (B, Hq, T, S), True = attend): the spec's
     arithmetic for a given mask. A row with no allowed key outputs 0."""
     Hq, D = q.shape[1], q.shape[3]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = native_dtype(q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     rep = Hq // k.shape[1]
     kk = k.to(acc).repeat_interleave(rep, dim=1)

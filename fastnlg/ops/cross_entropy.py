@@ -37,7 +37,7 @@ import torch
 from .. import backend as _backend
 from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
-from ._dispatch import native_dtype, ptr, to_native
+from ._native import native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 REDUCTIONS = ("mean", "sum", "none")
@@ -56,7 +56,7 @@ def cross_entropy_reference(logits, labels, *, weight=None, ignore_index=-100, r
                             label_smoothing=0.0, softcap=None, z_loss=0.0, num_items_in_batch=None,
                             return_z_loss=False, return_token_accuracy=False):
     """The spec, in plain torch (fp32, or fp64 for fp64 logits); returns the loss in the accumulation dtype."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = native_dtype(logits)
     V = logits.shape[-1]
     z = logits.to(acc)
     if softcap:
@@ -104,9 +104,6 @@ def _denominators(reduction, num_items, n_valid, w_valid):
     return (w_valid if w_valid != 0 else float("nan")), float(n_valid)
 
 
-_acc = native_dtype  # accumulation dtype: fp64 for fp64 inputs, else fp32
-
-
 class _Opts(NamedTuple):
     """What every chunk kernel takes besides the rows: z_loss here is the per-row z weight the kernel uses
     (the user's, rescaled so that the z part is averaged over tokens while a weighted mean divides the rest
@@ -121,7 +118,7 @@ class _Opts(NamedTuple):
 
 def _ce_chunk_torch(logits, labels, scale, o: _Opts):
     """Torch twin of kernels/cross_entropy.forward: (loss, lse) per row; grad into logits if scale given."""
-    x = logits.to(_acc(logits))
+    x = logits.to(native_dtype(logits))
     eps, V, w = o.eps, logits.shape[-1], o.class_weight
     t = torch.tanh(x / o.softcap) if o.softcap is not None else None
     z = o.softcap * t if t is not None else x
@@ -149,7 +146,7 @@ def _ce_chunk_cpp(logits, labels, scale, o: _Opts):
     """C++ twin: works in fp32/fp64 (fp16/bf16 chunks are upcast, and the gradient copied back)."""
     from fastnlg import _C
 
-    acc = _acc(logits)
+    acc = native_dtype(logits)
     work = logits if logits.dtype == acc and logits.stride(-1) == 1 else to_native(logits, acc)
     n, V = work.shape
     loss = torch.empty(n, dtype=acc)
@@ -226,7 +223,7 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
     """One pass over token chunks. scale (n,) fp32 or None (no gradients); `hits` (n,) bool, when given,
     gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
     n, V = h.shape[0], weight.shape[0]
-    acc = _acc(h)
+    acc = native_dtype(h)
     loss = torch.empty(n, dtype=acc, device=h.device)
     lse = torch.empty(n, dtype=acc, device=h.device)
     grads = scale is not None
@@ -299,7 +296,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want):
         N, V = hidden.shape[0], weight.shape[0]
         idx, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
-                                                 num_items, opts.class_weight, _acc(hidden))
+                                                 num_items, opts.class_weight, native_dtype(hidden))
         h = hidden if idx is None else hidden.index_select(0, idx)
         y = labels if idx is None else labels.index_select(0, idx)
         h = h if h.stride(-1) == 1 else h.contiguous()
@@ -309,7 +306,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scalar = reduction != "none" or num_items is not None
         ctx.precomputed = any(need) and scalar  # needs_input_grad is False for all under no_grad
         if ctx.precomputed:
-            scale = torch.full((h.shape[0],), 1.0 / ce_den, dtype=_acc(h), device=h.device)
+            scale = torch.full((h.shape[0],), 1.0 / ce_den, dtype=native_dtype(h), device=h.device)
             loss_rows, lse, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, o, chunk, *need, hits=hits)
             ctx.save_for_backward(idx, dh, dw, db)
         else:
@@ -334,7 +331,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden if idx is None else hidden.index_select(0, idx)
             y = labels if idx is None else labels.index_select(0, idx)
             g_rows = grad_out.expand(ctx.N) if grad_out.dim() == 0 else grad_out
-            scale = (g_rows if idx is None else g_rows.index_select(0, idx)).to(_acc(h)).contiguous()
+            scale = (g_rows if idx is None else g_rows.index_select(0, idx)).to(native_dtype(h)).contiguous()
             _, _, dh, dw, db = _linear_ce_pass(h if h.stride(-1) == 1 else h.contiguous(), weight, bias, y, scale,
                                                ctx.opts, ctx.chunk, *ctx.need)
             g = None
@@ -438,7 +435,7 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, reduction, opts, num_items, inplace, want):
         N, V = logits.shape
         _, n_valid, ce_den, z_den, o = _prepare("cross_entropy", labels, V, opts, reduction, num_items,
-                                                opts.class_weight, _acc(logits))
+                                                opts.class_weight, native_dtype(logits))
         scalar = reduction != "none" or num_items is not None
         grad = ctx.needs_input_grad[0]
         inplace = grad and inplace and logits.is_contiguous()
@@ -446,7 +443,7 @@ class _CrossEntropy(torch.autograd.Function):
         hits = (logits.argmax(-1) == labels) & valid if want.want_acc else None  # before any in-place gradient
         work = logits if inplace else logits.contiguous().clone() if grad else logits.contiguous()
         if grad:
-            scale = torch.full((N,), 1.0 / (ce_den if scalar else 1.0), dtype=_acc(logits), device=logits.device)
+            scale = torch.full((N,), 1.0 / (ce_den if scalar else 1.0), dtype=native_dtype(logits), device=logits.device)
             loss_rows, lse = _ce_chunk(work, labels, scale, o)
             if inplace:  # the kernels wrote through the pointer: tell autograd the logits changed
                 torch.autograd.graph.increment_version(logits)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from ._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
-from ._dispatch import native_dtype, ptr, to_native
+from ._native import native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": 0, "geglu_tanh": 1, "geglu_none": 2}  # same numbering as kernels/glu.py and csrc
@@ -31,14 +31,14 @@ KINDS = {"swiglu": 0, "geglu_tanh": 1, "geglu_none": 2}  # same numbering as ker
 def swiglu_reference(gate, up, eager_rounding=False):
     if eager_rounding:
         return F.silu(gate) * up
-    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    acc = native_dtype(gate)
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
 
 def geglu_reference(gate, up, approximate="tanh", eager_rounding=False):
     if eager_rounding:
         return F.gelu(gate, approximate=approximate) * up
-    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    acc = native_dtype(gate)
     return (F.gelu(gate.to(acc), approximate=approximate) * up.to(acc)).to(gate.dtype)
 
 

@@ -10,13 +10,13 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_tensor
-from ._dispatch import native_dtype, ptr, rows, to_native
+from ._native import native_dtype, ptr, rows, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 
 
 def layer_norm_reference(x, weight, bias=None, eps=1e-5):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = native_dtype(x)
     b = None if bias is None else bias.to(acc)
     return torch.nn.functional.layer_norm(x.to(acc), x.shape[-1:], weight.to(acc), b, eps).to(x.dtype)
 
@@ -92,7 +92,7 @@ def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 @_layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = native_dtype(x)
     return torch.empty_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_tensor
-from ._dispatch import native_dtype, ptr, rows, to_native
+from ._native import native_dtype, ptr, rows, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 CASTING_MODES = ("gemma", "llama")
@@ -28,7 +28,7 @@ _ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2}  # the C++ kernel's rounding
 
 def rms_norm_reference(x, weight=None, eps=1e-6, offset=0.0, casting_mode="gemma"):
     """The spec: plain torch, normalised in fp32 (fp64 for fp64 input); see the casting modes above."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = native_dtype(x)
     xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
@@ -119,7 +119,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: flo
 @_rms_norm_fwd.register_fake
 def _(x, weight, eps, offset, cast_xhat):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = native_dtype(x)
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_xhat)), x.new_empty((n,), dtype=acc)
 
 

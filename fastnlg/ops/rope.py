@@ -18,7 +18,7 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_same_device, check_same_dtype, check_tensor
-from ._dispatch import native_dtype, ptr, to_native
+from ._native import native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -31,7 +31,7 @@ def _rotate_half(x):
 def apply_rope_reference(q, k, cos, sin):
     """HF's apply_rotary_pos_emb (unsqueeze_dim=1; partial rotary when cos is narrower than the head, as
     Phi-3's), computed in fp32 (fp64 for fp64)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = native_dtype(q)
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     c, s = cos.to(acc).unsqueeze(1), sin.to(acc).unsqueeze(1)

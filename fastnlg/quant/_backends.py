@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from ..ops._dispatch import ptr
+from ..ops._native import ptr
 from . import nf4 as _ref
 
 BACKENDS = ("torch", "cpp", "triton")

@@ -1,11 +1,13 @@
-"""Helpers the ops share to run their C++ CPU path: native kernels take fp32/fp64 raw pointers, so
-fp16/bf16 tensors are upcast once here and results cast back by the caller."""
+"""What the ops share about native dtypes: the accumulation dtype of a tensor (fp64 for fp64, else fp32: the
+references and the kernels compute in it), and the helpers of the C++ CPU path, whose kernels take fp32/fp64
+raw pointers (fp16/bf16 tensors are upcast once here and results cast back by the caller)."""
 from __future__ import annotations
 
 import torch
 
 
 def native_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype for `t`: fp64 for fp64, fp32 for everything else."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 

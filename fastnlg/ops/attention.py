@@ -229,18 +229,25 @@ class _FlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, window=None, softcap=None,
-                    key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+                    key_padding_mask=None, cu_seqlens=None, max_seqlen=None, decode=None):
     """Attention of q (B, Hq, T, D) over k, v (B, Hkv, S, D) -> (B, Hq, T, D); see the module docstring.
     CUDA tensors run the Triton kernels; CPU tensors the torch reference (Triton under TRITON_INTERPRET=1).
     Under autocast q, k, v are cast to the autocast dtype, as SDPA does. With cu_seqlens, max_seqlen (the
     longest packed sequence) spares the host read that checks cu_seqlens: on CUDA the caller then vouches
-    for it, as with flash-attn's varlen API, and the call never waits for the GPU."""
+    for it, as with flash-attn's varlen API, and the call never waits for the GPU.
+
+    decode picks the Triton kernel: flash-decoding (keys split over programs, forward only) or the
+    FlashAttention-2 kernel. None (default) takes flash-decoding exactly when no gradient is needed (grad
+    mode off, or no input requires grad) and the call is decode-shaped: no dropout, no cu_seqlens, at most
+    kernels.attention.DECODE_MAX_ROWS query rows per kv head, and S >= 4 T (a KV cache). True insists on it
+    (an error when a gradient is needed or the shapes are not decode-shaped); False never takes it."""
     amp = _amp.autocast_dtype(q.device.type)
     if amp is not None:
         with _amp.autocast_off(q.device.type):
             return flash_attention(q.to(amp), k.to(amp), v.to(amp), causal=causal, softmax_scale=softmax_scale,
                                    dropout_p=dropout_p, window=window, softcap=softcap,
-                                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                   decode=decode)
     longest = _check(q, k, v, causal, softmax_scale, dropout_p, window, softcap, key_padding_mask, cu_seqlens,
                      max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -253,7 +260,12 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     from fastnlg.kernels import attention as kern
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and kern.decode_eligible(q, k, dropout_p, cu_seqlens):  # flash-decoding (KV cache)
+    eligible = kern.decode_eligible(q, k, dropout_p, cu_seqlens)
+    if decode and (needs_grad or not eligible):
+        raise ValueError("flash_attention: decode=True needs no gradient and a decode-shaped call (no dropout, no "
+                         f"cu_seqlens, <= {kern.DECODE_MAX_ROWS} query rows per kv head, S >= 4 T); got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, gradient needed: {needs_grad}")
+    if decode is not False and not needs_grad and eligible:  # flash-decoding (KV cache)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
         return kern.decode(q, k, v, causal=bool(causal), scale=scale, softcap=None if softcap is None else float(softcap),

@@ -271,6 +271,38 @@ def test_flash_decoding(device, case, n_splits, use_backend, monkeypatch):
     assert_by_rule("out", out, low, ref, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_path_is_chosen_by_the_documented_rule(device, use_backend, monkeypatch):
+    """Evaluation (no_grad, or inputs that need no grad) of a decode-shaped call takes flash-decoding;
+    training (inputs requiring grad) takes the FA2 kernel with a backward; decode=False / True override,
+    and decode=True where a gradient is needed is an error, not a silent switch."""
+    from fastnlg.kernels import attention as kern
+
+    use_backend("triton")
+    B, Hq, Hkv, T, S, D, kw = _split(DECODE_CASES[0], device)
+    q, k, v, _ = _inputs(B, Hq, Hkv, T, S, D, device, torch.float32)
+    calls = []
+    decode = kern.decode
+    monkeypatch.setattr(kern, "decode", lambda *a, **k_: calls.append(1) or decode(*a, **k_))
+    with torch.no_grad():
+        flash_attention(q, k, v, **kw)
+    assert len(calls) == 1
+    flash_attention(q, k, v, **kw)  # grad mode on, but nothing requires grad: still inference
+    assert len(calls) == 2
+    with torch.no_grad():
+        flash_attention(q, k, v, decode=False, **kw)
+    assert len(calls) == 2
+    qg = q.clone().requires_grad_()
+    out = flash_attention(qg, k, v, **kw)
+    assert len(calls) == 2 and out.grad_fn is not None
+    out.sum().backward()
+    assert qg.grad is not None
+    with pytest.raises(ValueError, match="decode=True needs no gradient"):
+        flash_attention(qg, k, v, decode=True, **kw)
+    with pytest.raises(ValueError, match="decode-shaped"), torch.no_grad():
+        flash_attention(q, q, q, decode=True, **kw)  # S == T: not a KV cache
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if "softcap" not in c[6]], ids=_ids)
 def test_torch_backend_sdpa_path(case, use_backend):
     """The CPU default (SDPA with the spec's mask) against the fp64 spec, gradients included."""

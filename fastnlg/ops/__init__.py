@@ -1,5 +1,6 @@
 """fastnlg's functional ops (DESIGN.md §3). Each has a `<op>_reference` in its module: the spec."""
-from .cross_entropy import cross_entropy, fused_linear_cross_entropy
+from .cross_entropy import cross_entropy
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .attention import flash_attention
 from .glu import geglu, swiglu
 from .layer_norm import layer_norm

@@ -1,0 +1,164 @@
+"""Fused linear + cross-entropy: the LM loss of logits = hidden @ weight.T (+ bias) without the (N, V) logits.
+Semantics, options and per-row math: cross_entropy.py (shared with `cross_entropy`).
+
+fused_linear_cross_entropy(hidden (N, C), weight (V, C), labels (N,)): ignored rows are dropped first (one
+gather; no matmul work on them), then token chunks of `chunk_size` rows run
+    logits = h_c W^T (+ b)  ->  loss_c, and dlogits written in place  ->  dh_c = dlogits W,
+    dW += dlogits^T h_c,  db += sum dlogits
+so the working set is chunk x V, never N x V. For scalar reductions the gradients are computed in the
+forward pass and scaled by grad_output in backward (3 matmuls, as eager); for reduction="none" backward
+recomputes each chunk's logits (4 matmuls). dW accumulates in fp32 when the weight is fp16/bf16.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _amp
+from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._native import native_dtype
+from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _extras, _finish,
+                            _prepare, _scatter_rows)
+
+CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 temporaries)
+CUDA_CHUNK_BUDGET = 1024 * 2**20
+
+
+def auto_chunk_size(n_rows: int, V: int, device: torch.device) -> int:
+    """Rows per chunk so that a chunk's logits + fp32 temporaries (~16 B per logit) fit the budget."""
+    budget = CPU_CHUNK_BUDGET
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(CUDA_CHUNK_BUDGET, free // 4)
+    return max(1, min(n_rows, budget // (16 * V)))
+
+
+def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw, need_db, hits=None):
+    """One pass over token chunks. scale (n,) fp32 or None (no gradients); `hits` (n,) bool, when given,
+    gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
+    n, V = h.shape[0], weight.shape[0]
+    acc = native_dtype(h)
+    loss = torch.empty(n, dtype=acc, device=h.device)
+    lse = torch.empty(n, dtype=acc, device=h.device)
+    grads = scale is not None
+    low = weight.dtype in (torch.float16, torch.bfloat16)
+    dh = torch.empty_like(h) if grads and need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32 if low else weight.dtype, device=h.device) if grads and need_dw else None
+    db = torch.zeros(V, dtype=acc, device=h.device) if grads and need_db else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        hc = h[s:e]
+        logits = torch.nn.functional.linear(hc, weight, bias)  # (chunk, V)
+        if hits is not None:
+            torch.eq(logits.argmax(-1), y[s:e], out=hits[s:e])
+        loss[s:e], lse[s:e] = _ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
+        if not grads:
+            continue
+        if dh is not None:
+            torch.matmul(logits, weight, out=dh[s:e])
+        if dw is not None:
+            if low and h.device.type == "cpu":  # CPU half-precision matmul is slow: accumulate in fp32
+                dw.addmm_(logits.t().float(), hc.float())
+            elif low:  # CUDA: bf16/fp16 tensor-core matmul (fp32 accumulate), added into the fp32 buffer
+                dw.add_(logits.t() @ hc)
+            else:
+                dw.addmm_(logits.t(), hc)
+        if db is not None:
+            db += logits.to(acc).sum(0)
+    return loss, lse, dh, dw, db
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want):
+        N, V = hidden.shape[0], weight.shape[0]
+        idx, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
+                                                 num_items, opts.class_weight, native_dtype(hidden))
+        h = hidden if idx is None else hidden.index_select(0, idx)
+        y = labels if idx is None else labels.index_select(0, idx)
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        chunk = chunk_size or auto_chunk_size(h.shape[0], V, h.device)
+        hits = torch.empty(h.shape[0], dtype=torch.bool, device=h.device) if want.want_acc else None
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        scalar = reduction != "none" or num_items is not None
+        ctx.precomputed = any(need) and scalar  # needs_input_grad is False for all under no_grad
+        if ctx.precomputed:
+            scale = torch.full((h.shape[0],), 1.0 / ce_den, dtype=native_dtype(h), device=h.device)
+            loss_rows, lse, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, o, chunk, *need, hits=hits)
+            ctx.save_for_backward(idx, dh, dw, db)
+        else:
+            loss_rows, lse, *_ = _linear_ce_pass(h, weight, bias, y, None, o, chunk, False, False, False, hits=hits)
+            ctx.save_for_backward(idx, hidden, weight, bias, labels)
+        ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, o, need
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        loss = loss_rows.sum() / ce_den if scalar else _scatter_rows(loss_rows, idx, N)
+        zpart, acc = _extras(lse, hits, n_valid, opts.z_loss, z_den, scalar, idx, N, want)
+        zpart = loss.new_zeros(()) if zpart is None else zpart
+        acc = loss.new_zeros(()) if acc is None else acc
+        ctx.mark_non_differentiable(zpart, acc)
+        return loss, zpart, acc
+
+    @staticmethod
+    def backward(ctx, grad_out, _gz, _gacc):
+        if ctx.precomputed:
+            idx, dh, dw, db = ctx.saved_tensors
+            g = grad_out  # always scaled: testing grad_out == 1 on the host would be a GPU sync per step
+        else:  # reduction="none": recompute each chunk with the per-row output gradients as scales
+            idx, hidden, weight, bias, labels = ctx.saved_tensors
+            h = hidden if idx is None else hidden.index_select(0, idx)
+            y = labels if idx is None else labels.index_select(0, idx)
+            g_rows = grad_out.expand(ctx.N) if grad_out.dim() == 0 else grad_out
+            scale = (g_rows if idx is None else g_rows.index_select(0, idx)).to(native_dtype(h)).contiguous()
+            _, _, dh, dw, db = _linear_ce_pass(h if h.stride(-1) == 1 else h.contiguous(), weight, bias, y, scale,
+                                               ctx.opts, ctx.chunk, *ctx.need)
+            g = None
+        dtype_h, dtype_w, dtype_b = ctx.dtypes
+        if dh is not None:
+            dh = _scatter_rows(dh if g is None else dh * g.to(dh.dtype), idx, ctx.N).to(dtype_h)
+        if dw is not None:
+            dw = (dw if g is None else dw * g).to(dtype_w)
+        if db is not None:
+            db = (db if g is None else db * g).to(dtype_b)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=None, ignore_index=-100,
+                               reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                               num_items_in_batch=None, chunk_size=None, return_z_loss=False,
+                               return_token_accuracy=False, loss_dtype=None):
+    """Loss of logits = hidden @ weight.T (+ bias) against labels, without materialising the logits.
+    hidden (N, C), weight (V, C), labels (N,) already shifted/aligned; ce_weight (V,) class weights (Liger's
+    name: `weight` is the projection); see the module docstring."""
+    op = "fused_linear_cross_entropy"
+    check_tensor(op, "hidden", hidden, ndim=2)
+    amp = _amp.autocast_dtype(hidden.device.type)
+    if amp is not None:  # the logits matmul as F.linear under autocast; the loss fp32, as F.cross_entropy's
+        with _amp.autocast_off(hidden.device.type):
+            return fused_linear_cross_entropy(
+                hidden.to(amp), _amp.cast(weight, amp), labels, bias=_amp.cast(bias, amp), ce_weight=ce_weight,
+                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                z_loss=z_loss, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                loss_dtype=loss_dtype or torch.float32)
+    check_tensor(op, "weight", weight, ndim=2)
+    check_tensor(op, "labels", labels, dtypes=(torch.int64, torch.int32), ndim=1)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: hidden (N, C) = {tuple(hidden.shape)} and weight (V, C) = {tuple(weight.shape)} "
+                         "must share C")
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{op}: labels {tuple(labels.shape)} must have one entry per row of hidden {tuple(hidden.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias {tuple(bias.shape)} must have V = {weight.shape[0]} entries")
+    _check_class_weight(op, ce_weight, weight.shape[0], "ce_weight", labels)
+    check_same_dtype(op, hidden=hidden, weight=weight)
+    check_same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
+    num_items = _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
+    want = _Extras(bool(return_z_loss), bool(return_token_accuracy))
+    opts = _Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss),
+                 ce_weight, 0.0)
+    loss, zpart, acc = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels.long(), reduction, opts,
+                                                      num_items, chunk_size, want)
+    return _finish(loss, zpart, acc, loss_dtype or hidden.dtype, want)

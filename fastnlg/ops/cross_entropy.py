@@ -223,9 +223,10 @@ def _prepare(op, labels, V, o: _Opts, reduction, num_items, class_weight, acc):
     return idx, n_valid, ce_den, z_den, o._replace(z_loss=z_kernel, class_weight=cw, weight_sum=w_sum)
 
 
-def _extras(lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, idx, N, want: _Extras):
-    """(z-loss part, token accuracy) from the non-ignored rows' lse and hits (detached; None if not asked)."""
-    zpart = acc = None
+def _outputs(ctx, loss, lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, idx, N, want: _Extras):
+    """What the loss Functions return: (loss, z-loss part, token accuracy), the two extras detached (0-dim
+    placeholders when not asked for) from the non-ignored rows' lse and hits."""
+    zpart = acc = loss.new_zeros(())
     if want.want_z:
         rows = (z_loss * lse_valid * lse_valid).detach()
         zpart = rows.sum() / z_den if scalar else _scatter_rows(rows, idx, N)
@@ -235,7 +236,8 @@ def _extras(lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, idx, N, want:
                                                                                  device=hits_valid.device)
         else:
             acc = _scatter_rows(hits_valid.float(), idx, N)
-    return zpart, acc
+    ctx.mark_non_differentiable(zpart, acc)
+    return loss, zpart, acc
 
 
 def _finish(loss, zpart, acc, dtype, want: _Extras):
@@ -303,11 +305,7 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.scalar = scalar
         loss = loss_rows.sum() / ce_den if scalar else loss_rows
         lse = torch.where(valid, lse, torch.zeros_like(lse))
-        zpart, acc = _extras(lse, hits, n_valid, opts.z_loss, z_den, scalar, None, N, want)
-        zpart = loss.new_zeros(()) if zpart is None else zpart
-        acc = loss.new_zeros(()) if acc is None else acc
-        ctx.mark_non_differentiable(zpart, acc)
-        return loss, zpart, acc
+        return _outputs(ctx, loss, lse, hits, n_valid, opts.z_loss, z_den, scalar, None, N, want)
 
     @staticmethod
     def backward(ctx, grad_out, _gz, _gacc):

@@ -16,7 +16,7 @@ import torch
 from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
 from ._native import native_dtype
-from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _extras, _finish,
+from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _finish, _outputs,
                             _prepare, _scatter_rows)
 
 CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 temporaries)
@@ -91,11 +91,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, o, need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = loss_rows.sum() / ce_den if scalar else _scatter_rows(loss_rows, idx, N)
-        zpart, acc = _extras(lse, hits, n_valid, opts.z_loss, z_den, scalar, idx, N, want)
-        zpart = loss.new_zeros(()) if zpart is None else zpart
-        acc = loss.new_zeros(()) if acc is None else acc
-        ctx.mark_non_differentiable(zpart, acc)
-        return loss, zpart, acc
+        return _outputs(ctx, loss, lse, hits, n_valid, opts.z_loss, z_den, scalar, idx, N, want)
 
     @staticmethod
     def backward(ctx, grad_out, _gz, _gacc):

@@ -180,21 +180,7 @@ def test_class_weights(device, backend, kw, use_backend):
     cw = torch.rand(101, device=device) * 2
     cw[3] = 0.0  # a class that does not count
     _check_flce(device, torch.float32, 37, 101, 24, {**kw, "weight": cw}, chunk=8)
-    logits = torch.randn(13, 101, device=device) * 3
-    y = torch.randint(0, 101, (13,), device=device)
-    y[::4] = -100
-    g = torch.rand(13, device=device) if kw.get("reduction") == "none" else torch.ones((), device=device)
-
-    def run(fn, dt):
-        x = logits.detach().to(dt).clone().requires_grad_()
-        loss = fn(x, y, weight=cw.to(dt), **kw)
-        loss.backward(g.to(loss.dtype) if loss.dim() else None)
-        return loss, x.grad
-
-    ours, ref, low = run(cross_entropy, torch.float32), run(cross_entropy_reference, torch.float64), \
-        run(cross_entropy_reference, torch.float32)
-    assert_by_rule("loss", ours[0], low[0], ref[0], torch.float32)
-    assert_by_rule("dlogits", ours[1], low[1], ref[1], torch.float32)
+    _check_on_logits(device, 101, {**kw, "weight": cw}, scale=3.0)
 
 
 def test_class_weights_gradcheck_fp64():
@@ -224,18 +210,25 @@ def test_gradcheck_fp64(kw):
 @pytest.mark.parametrize("kw", OPTIONS[:7], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_cross_entropy_on_logits(device, backend, kw, use_backend):
     use_backend(backend)
-    logits = torch.randn(13, 300, device=device) * 4
-    y = torch.randint(0, 300, (13,), device=device)
+    _check_on_logits(device, 300, kw)
+
+
+def _check_on_logits(device, V, kw, scale=4.0):
+    """cross_entropy on (13, V) logits (every 4th row ignored) against the fp64 spec, by the tolerance rule;
+    tensor options (class weights) follow each run's dtype."""
+    logits = torch.randn(13, V, device=device) * scale
+    y = torch.randint(0, V, (13,), device=device)
     y[::4] = -100
     g = torch.rand(13, device=device) if kw.get("reduction") == "none" else torch.ones((), device=device)
 
     def run(fn, dt):
         x = logits.detach().to(dt).clone().requires_grad_()
-        loss = fn(x, y, **kw)
+        loss = fn(x, y, **{k: (v.to(dt) if torch.is_tensor(v) else v) for k, v in kw.items()})
         loss.backward(g.to(loss.dtype) if loss.dim() else None)
         return loss, x.grad
 
-    ours, ref, low = run(cross_entropy, torch.float32), run(cross_entropy_reference, torch.float64), run(cross_entropy_reference, torch.float32)
+    ours, ref, low = run(cross_entropy, torch.float32), run(cross_entropy_reference, torch.float64), \
+        run(cross_entropy_reference, torch.float32)
     assert_by_rule("loss", ours[0], low[0], ref[0], torch.float32)
     assert_by_rule("dlogits", ours[1], low[1], ref[1], torch.float32)
 

@@ -61,13 +61,16 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
                                                           const T* w, T wsum) {
     const bool valid = y != ignore_index;
     T m = -std::numeric_limits<T>::infinity(), sz = 0, swz = 0;
-    if (cap) {
+    if (cap) {  // tanh keeps these loops scalar: sums in double (a 32k-row fp32 sum would carry ~1e-5)
+        double szd = 0, swzd = 0;
         for (int64_t v = 0; v < V; ++v) {
             const T z = c * std::tanh(xr[v] / c);
             m = z > m ? z : m;
-            sz += z;
-            if (w) swz += w[v] * z;
+            szd += z;
+            if (w) swzd += double(w[v]) * z;
         }
+        sz = T(szd);
+        swz = T(swzd);
     } else if (w) {
 #pragma omp simd reduction(max : m) reduction(+ : sz, swz)
         for (int64_t v = 0; v < V; ++v) {
@@ -85,7 +88,9 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
     if (sz != sz) m = sz;  // a NaN logit (max ignores it) makes the row NaN, as in torch
     T s = 0;
     if (cap) {
-        for (int64_t v = 0; v < V; ++v) s += vexp(c * std::tanh(xr[v] / c) - m);
+        double sd = 0;
+        for (int64_t v = 0; v < V; ++v) sd += vexp(c * std::tanh(xr[v] / c) - m);
+        s = T(sd);
     } else {
 #pragma omp simd reduction(+ : s)
         for (int64_t v = 0; v < V; ++v) s += vexp(xr[v] - m);

@@ -59,7 +59,7 @@ def rope_kernel(Q, K, QO, KO, COS, SIN, T, Hq, Hk, half,
 def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
     """q, k with unit stride on D; cos, sin (B, T, D) (expanded views allowed) -> rotated (q, k)."""
     B, Hq, T, D = q.shape
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    qo, ko = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))  # contiguous, as every backend
     if q.numel() == 0 and k.numel() == 0:
         return qo, ko
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1

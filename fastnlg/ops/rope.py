@@ -51,11 +51,11 @@ def _rope_torch(x, cos, sin, backward):
     xf = x.to(acc)
     h = x.shape[-1] // 2
     if not backward:
-        return (xf * c + _rotate_half(xf) * s).to(x.dtype)
+        return (xf * c + _rotate_half(xf) * s).to(x.dtype).contiguous()
     # transpose of the rotation: dx[j] = d[j] c[j] + d[j+h] s[j+h];  dx[j+h] = d[j+h] c[j+h] - d[j] s[j]
     d1, d2 = xf[..., :h], xf[..., h:]
     out = torch.cat((d1 * c[..., :h] + d2 * s[..., h:], d2 * c[..., h:] - d1 * s[..., :h]), dim=-1)
-    return out.to(x.dtype)
+    return out.to(x.dtype).contiguous()
 
 
 def _rope_cpp(x, cos, sin, backward):
@@ -96,14 +96,19 @@ def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.
     return _run(dq, dk, cos, sin, True)
 
 
+def _contiguous_like(t):
+    """Every backend returns contiguous outputs, whatever the input strides (HF's q/k are transposed views)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 @_rope_fwd.register_fake
 def _(q, k, cos, sin):
-    return torch.empty_like(q), torch.empty_like(k)
+    return _contiguous_like(q), _contiguous_like(k)
 
 
 @_rope_bwd.register_fake
 def _(dq, dk, cos, sin):
-    return torch.empty_like(dq), torch.empty_like(dk)
+    return _contiguous_like(dq), _contiguous_like(dk)
 
 
 def _setup(ctx, inputs, output):

@@ -68,14 +68,15 @@ def cross_entropy_reference(logits, labels, *, weight=None, ignore_index=-100, r
     n_valid = int(valid.sum())
     w_valid = None if w is None else float(torch.where(valid, wy, 0.0).sum())
     ce_den, z_den = _denominators(reduction, num_items_in_batch, n_valid, w_valid)
-    if reduction == "none" and num_items_in_batch is None:
+    rows = reduction == "none" and num_items_in_batch is None
+    if rows:
         loss, zpart = ce + zl, zl
     else:
         loss, zpart = ce.sum() / ce_den + zl.sum() / z_den, zl.sum() / z_den
     if not (return_z_loss or return_token_accuracy):
         return loss
     hits = (z.argmax(-1) == labels) & valid
-    accuracy = hits.to(acc) if reduction == "none" else hits.sum().to(acc) / n_valid if n_valid else \
+    accuracy = hits.to(acc) if rows else hits.sum().to(acc) / n_valid if n_valid else \
         torch.tensor(float("nan"), dtype=acc)
     return CrossEntropyOutput(loss, zpart if return_z_loss else None, accuracy if return_token_accuracy else None)
 
@@ -214,9 +215,9 @@ class _Extras(NamedTuple):
     want_acc: bool
 
 
-def _prepare(op, labels, V, o: _Opts, reduction, num_items, class_weight, acc):
+def _prepare(op, labels, V, o: _Opts, reduction, num_items, acc):
     """Host read of the label statistics; the denominators; the options the kernels run with."""
-    cw = None if class_weight is None else class_weight.detach().to(acc).contiguous()
+    cw = None if o.class_weight is None else o.class_weight.detach().to(acc).contiguous()
     idx, n_valid, w_valid, w_sum = _valid_rows(op, labels, V, o.ignore_index, cw)
     ce_den, z_den = _denominators(reduction, num_items, n_valid, w_valid)
     z_kernel = o.z_loss * ce_den / z_den if o.z_loss else 0.0
@@ -287,7 +288,7 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, reduction, opts, num_items, inplace, want):
         N, V = logits.shape
         _, n_valid, ce_den, z_den, o = _prepare("cross_entropy", labels, V, opts, reduction, num_items,
-                                                opts.class_weight, native_dtype(logits))
+                                                native_dtype(logits))
         scalar = reduction != "none" or num_items is not None
         grad = ctx.needs_input_grad[0]
         inplace = grad and inplace and logits.is_contiguous()

@@ -72,7 +72,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want):
         N, V = hidden.shape[0], weight.shape[0]
         idx, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
-                                                 num_items, opts.class_weight, native_dtype(hidden))
+                                                 num_items, native_dtype(hidden))
         h = hidden if idx is None else hidden.index_select(0, idx)
         y = labels if idx is None else labels.index_select(0, idx)
         h = h if h.stride(-1) == 1 else h.contiguous()

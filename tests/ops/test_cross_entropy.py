@@ -374,8 +374,9 @@ def test_softcap_zero_or_none_is_off():
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("kw", [{}, {"reduction": "sum"}, {"reduction": "none"}, {"num_items_in_batch": 11},
+                                {"reduction": "none", "num_items_in_batch": 11},
                                 {"weight": True, "label_smoothing": 0.1}, {"softcap": 3.0}],
-                         ids=["mean", "sum", "none", "num_items", "weighted", "softcap"])
+                         ids=["mean", "sum", "none", "num_items", "none+num_items", "weighted", "softcap"])
 def test_z_loss_and_token_accuracy_returned(device, backend, kw, use_backend):
     """return_z_loss: the z-loss part of the total (loss with z_loss minus loss without, and the spec's);
     return_token_accuracy: argmax == label over non-ignored tokens of the materialised logits (chunk by chunk

@@ -89,7 +89,7 @@ class FusedLMHead(nn.Linear):
         y = shift_labels.reshape(-1).to(h.device)
         counts = self.accuracy_counts
         out = fused_linear_cross_entropy(h, weight, y, bias=bias, ignore_index=self.ignore_index, softcap=self.softcap,
-                                         num_items_in_batch=_num_items(num_items_in_batch), chunk_size=self.chunk_size,
+                                         num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
                                          loss_dtype=torch.float32,  # HF's loss is fp32
                                          return_token_accuracy=counts is not None)
         if counts is None:
@@ -111,12 +111,6 @@ def _shift(labels, shift_labels, ignore_index, lead_shape):
         raise ValueError(f"FusedLMHead.loss: labels {tuple(shift_labels.shape)} must match hidden's leading "
                          f"dimensions {tuple(lead_shape)}")
     return shift_labels
-
-
-def _num_items(n):
-    if n is None:
-        return None
-    return float(n.item() if torch.is_tensor(n) else n)
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
@@ -144,7 +138,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, lo
         if has_labels:
             sl = _shift(labels, shift_labels, head.ignore_index, logits.shape[:-1])
             loss = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), sl.reshape(-1).to(logits.device),
-                                 ignore_index=head.ignore_index, num_items_in_batch=_num_items(num_items))
+                                 ignore_index=head.ignore_index, num_items_in_batch=num_items)
     cls = CausalLMOutputWithCrossAttentions if getattr(outputs, "cross_attentions", None) is not None \
         else CausalLMOutputWithPast
     fields = {"loss": loss, "logits": logits, "past_key_values": getattr(outputs, "past_key_values", None),

@@ -85,8 +85,8 @@ def _denominators(reduction, num_items, n_valid, w_valid):
     """(denominator of the cross-entropy part, of the z-loss part) of the reduction. Weighted mean divides by
     the summed class weights of the non-ignored tokens as torch (NaN when they sum to 0, as torch); no
     non-ignored token at all gives 0 rather than torch's NaN."""
-    if num_items is not None:
-        return float(num_items), float(num_items)
+    if num_items is not None:  # a number, or a 0-dim tensor left on its device
+        return num_items, num_items
     if reduction != "mean":
         return 1.0, 1.0
     if n_valid == 0:
@@ -175,12 +175,17 @@ def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in
         raise ValueError(f"{op}: softcap must be > 0, or 0 / None for off, got {softcap}")
     if z_loss < 0:
         raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
-    if num_items_in_batch is not None:
-        n = float(num_items_in_batch)
-        if not n > 0:
-            raise ValueError(f"{op}: num_items_in_batch must be > 0, got {num_items_in_batch}")
-        return n
-    return None
+    if num_items_in_batch is None:
+        return None
+    if torch.is_tensor(num_items_in_batch):  # HF Trainer's: kept on its device, never read back (no sync)
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.is_complex():
+            raise ValueError(f"{op}: num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        return num_items_in_batch.reshape(())
+    n = float(num_items_in_batch)
+    if not n > 0:
+        raise ValueError(f"{op}: num_items_in_batch must be > 0, got {num_items_in_batch}")
+    return n
 
 
 def _valid_rows(op, labels, V, ignore_index, class_weight=None):
@@ -220,8 +225,15 @@ def _prepare(op, labels, V, o: _Opts, reduction, num_items, acc):
     cw = None if o.class_weight is None else o.class_weight.detach().to(acc).contiguous()
     idx, n_valid, w_valid, w_sum = _valid_rows(op, labels, V, o.ignore_index, cw)
     ce_den, z_den = _denominators(reduction, num_items, n_valid, w_valid)
-    z_kernel = o.z_loss * ce_den / z_den if o.z_loss else 0.0
+    z_kernel = o.z_loss * ce_den / z_den if o.z_loss and num_items is None else o.z_loss  # one denominator
     return idx, n_valid, ce_den, z_den, o._replace(z_loss=z_kernel, class_weight=cw, weight_sum=w_sum)
+
+
+def _row_scale(n, denominator, dtype, device):
+    """(n,) 1 / denominator per row, for the kernels; a tensor denominator stays on the device."""
+    if torch.is_tensor(denominator):
+        return torch.ones(n, dtype=dtype, device=device) / denominator.to(device=device, dtype=dtype)
+    return torch.full((n,), 1.0 / denominator, dtype=dtype, device=device)
 
 
 def _outputs(ctx, loss, lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, idx, N, want: _Extras):
@@ -296,7 +308,7 @@ class _CrossEntropy(torch.autograd.Function):
         hits = (logits.argmax(-1) == labels) & valid if want.want_acc else None  # before any in-place gradient
         work = logits if inplace else logits.contiguous().clone() if grad else logits.contiguous()
         if grad:
-            scale = torch.full((N,), 1.0 / (ce_den if scalar else 1.0), dtype=native_dtype(logits), device=logits.device)
+            scale = _row_scale(N, ce_den if scalar else 1.0, native_dtype(logits), logits.device)
             loss_rows, lse = _ce_chunk(work, labels, scale, o)
             if inplace:  # the kernels wrote through the pointer: tell autograd the logits changed
                 torch.autograd.graph.increment_version(logits)

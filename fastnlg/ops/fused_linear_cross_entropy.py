@@ -17,7 +17,7 @@ from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
 from ._native import native_dtype
 from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _finish, _outputs,
-                            _prepare, _scatter_rows)
+                            _prepare, _row_scale, _scatter_rows)
 
 CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 temporaries)
 CUDA_CHUNK_BUDGET = 1024 * 2**20
@@ -82,7 +82,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scalar = reduction != "none" or num_items is not None
         ctx.precomputed = any(need) and scalar  # needs_input_grad is False for all under no_grad
         if ctx.precomputed:
-            scale = torch.full((h.shape[0],), 1.0 / ce_den, dtype=native_dtype(h), device=h.device)
+            scale = _row_scale(h.shape[0], ce_den, native_dtype(h), h.device)
             loss_rows, lse, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, o, chunk, *need, hits=hits)
             ctx.save_for_backward(idx, dh, dw, db)
         else:

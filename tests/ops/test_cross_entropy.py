@@ -426,3 +426,34 @@ def test_accuracy_at_a_real_vocabulary(device, backend, softcap, use_backend):
     plain = F.cross_entropy(z, y, reduction="none")
     err_ours, err_torch = (ours.double() - ref).abs().max(), (plain.double() - ref).abs().max()
     assert err_ours <= 2 * err_torch + 1e-7, (err_ours.item(), err_torch.item())
+
+
+@pytest.mark.parametrize("op", ["fused", "logits"])
+def test_tensor_num_items_is_never_read_back(op, monkeypatch):
+    """HF Trainer passes num_items_in_batch as a tensor: the losses divide by it where it lives (on a GPU,
+    reading it would be a sync per micro-batch) and give what the number gives. The one host read left in
+    a forward is the label check (counts of valid and out-of-range labels, one tolist)."""
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (12,))
+    y[:3] = -100
+
+    def run(n):
+        if op == "fused":
+            return fused_linear_cross_entropy(h, w, y, num_items_in_batch=n, z_loss=1e-3, return_z_loss=True)
+        return cross_entropy(h @ w.t(), y, num_items_in_batch=n, z_loss=1e-3, return_z_loss=True)
+
+    want = run(7)
+    g_want = torch.autograd.grad(want.loss, (h, w))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real: reads.append(_n) or _r(self, *a))
+    got = run(torch.tensor(7))
+    g_got = torch.autograd.grad(got.loss, (h, w))
+    monkeypatch.undo()
+    assert reads == ["tolist"]
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.z_loss, want.z_loss)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)

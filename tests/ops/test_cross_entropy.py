@@ -425,7 +425,7 @@ def test_accuracy_at_a_real_vocabulary(device, backend, softcap, use_backend):
     z = x if softcap is None else softcap * torch.tanh(x / softcap)
     plain = F.cross_entropy(z, y, reduction="none")
     err_ours, err_torch = (ours.double() - ref).abs().max(), (plain.double() - ref).abs().max()
-    assert err_ours <= 2 * err_torch + 1e-7, (err_ours.item(), err_torch.item())
+    assert err_ours <= 2 * err_torch + 2e-6, (err_ours.item(), err_torch.item())  # losses ~30: atol ~ 1e-7 rel
 
 
 @pytest.mark.parametrize("op", ["fused", "logits"])

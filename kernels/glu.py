@@ -14,18 +14,20 @@ import triton
 import triton.language as tl
 
 from ._launch import AOT_DTYPES, TRITON_DTYPE
+from .glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
 
-SWIGLU, GEGLU_TANH, GEGLU_ERF = 0, 1, 2
+_SWIGLU, _GEGLU_TANH = tl.constexpr(SWIGLU), tl.constexpr(GEGLU_TANH)  # readable inside @triton.jit
+
 BLOCK, NUM_WARPS = 1024, 4
 
 
 @triton.jit
 def _act_and_grad(g, KIND: tl.constexpr):
-    if KIND == 0:
+    if KIND == _SWIGLU:
         s = tl.sigmoid(g)
         act = g * s
         dact = s * (1.0 + g * (1.0 - s))
-    elif KIND == 1:
+    elif KIND == _GEGLU_TANH:
         k = 0.7978845608028654
         S = tl.sigmoid(2.0 * k * (g + 0.044715 * g * g * g))
         act = g * S

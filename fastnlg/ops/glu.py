@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
 from ._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from ._native import native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
-KINDS = {"swiglu": 0, "geglu_tanh": 1, "geglu_none": 2}  # same numbering as kernels/glu.py and csrc
+KINDS = {"swiglu": SWIGLU, "geglu_tanh": GEGLU_TANH, "geglu_none": GEGLU_ERF}
 
 
 def swiglu_reference(gate, up, eager_rounding=False):
@@ -43,10 +44,10 @@ def geglu_reference(gate, up, approximate="tanh", eager_rounding=False):
 
 
 def _act_and_grad_torch(g, kind):
-    if kind == 0:
+    if kind == SWIGLU:
         s = torch.sigmoid(g)
         return g * s, s * (1 + g * (1 - s))
-    if kind == 1:
+    if kind == GEGLU_TANH:
         k = 0.7978845608028654
         S = torch.sigmoid(2 * k * (g + 0.044715 * g ** 3))
         return g * S, S + 2 * g * S * (1 - S) * k * (1 + 3 * 0.044715 * g * g)
@@ -55,7 +56,7 @@ def _act_and_grad_torch(g, kind):
 
 
 _ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2}  # the C++ kernel's rounding of act(gate)
-_EAGER_ACT = {0: F.silu, 1: lambda g: F.gelu(g, approximate="tanh"), 2: F.gelu}
+_EAGER_ACT = {SWIGLU: F.silu, GEGLU_TANH: lambda g: F.gelu(g, approximate="tanh"), GEGLU_ERF: F.gelu}
 
 
 def _fwd(backend, gate, up, kind, round_act):

@@ -10,8 +10,11 @@ from fastnlg import backend
 
 def test_extension_is_built():
     from fastnlg import _C
+    from fastnlg.kernels import glu_kinds
 
-    assert _C.GLU_SWIGLU == 0 and hasattr(_C, "rms_norm_fwd")
+    assert hasattr(_C, "rms_norm_fwd")
+    assert (_C.GLU_SWIGLU, _C.GLU_GEGLU_TANH, _C.GLU_GEGLU_ERF) == \
+        (glu_kinds.SWIGLU, glu_kinds.GEGLU_TANH, glu_kinds.GEGLU_ERF)  # the C++ header keeps the one numbering
 
 
 def test_default_cpu_backend(monkeypatch):

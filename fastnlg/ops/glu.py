@@ -59,20 +59,8 @@ _ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2}  # the C++ kernel's rounding
 _EAGER_ACT = {SWIGLU: F.silu, GEGLU_TANH: lambda g: F.gelu(g, approximate="tanh"), GEGLU_ERF: F.gelu}
 
 
-def _fwd(backend, gate, up, kind, round_act):
-    if backend == "triton":
-        from fastnlg.kernels import glu as k
-
-        return k.forward(gate.contiguous(), up.contiguous(), kind, round_act)
+def _fwd_torch(gate, up, kind, round_act):
     acc = native_dtype(gate)
-    if backend == "cpp":
-        from fastnlg import _C
-
-        g, u = to_native(gate, acc), to_native(up, acc)
-        y = torch.empty_like(g)
-        _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, _ROUND_CODE.get(gate.dtype, 0) if round_act else 0,
-                   acc == torch.float64)
-        return y.to(gate.dtype)
     if round_act:  # torch's own activation, rounded as eager rounds it
         act = _EAGER_ACT[kind](gate.to(acc)).to(gate.dtype).to(acc)
     else:
@@ -80,28 +68,56 @@ def _fwd(backend, gate, up, kind, round_act):
     return (act * up.to(acc)).to(gate.dtype)
 
 
-def _bwd(backend, dy, gate, up, kind):
-    if backend == "triton":
-        from fastnlg.kernels import glu as k
-
-        return k.backward(dy.contiguous(), gate.contiguous(), up.contiguous(), kind)
+def _bwd_torch(dy, gate, up, kind):
     acc = native_dtype(gate)
-    if backend == "cpp":
-        from fastnlg import _C
+    act, dact = _act_and_grad_torch(gate.to(acc), kind)
+    return (dy.to(acc) * up.to(acc) * dact).to(gate.dtype), (dy.to(acc) * act).to(up.dtype)
 
-        d, g, u = to_native(dy, acc), to_native(gate, acc), to_native(up, acc)
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        _C.glu_bwd(ptr(d), ptr(g), ptr(u), ptr(dg), ptr(du), g.numel(), kind, acc == torch.float64)
-    else:
-        act, dact = _act_and_grad_torch(gate.to(acc), kind)
-        dg, du = dy.to(acc) * up.to(acc) * dact, dy.to(acc) * act
+
+def _fwd_cpp(gate, up, kind, round_act):
+    from fastnlg import _C
+
+    acc = native_dtype(gate)
+    g, u = to_native(gate, acc), to_native(up, acc)
+    y = torch.empty_like(g)
+    _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, _ROUND_CODE.get(gate.dtype, 0) if round_act else 0,
+               acc == torch.float64)
+    return y.to(gate.dtype)
+
+
+def _bwd_cpp(dy, gate, up, kind):
+    from fastnlg import _C
+
+    acc = native_dtype(gate)
+    d, g, u = to_native(dy, acc), to_native(gate, acc), to_native(up, acc)
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    _C.glu_bwd(ptr(d), ptr(g), ptr(u), ptr(dg), ptr(du), g.numel(), kind, acc == torch.float64)
     return dg.to(gate.dtype), du.to(up.dtype)
+
+
+def _fwd_triton(gate, up, kind, round_act):
+    from fastnlg.kernels import glu as k
+
+    return k.forward(gate.contiguous(), up.contiguous(), kind, round_act)
+
+
+def _bwd_triton(dy, gate, up, kind):
+    from fastnlg.kernels import glu as k
+
+    return k.backward(dy.contiguous(), gate.contiguous(), up.contiguous(), kind)
+
+
+_FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}
+_BWD = {"torch": _bwd_torch, "cpp": _bwd_cpp, "triton": _bwd_triton}
+
+
+def _backend_for(gate):
+    return _backend.choose("glu", gate, BACKENDS, cpu_default_cpp=False)
 
 
 @torch.library.custom_op("fastnlg::glu_fwd", mutates_args=())
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool) -> torch.Tensor:
-    return _fwd(_backend.choose("glu", gate, BACKENDS, cpu_default_cpp=False), gate, up, kind,
-                round_act).view(gate.shape)
+    return _FWD[_backend_for(gate)](gate, up, kind, round_act).view(gate.shape)
 
 
 @_glu_fwd.register_fake
@@ -111,7 +127,7 @@ def _(gate, up, kind, round_act):
 
 @torch.library.custom_op("fastnlg::glu_bwd", mutates_args=())
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dg, du = _bwd(_backend.choose("glu", gate, BACKENDS, cpu_default_cpp=False), dy, gate, up, kind)
+    dg, du = _BWD[_backend_for(gate)](dy, gate, up, kind)
     return dg.view(gate.shape), du.view(up.shape)
 
 

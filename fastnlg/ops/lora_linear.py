@@ -53,46 +53,60 @@ def _row_chunks(weight, dtype):
     return [(absmax, r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
 
 
-def base_matmul(x2, weight, bias=None):
-    """x2 (N, in) @ W^T (+ b) for dense or NF4 W (torch path: NF4 in row blocks)."""
-    if not _is_nf4(weight):
-        return torch.nn.functional.linear(x2, weight, bias)
-    if _backend.choose("lora_linear", x2, BACKENDS) == "triton":
-        from fastnlg.kernels import nf4_matmul
-
-        return nf4_matmul.matmul_nt(x2, weight, bias)
+def _nt_torch(x2, weight, bias, u=None, lora_B=None, scaling=1.0):
+    """x2 (N, in) @ W^T (+ b) (+ s u B^T) for an NF4 W, dequantised in row blocks."""
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device)
     for absmax, r0, r1 in _row_chunks(weight, x2.dtype):
         torch.matmul(x2, _dequant_rows(weight, absmax, r0, r1, x2.dtype).t(), out=y[:, r0:r1])
     if bias is not None:
         y += bias
-    return y
+    return y if u is None else y.addmm_(u, lora_B.t(), alpha=scaling)
 
 
-def _base_plus_lora(x2, weight, bias, u, lora_B, scaling):
-    """x2 W^T + b + s u B^T. NF4 on Triton: the LoRA term is added in the matmul's epilogue (y written once);
-    otherwise the base product is followed by an in-place addmm into the same y."""
-    if _is_nf4(weight) and _backend.choose("lora_linear", x2, BACKENDS) == "triton":
-        from fastnlg.kernels import nf4_matmul
-
-        if u.shape[1] <= nf4_matmul.MAX_RANK:
-            return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
-    y = base_matmul(x2, weight, bias)
-    return y.addmm_(u, lora_B.t(), alpha=scaling)
-
-
-def base_matmul_t(dy2, weight):
-    """dy2 (N, out) @ W (out, in) for dense or NF4 W: the base part of dx."""
-    if not _is_nf4(weight):
-        return dy2 @ weight
-    if _backend.choose("lora_linear", dy2, BACKENDS) == "triton":
-        from fastnlg.kernels import nf4_matmul
-
-        return nf4_matmul.matmul_nn(dy2, weight)
+def _nn_torch(dy2, weight):
+    """dy2 (N, out) @ W (out, in) for an NF4 W, dequantised in row blocks."""
     dx = torch.zeros(dy2.shape[0], weight.shape[1], dtype=dy2.dtype, device=dy2.device)
     for absmax, r0, r1 in _row_chunks(weight, dy2.dtype):
         dx.addmm_(dy2[:, r0:r1], _dequant_rows(weight, absmax, r0, r1, dy2.dtype))
     return dx
+
+
+def _nt_triton(x2, weight, bias, u=None, lora_B=None, scaling=1.0):
+    """The same on Triton: dequantised tile by tile in the matmul, the LoRA term in its epilogue."""
+    from fastnlg.kernels import nf4_matmul
+
+    if u is None or u.shape[1] <= nf4_matmul.MAX_RANK:
+        return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
+    return nf4_matmul.matmul_nt(x2, weight, bias).addmm_(u, lora_B.t(), alpha=scaling)
+
+
+def _nn_triton(dy2, weight):
+    from fastnlg.kernels import nf4_matmul
+
+    return nf4_matmul.matmul_nn(dy2, weight)
+
+
+_NF4_NT = {"torch": _nt_torch, "triton": _nt_triton}  # the NF4 base products per backend
+_NF4_NN = {"torch": _nn_torch, "triton": _nn_triton}
+
+
+def _backend_for(x):
+    return _backend.choose("lora_linear", x, BACKENDS)
+
+
+def base_matmul(x2, weight, bias=None, u=None, lora_B=None, scaling=1.0, backend=None):
+    """x2 W^T + b (+ s u B^T: the LoRA term, added in place into the same y) for dense or NF4 W."""
+    if _is_nf4(weight):
+        return _NF4_NT[backend or _backend_for(x2)](x2, weight, bias, u, lora_B, scaling)
+    y = torch.nn.functional.linear(x2, weight, bias)
+    return y if u is None else y.addmm_(u, lora_B.t(), alpha=scaling)
+
+
+def base_matmul_t(dy2, weight, backend=None):
+    """dy2 (N, out) @ W (out, in) for dense or NF4 W: the base part of dx."""
+    if _is_nf4(weight):
+        return _NF4_NN[backend or _backend_for(dy2)](dy2, weight)
+    return dy2 @ weight
 
 
 def _dropout_mask(seed, shape, p, device):
@@ -163,15 +177,18 @@ class _LoRALinear(torch.autograd.Function):
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         seeds = tuple(_new_seed() if p > 0 else None for p in ps)
+        backend = _backend_for(x2)
         if k == 0:
-            y, u = base_matmul(x2, weight, bias), None
+            y, u = base_matmul(x2, weight, bias, backend=backend), None
         else:
             u = _cat([_keep(x2, _seed_mask(seed, x2, p), p) @ A.t()
                       for A, seed, p in zip(As, seeds, ps)], 1)  # (N, R)
             sv = _column_scales(scalings, [A.shape[0] for A in As], u)
-            y = _base_plus_lora(x2, weight, bias, u if k == 1 else u * sv, _cat(Bs, 1), sv if k == 1 else 1.0)
+            y = base_matmul(x2, weight, bias, u if k == 1 else u * sv, _cat(Bs, 1), sv if k == 1 else 1.0,
+                            backend=backend)
         ctx.save_for_backward(x, u, *adapters)
         ctx.weight, ctx.scalings, ctx.ps, ctx.seeds, ctx.has_bias = weight, scalings, ps, seeds, bias is not None
+        ctx.backend = backend
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
@@ -183,7 +200,7 @@ class _LoRALinear(torch.autograd.Function):
             any(ctx.needs_input_grad[5 + k:])
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-        dx = base_matmul_t(dy2, ctx.weight) if need_x else None
+        dx = base_matmul_t(dy2, ctx.weight, backend=ctx.backend) if need_x else None
         d_as, d_bs = [None] * k, [None] * k
         if k:
             ranks = [A.shape[0] for A in As]

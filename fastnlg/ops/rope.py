@@ -73,17 +73,26 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _run_triton(q, k, cos, sin, backward):
+    """q and k in one launch."""
+    from fastnlg.kernels import rope as kern
+
+    if cos.stride(-1) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return kern.apply(_unit_stride(q), _unit_stride(k), cos, sin, backward)
+
+
+def _each(fn):
+    """A backend that rotates one tensor at a time, run on q and on k."""
+    return lambda q, k, cos, sin, backward: (fn(q, cos, sin, backward), fn(k, cos, sin, backward))
+
+
+_RUN = {"torch": _each(_rope_torch), "cpp": _each(_rope_cpp), "triton": _run_triton}
+
+
 def _run(q, k, cos, sin, backward):
     """cos/sin already (B, T, D) (possibly expanded views)."""
-    backend = _backend.choose("apply_rope", q, BACKENDS)
-    if backend == "triton":
-        from fastnlg.kernels import rope as kern
-
-        if cos.stride(-1) != 1 or cos.stride() != sin.stride():
-            cos, sin = cos.contiguous(), sin.contiguous()
-        return kern.apply(_unit_stride(q), _unit_stride(k), cos, sin, backward)
-    fn = _rope_cpp if backend == "cpp" else _rope_torch
-    return fn(q, cos, sin, backward), fn(k, cos, sin, backward)
+    return _RUN[_backend.choose("apply_rope", q, BACKENDS)](q, k, cos, sin, backward)
 
 
 @torch.library.custom_op("fastnlg::rope_fwd", mutates_args=())

@@ -240,13 +240,17 @@ def test_triton_nf4_adds_lora_in_the_epilogue(monkeypatch, use_backend):
     """On Triton the NF4 forward is one kernel writing y once (no separate base matmul + addmm)."""
     import importlib
 
-    mod = importlib.import_module("fastnlg.ops.lora_linear")
+    nf4mm = importlib.import_module("fastnlg.kernels.nf4_matmul")
     use_backend("triton")
-    monkeypatch.setattr(mod, "base_matmul", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not fused")))
+    calls, matmul_nt = [], nf4mm.matmul_nt
+    monkeypatch.setattr(nf4mm, "matmul_nt", lambda *a, **k: calls.append(k.get("lora_u")) or matmul_nt(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not fused")))
     W, A, B, b = _params(48, 40, 4, torch.float32)
     w = quantize_nf4(W, 64, True)
     x = torch.randn(6, 48)
     y = lora_linear(x, w, A, B, scaling=1.5, bias=b)
+    monkeypatch.undo()
+    assert len(calls) == 1 and calls[0] is not None  # one kernel, the LoRA term in it
     torch.testing.assert_close(y, lora_linear_reference(x, w, A, B, scaling=1.5, bias=b), rtol=1e-4, atol=1e-5)
 
 

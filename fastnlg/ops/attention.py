@@ -251,12 +251,25 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     longest = _check(q, k, v, causal, softmax_scale, dropout_p, window, softcap, key_padding_mask, cu_seqlens,
                      max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if _backend.choose("flash_attention", q, BACKENDS) == "torch":
-        if softcap is not None or q.dtype == torch.float64:  # SDPA has no softcap; fp64 is the spec itself
-            return attention_reference(q, k, v, causal=causal, softmax_scale=scale, dropout_p=dropout_p,
-                                       window=window, softcap=softcap, key_padding_mask=key_padding_mask,
-                                       cu_seqlens=cu_seqlens)
-        return _sdpa(q, k, v, causal, scale, dropout_p, window, key_padding_mask, cu_seqlens)
+    return _RUN[_backend.choose("flash_attention", q, BACKENDS)](
+        q, k, v, causal=bool(causal), scale=scale, dropout_p=float(dropout_p), window=window,
+        softcap=None if softcap is None else float(softcap), key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen or longest, decode=decode)
+
+
+def _run_torch(q, k, v, *, causal, scale, dropout_p, window, softcap, key_padding_mask, cu_seqlens, max_seqlen,
+               decode):
+    """SDPA under the spec's mask; the spec itself where SDPA cannot (softcap) or for fp64 (decode does not
+    apply: there is one torch path)."""
+    if softcap is not None or q.dtype == torch.float64:
+        return attention_reference(q, k, v, causal=causal, softmax_scale=scale, dropout_p=dropout_p, window=window,
+                                   softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+    return _sdpa(q, k, v, causal, scale, dropout_p, window, key_padding_mask, cu_seqlens)
+
+
+def _run_triton(q, k, v, *, causal, scale, dropout_p, window, softcap, key_padding_mask, cu_seqlens, max_seqlen,
+                decode):
+    """Flash-decoding or the FlashAttention-2 kernels, by the rule in flash_attention's docstring."""
     from fastnlg.kernels import attention as kern
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -268,8 +281,10 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     if decode is not False and not needs_grad and eligible:  # flash-decoding (KV cache)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-        return kern.decode(q, k, v, causal=bool(causal), scale=scale, softcap=None if softcap is None else float(softcap),
-                           window=_window(window), key_padding_mask=kpm)
-    return _FlashAttention.apply(q, k, v, bool(causal), scale, float(dropout_p), _window(window),
-                                 None if softcap is None else float(softcap), key_padding_mask, cu_seqlens,
-                                 max_seqlen or longest)
+        return kern.decode(q, k, v, causal=causal, scale=scale, softcap=softcap, window=_window(window),
+                           key_padding_mask=kpm)
+    return _FlashAttention.apply(q, k, v, causal, scale, dropout_p, _window(window), softcap, key_padding_mask,
+                                 cu_seqlens, max_seqlen)
+
+
+_RUN = {"torch": _run_torch, "triton": _run_triton}

@@ -152,18 +152,18 @@ def _ce_chunk_cpp(logits, labels, scale, o: _Opts):
     return loss, lse
 
 
-_CHUNK_FNS = {"torch": _ce_chunk_torch, "cpp": _ce_chunk_cpp}
+def _ce_chunk_triton(logits, labels, scale, o: _Opts):
+    from fastnlg.kernels import cross_entropy as k
+
+    return k.forward(logits, labels, scale, o.ignore_index, o.eps, o.softcap, o.z_loss, o.class_weight, o.weight_sum)
+
+
+_CHUNK_FNS = {"torch": _ce_chunk_torch, "cpp": _ce_chunk_cpp, "triton": _ce_chunk_triton}
 
 
 def _ce_chunk(logits, labels, scale, o: _Opts):
     """(loss, lse) per row of a (n, V) chunk; with `scale` (n,) the scaled gradient overwrites logits."""
-    backend = _backend.choose("cross_entropy", logits, BACKENDS)
-    if backend == "triton":
-        from fastnlg.kernels import cross_entropy as k
-
-        return k.forward(logits, labels, scale, o.ignore_index, o.eps, o.softcap, o.z_loss, o.class_weight,
-                         o.weight_sum)
-    return _CHUNK_FNS[backend](logits, labels, scale, o)
+    return _CHUNK_FNS[_backend.choose("cross_entropy", logits, BACKENDS)](logits, labels, scale, o)
 
 
 def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch):

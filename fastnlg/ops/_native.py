@@ -26,3 +26,12 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     """(…, C) -> (N, C) with unit column stride (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+_ROUND_CODES = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def round_code(dtype: torch.dtype) -> int:
+    """How the C++ kernels round an intermediate to `dtype` (csrc/cpu/fastnlg_cpu.h's round_to): 1 bfloat16,
+    2 half, 0 none (fp32/fp64 computations keep their values)."""
+    return _ROUND_CODES.get(dtype, 0)

@@ -10,10 +10,10 @@ Rounding: by default act(gate) * up is computed in fp32 and rounded once (more a
 bf16/fp16 inputs eager rounds act(gate) to the input dtype first (F.silu returns bf16), which differs from
 the single rounding by one ulp in a quarter of the elements; `eager_rounding=True` rounds as eager does, for
 parity with the unpatched module: bit for bit for SwiGLU on every backend and for bf16 GeGLU on the torch
-backend (which then calls F.gelu; torch's own fp16 CPU erf-GELU rounds differently again, ~95%); the Triton and
-C++ GeGLU keep their cancellation-free sigmoid form of the tanh
-approximation, whose last fp32 bits differ from torch's 0.5 g (1 + tanh z), so they agree with eager in
-~93-97% of bf16/fp16 elements instead of ~71%. The backward is the exact derivative in both modes.
+backend (which then calls F.gelu; torch's own fp16 CPU erf-GELU rounds differently again, ~95%). The Triton
+and C++ GeGLU keep their cancellation-free sigmoid form of the tanh approximation, whose last fp32 bits differ
+from torch's 0.5 g (1 + tanh z), so they agree with eager in ~93-97% of bf16/fp16 elements instead of ~71%.
+The backward is the exact derivative in both modes.
 """
 from __future__ import annotations
 
@@ -23,22 +23,18 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
 from ._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
-from ._native import native_dtype, ptr, to_native
+from ._native import native_dtype, ptr, round_code, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": SWIGLU, "geglu_tanh": GEGLU_TANH, "geglu_none": GEGLU_ERF}
 
 
-def swiglu_reference(gate, up, eager_rounding=False):
-    if eager_rounding:
-        return F.silu(gate) * up
+def swiglu_reference(gate, up):
     acc = native_dtype(gate)
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
 
-def geglu_reference(gate, up, approximate="tanh", eager_rounding=False):
-    if eager_rounding:
-        return F.gelu(gate, approximate=approximate) * up
+def geglu_reference(gate, up, approximate="tanh"):
     acc = native_dtype(gate)
     return (F.gelu(gate.to(acc), approximate=approximate) * up.to(acc)).to(gate.dtype)
 
@@ -55,7 +51,6 @@ def _act_and_grad_torch(g, kind):
     return g * cdf, cdf + g * 0.3989422804014327 * torch.exp(-0.5 * g * g)
 
 
-_ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2}  # the C++ kernel's rounding of act(gate)
 _EAGER_ACT = {SWIGLU: F.silu, GEGLU_TANH: lambda g: F.gelu(g, approximate="tanh"), GEGLU_ERF: F.gelu}
 
 
@@ -80,7 +75,7 @@ def _fwd_cpp(gate, up, kind, round_act):
     acc = native_dtype(gate)
     g, u = to_native(gate, acc), to_native(up, acc)
     y = torch.empty_like(g)
-    _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, _ROUND_CODE.get(gate.dtype, 0) if round_act else 0,
+    _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, round_code(gate.dtype) if round_act else 0,
                acc == torch.float64)
     return y.to(gate.dtype)
 

@@ -19,11 +19,10 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_tensor
-from ._native import native_dtype, ptr, rows, to_native
+from ._native import native_dtype, ptr, round_code, rows, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 CASTING_MODES = ("gemma", "llama")
-_ROUND_CODE = {torch.bfloat16: 1, torch.float16: 2}  # the C++ kernel's rounding of x_hat
 
 
 def rms_norm_reference(x, weight=None, eps=1e-6, offset=0.0, casting_mode="gemma"):
@@ -70,7 +69,7 @@ def _fwd_cpp(x2, weight, eps, offset, cast_xhat, out):
     y = out if out.dtype == acc and out.is_contiguous() else torch.empty_like(xn)  # out may be x2 itself
     rstd = torch.empty(xn.shape[0], dtype=acc)
     _C.rms_norm_fwd(ptr(xn), ptr(wn), ptr(y), ptr(rstd), xn.shape[0], xn.shape[1], eps, offset,
-                    _ROUND_CODE.get(x2.dtype, 0) if cast_xhat else 0, acc == torch.float64)
+                    round_code(x2.dtype) if cast_xhat else 0, acc == torch.float64)
     return (y if y is out else out.copy_(y)), rstd
 
 

@@ -173,8 +173,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if R < D:  # partial rotary: the first R dims of each head turn, the rest pass through
         q_rot, k_rot = apply_rope(q[..., :R], k[..., :R], cos, sin)
         return torch.cat((q_rot, q[..., R:]), dim=-1), torch.cat((k_rot, k[..., R:]), dim=-1)
-    if D % 2:  # HF's rotate_half on an odd width: plain torch, differentiated by autograd
-        acc = native_dtype(q)
-        c, s = cos.to(acc).unsqueeze(1), sin.to(acc).unsqueeze(1)
-        return tuple((t.to(acc) * c + _rotate_half(t.to(acc)) * s).to(t.dtype) for t in (q, k))
+    if D % 2:  # HF's rotate_half on an odd width: the plain-torch spec, differentiated by autograd
+        return apply_rope_reference(q, k, cos, sin)
     return torch.ops.fastnlg.rope_fwd(q, k, cos, sin)

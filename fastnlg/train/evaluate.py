@@ -13,6 +13,19 @@ import torch
 from .data import IGNORE, collate
 
 
+def next_token_targets(logits, labels):
+    """A causal LM's next-token logits (B, T-1, V), their targets (B, T-1) and which targets count, from its
+    logits and labels (B, T); prompt tuning puts virtual tokens in front of the logits."""
+    target = labels[:, 1:].to(logits.device)
+    return logits[:, logits.shape[1] - labels.shape[1]:-1], target, target != IGNORE
+
+
+def token_hits(logits, labels) -> torch.Tensor:
+    """[argmax == target, counted targets] of next_token_targets(logits, labels)."""
+    logits, target, keep = next_token_targets(logits, labels)
+    return torch.stack([((logits.argmax(-1) == target) & keep).sum(), keep.sum()])
+
+
 @torch.no_grad()
 def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=None) -> dict:
     """Token-weighted loss, perplexity = exp(loss) and top-1 accuracy over every target token. Under
@@ -29,10 +42,8 @@ def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=N
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits
-        logits = logits[:, logits.shape[1] - labels.shape[1]:-1].float()  # prompt tuning puts virtual tokens first
-        target = labels[:, 1:]
-        keep = target != IGNORE
+        logits, target, keep = next_token_targets(model(**batch, use_cache=False).logits, labels)
+        logits = logits.float()
         sums[0] += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
         sums[1] += (logits.argmax(-1)[keep] == target[keep]).sum()
         sums[2] += keep.sum()

@@ -15,7 +15,8 @@ loss both honour), so the summed gradients are those of one batch holding all th
 
 Everything goes to output_dir: config.json, patch_report.txt, metrics.jsonl (one line per logged step: loss,
 lr, grad_norm, token_accuracy of the training tokens since the last line (counted inside the fused loss, or
-from the logits of an unpatched model), tokens/s, peak memory; and one per evaluation), checkpoint-<step>/ (checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
+from the logits of an unpatched model), tokens/s, peak memory; and one per evaluation), checkpoint-<step>/
+(checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
 (model/ for full and BitFit, adapter/ in PEFT's format for the PEFT methods) with the tokenizer; base/ holds a
 built-in config's model as initialised.
 """
@@ -34,7 +35,7 @@ import torch
 from . import builtin, checkpoint, data
 from .config import TrainConfig
 from .distributed import Dist
-from .evaluate import loss_metrics
+from .evaluate import loss_metrics, token_hits
 
 
 def pick_device(name: str) -> torch.device:
@@ -216,16 +217,6 @@ def make_optimizer(params, cfg: TrainConfig, device):
                              **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
-def _logit_hits(logits, labels):
-    """[argmax == next label, counted tokens] of a causal LM's logits (B, T, V) against labels (B, T)."""
-    if labels is None or logits.shape[:2] != labels.shape:  # prompt tuning: virtual tokens in front
-        return torch.zeros(2, device=logits.device)
-    target = labels[:, 1:].to(logits.device)
-    valid = target != -100
-    hits = (logits[:, :-1].argmax(-1) == target) & valid
-    return torch.stack([hits.sum(), valid.sum()]).float()
-
-
 def _accuracy_counts(model, device):
     """A (2,) device tensor the fused LM heads count token accuracy into (also filled from the logits of an
     unpatched model by forward_backward)."""
@@ -253,8 +244,9 @@ def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | 
             with _autocast(cfg, device), _offload(cfg, device):
                 out = model(**b, num_items_in_batch=n_step, use_cache=False)  # packing needs no cache
             loss = out.loss
-            if accuracy is not None and out.logits is not None:  # unpatched: from the logits it returns
-                accuracy += _logit_hits(out.logits, b.get("labels"))
+            if accuracy is not None and out.logits is not None and "labels" in b:  # unpatched: from its logits
+                with torch.no_grad():
+                    accuracy += token_hits(out.logits, b["labels"]).to(accuracy)
             # DDP / FSDP average gradients over processes; each loss is already over the global tokens
             (scaler.scale(loss * dist.world) if scaler else loss * dist.world).backward()
         loss_sum += loss.detach()

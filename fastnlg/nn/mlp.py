@@ -1,4 +1,5 @@
-"""Gated MLP (Llama/Mistral/Qwen SwiGLU, Gemma GeGLU): down(act(gate(x)) * up(x)) with the fused activation."""
+"""Gated MLP (Llama/Mistral/Qwen SwiGLU, Gemma GeGLU): down(act(gate(x)) * up(x)) with the fused activation;
+Phi-3's form, one gate_up_proj whose output halves are (gate, up), too."""
 from __future__ import annotations
 
 import functools
@@ -25,17 +26,24 @@ class FastGatedMLP(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, activation: str, eager_rounding: bool = False) -> "FastGatedMLP":
-        """Shares the projections of an HF MLP with gate_proj/up_proj/down_proj."""
+        """Shares the projections of an HF MLP with gate_proj/up_proj/down_proj, or gate_up_proj/down_proj."""
         _activation_fn(activation)
+        names = ("gate_up_proj", "down_proj") if hasattr(module, "gate_up_proj") else \
+            ("gate_proj", "up_proj", "down_proj")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.gate_proj, new.up_proj, new.down_proj = module.gate_proj, module.up_proj, module.down_proj
+        for name in names:
+            setattr(new, name, getattr(module, name))
         new.activation, new.eager_rounding = activation, eager_rounding
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = _activation_fn(self.activation)
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x), eager_rounding=self.eager_rounding))
+        if "gate_up_proj" in self._modules:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(act(gate, up, eager_rounding=self.eager_rounding))
 
 
 def _activation_fn(name: str):

@@ -1,36 +1,63 @@
-"""What fastnlg.patch recognises, as data (DESIGN.md §4.4): Transformers class names and module functions,
-mapped to what replaces them. A family is listed only when tests/models/test_patch.py checks it against the
-unpatched model; anything else is reported as skipped, never patched by guessing.
+"""What fastnlg.patch recognises, as data (DESIGN.md §4.4): rules `(kind, names, fuse, options)` that the
+patcher applies in one walk over the model. A family is rows only; a family is listed only when
+tests/models/test_patch.py checks it against the unpatched model. Anything else is reported as skipped,
+never patched by guessing.
+
+- kind: what the report calls the change (norm, mlp, cross_entropy, rope, lora, linear4bit); patch()'s
+  keyword of the same name turns the kind off (linear4bit goes with lora).
+- names: a module matches when its class name, or `module.ClassName` for a name with a dot, matches one of
+  these (fnmatch patterns). Each module gets the first matching rule of each kind, in table order, so the
+  catch-all rules at the end of a kind only see what no family row took.
+- fuse: the patcher's builder (fastnlg/patching/patcher.py, _BUILDERS) and its options.
 """
+from __future__ import annotations
 
-# RMSNorm classes -> (offset of the scale, casting mode): Llama's w * x_hat.to(x.dtype) (x_hat rounded before
-# the multiply), Gemma's ((1 + w) * x_hat).to(x.dtype) in fp32 (see fastnlg/ops/rms_norm.py).
-RMS_NORMS = {
-    "LlamaRMSNorm": (0.0, "llama"), "MistralRMSNorm": (0.0, "llama"), "Qwen2RMSNorm": (0.0, "llama"),
-    "Qwen3RMSNorm": (0.0, "llama"), "GemmaRMSNorm": (1.0, "gemma"), "Gemma2RMSNorm": (1.0, "gemma"),
-}
+from typing import NamedTuple
 
-# Gated MLPs computing down_proj(act(gate_proj(x)) * up_proj(x)) -> the config field naming act.
-GATED_MLPS = {
-    "LlamaMLP": "hidden_act", "MistralMLP": "hidden_act", "Qwen2MLP": "hidden_act", "Qwen3MLP": "hidden_act",
-    "GemmaMLP": "hidden_act", "Gemma2MLP": "hidden_activation",
-}
 
-# Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward)
-# -> the attribute holding the head.
-CAUSAL_LMS = {
-    "LlamaForCausalLM": "lm_head", "MistralForCausalLM": "lm_head", "Qwen2ForCausalLM": "lm_head",
-    "Qwen3ForCausalLM": "lm_head", "GemmaForCausalLM": "lm_head", "Gemma2ForCausalLM": "lm_head",
-    "GPT2LMHeadModel": "lm_head",
-}
+class Rule(NamedTuple):
+    kind: str
+    names: tuple
+    fuse: str
+    options: dict = {}
 
-# Modelling modules whose attention layers call the module-level apply_rotary_pos_emb(q, k, cos, sin,
-# unsqueeze_dim=1) with rotate_half: fastnlg.ops.apply_rope computes the same.
-ROPE_MODULES = (
-    "transformers.models.llama.modeling_llama", "transformers.models.mistral.modeling_mistral",
-    "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3",
-    "transformers.models.gemma.modeling_gemma", "transformers.models.gemma2.modeling_gemma2",
+
+RULES = (
+    # RMSNorm -> FastRMSNorm. Llama's casting: w * x_hat.to(x.dtype) (x_hat rounded before the multiply);
+    # Gemma's: ((1 + w) * x_hat).to(x.dtype) in fp32 (see fastnlg/ops/rms_norm.py).
+    Rule("norm", ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"), "rms_norm",
+         {"offset": 0.0, "casting_mode": "llama"}),
+    Rule("norm", ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), "rms_norm",
+         {"offset": 1.0, "casting_mode": "gemma"}),
+    Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), "layer_norm"),
+    Rule("norm", ("*Norm",), "unknown"),
+
+    # Gated MLPs down_proj(act(gate) * up) -> FastGatedMLP; `act` names the config field holding act.
+    # Phi-3 computes gate and up in one projection, gate_up_proj, and splits it in halves (gate first).
+    Rule("mlp", ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"), "gated_mlp", {"act": "hidden_act"}),
+    Rule("mlp", ("Gemma2MLP", "Gemma3MLP"), "gated_mlp", {"act": "hidden_activation"}),
+    Rule("mlp", ("Phi3MLP",), "gated_mlp", {"act": "hidden_act"}),
+    Rule("mlp", ("*MLP",), "unknown"),
+
+    # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);
+    # `head` is the attribute holding the lm_head.
+    Rule("cross_entropy", ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+                           "GPT2LMHeadModel"), "lm_head", {"head": "lm_head"}),
+    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel"), "unknown"),
+
+    # Attention layers calling their modelling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    # with rotate_half (Phi-3's with partial rotary): that function -> fastnlg.ops.apply_rope, once per module.
+    Rule("rope", ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
+                  "Gemma2Attention", "Gemma3Attention", "Phi3Attention"), "rope"),
+
+    # PEFT LoRA layers over nn.Linear, GPT-2's Conv1D or bitsandbytes NF4 -> fastnlg.nn.peft_lora_forward.
+    Rule("lora", ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit"), "peft_lora"),
+    Rule("lora", ("peft.tuners.lora.*",), "unknown_lora"),
+    Rule("linear4bit", ("bitsandbytes.nn.modules.Linear4bit",), "bnb_4bit"),
 )
 
-# PEFT LoRA layer classes run by fastnlg.nn.peft_lora_forward (base nn.Linear or bnb 4-bit NF4).
-LORA_LAYERS = ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit")
+
+def class_names(kind: str | None = None) -> set:
+    """The exact class names the family rows list (no patterns, no qualified names)."""
+    return {n for r in RULES if kind in (None, r.kind) for n in r.names if "*" not in n and "." not in n}

@@ -13,8 +13,9 @@ import fastnlg  # noqa: E402
 from fastnlg.patching import table  # noqa: E402
 
 VOCAB = 61
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"]
-NORMS = {"qwen3": 2 * 4 + 1, "gemma2": 2 * 4 + 1}  # per layer: + q/k norms (Qwen3), + post norms (Gemma 2)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"]
+# per layer: + q/k norms (Qwen3), + post norms (Gemma 2), both (Gemma 3)
+NORMS = {"qwen3": 2 * 4 + 1, "gemma2": 2 * 4 + 1, "gemma3": 2 * 6 + 1}
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +42,12 @@ def _config(family):
     if family == "gemma2":  # + logit softcaps, sliding layers
         return transformers.Gemma2Config(head_dim=8, sliding_window=5, final_logit_softcapping=3.0,
                                          attn_logit_softcapping=4.0, query_pre_attn_scalar=8, **common)
+    if family == "gemma3":  # + q/k norms, alternating sliding/global layers with their own rope bases
+        return transformers.Gemma3TextConfig(head_dim=8, sliding_window=5, final_logit_softcapping=3.0,
+                                             query_pre_attn_scalar=8, layer_types=["sliding_attention",
+                                                                                   "full_attention"], **common)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj, partial rotary
+        return transformers.Phi3Config(partial_rotary_factor=0.5, pad_token_id=0, **common)
     if family == "gpt2":  # LayerNorm, no rope, attention dropout off here
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -136,14 +143,18 @@ def _check_patched(family):
         assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
 
 
-def test_patch_twice_and_unpatch_unpatched_are_errors():
+def test_patch_again_adds_nothing_and_unpatch_of_an_unpatched_model_is_an_error():
     model = _model("llama")
     with pytest.raises(ValueError, match="was not patched"):
         fastnlg.unpatch(model)
-    fastnlg.patch(model)
-    with pytest.raises(ValueError, match="already patched"):
-        fastnlg.patch(model)
-    fastnlg.unpatch(model)
+    first = fastnlg.patch(model)
+    types_patched = _types(model)
+    again = fastnlg.patch(model)
+    assert again.patched == [] and again.skipped == [] and _types(model) == types_patched
+    assert fastnlg.unpatch(model).patched == first.patched
+    assert not fastnlg.is_patched(model)
+    with pytest.raises(ValueError, match="was not patched"):
+        fastnlg.unpatch(model)
 
 
 def test_patched_rope_function_takes_the_hf_arguments(monkeypatch):
@@ -187,6 +198,8 @@ def test_rope_function_shared_by_two_models_is_restored_after_both():
     fastnlg.patch(b)
     fastnlg.unpatch(a)
     assert module.apply_rotary_pos_emb is not original  # b still uses it
+    import gc
+    gc.collect()  # patched models other tests left behind no longer hold it
     fastnlg.unpatch(b)
     assert module.apply_rotary_pos_emb is original
 
@@ -271,17 +284,17 @@ def test_lora_state_changed_after_patching_falls_back_to_peft(caplog):
 
 
 def test_table_names_exist_in_transformers():
-    """Table entries are real Transformers classes / modules of this version (a rename shows up here)."""
+    """The class names of the table's family rows are real Transformers classes of this version (a rename
+    shows up here), and every family of the table is tested here."""
     import importlib
 
-    for module_name in table.ROPE_MODULES:
-        module = importlib.import_module(module_name)
-        assert callable(module.apply_rotary_pos_emb)
-    names = set(table.RMS_NORMS) | set(table.GATED_MLPS) | set(table.CAUSAL_LMS)
     found = set()
-    for module_name in table.ROPE_MODULES + ("transformers.models.gpt2.modeling_gpt2",):
-        found |= set(vars(importlib.import_module(module_name)))
+    for family in FAMILIES:
+        found |= set(vars(importlib.import_module(f"transformers.models.{family}.modeling_{family}")))
+    names = table.class_names()
     assert names <= found, names - found
+    rope_classes = table.class_names("rope")
+    assert {f"{f.capitalize()}Attention" for f in FAMILIES if f != "gpt2"} == rope_classes
 
 
 def _quantize_linears(model, names):
@@ -415,7 +428,7 @@ def test_bf16_autocast_over_fp32_weights(family, method):
 
 @pytest.mark.parametrize("pad", [False, True], ids=["nopad", "leftpad"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3", "gpt2"])
 def test_generate_with_each_cache_matches(family, cache, pad):
     """Greedy generation with a dynamic and a static cache, with and without left padding: the same tokens
     and step scores as the unpatched model. (A static cache's prefill comes with no mask: SDPA's top-left

@@ -1,4 +1,5 @@
-"""Block sizes chosen by measurement, for the tiled kernels (attention) whose best tile depends on the GPU.
+"""Block sizes chosen by measurement, for the tiled kernels (attention, NF4 matmul) whose best tile depends
+on the GPU: `tuned_launch(kernel, configs, fields, interpret_config, grid, key, args, meta, device)`.
 
 A launcher passes its problem key (kernel, dtype, head dim, feature flags, power-of-2 buckets of the sizes),
 its candidate configs (all in the file's AOT_SPECS, so each one compiles and fits the shared memory of every
@@ -64,3 +65,18 @@ def pick(key: tuple, candidates, launch, device: torch.device):
 def chosen() -> dict:
     """{key: config} picked so far in this process."""
     return dict(_BEST)
+
+
+def tuned_launch(kernel, configs, fields, interpret_config, grid, key: tuple, args: tuple, meta: dict, device):
+    """kernel[grid(cfg)](*args, **meta, **cfg) with cfg the config of `configs` (tuples, named by `fields`:
+    block sizes, num_warps, num_stages) measured fastest for `key` on `device` (see `pick`); under
+    TRITON_INTERPRET, `interpret_config` (small tiles, so CPU tests cross several blocks)."""
+    from fastnlg.backend import triton_interpret
+
+    candidates = [interpret_config] if triton_interpret() else list(configs)
+
+    def launch(cfg):
+        named = dict(zip(fields, cfg))
+        kernel[grid(named)](*args, **meta, **named)
+
+    launch(pick(key, candidates, launch, device))

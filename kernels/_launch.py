@@ -16,6 +16,36 @@ MAX_ROW = 32768
 ROW_BLOCKS = tuple(2 ** i for i in range(4, 16))  # 16 .. 32768
 
 
+_SCALAR_TYPES = {"int32": "i32", "int64": "i64", "fp32": "fp32"}
+
+
+def declared_signature(kernel, dtype, **element_types) -> dict:
+    """AOT signature of a @triton.jit kernel from its declared argument types: constexprs and annotated
+    arguments (`n: tl.int32`, `LSE: "*fp32"`) as declared; an argument without a type is a pointer to the
+    launch's data dtype, or to element_types[name] (a Triton type name) where given. Reads the Python
+    function's annotations, so it works under TRITON_INTERPRET too."""
+    import inspect
+
+    import triton.language as tl
+
+    sig = {}
+    for name, param in inspect.signature(getattr(kernel, "fn", kernel)).parameters.items():
+        ann = param.annotation
+        if ann is tl.constexpr or "constexpr" in str(ann):
+            sig[name] = "constexpr"
+        elif isinstance(ann, tl.dtype):
+            if ann.name not in _SCALAR_TYPES:
+                raise TypeError(f"{kernel}: argument {name}: declare one of {sorted(_SCALAR_TYPES)}, got {ann}")
+            sig[name] = _SCALAR_TYPES[ann.name]
+        elif isinstance(ann, str) and ann.startswith("*"):
+            sig[name] = ann
+        elif ann is inspect.Parameter.empty:
+            sig[name] = "*" + element_types.get(name, TRITON_DTYPE[dtype])
+        else:
+            raise TypeError(f"{kernel}: argument {name}: unsupported annotation {ann!r}")
+    return sig
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TRITON_DTYPE
+from ._autotune import tuned_launch
+from ._launch import declared_signature
 
 # Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, the first the default: the
 # launchers time them on the GPU at hand and keep the fastest per problem shape (kernels/_autotune.py).
@@ -46,6 +47,7 @@ FWD_CONFIGS_FP32 = {32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4
 BWD_CONFIGS_FP32 = {32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(32, 32, 4, 1)], 256: [(16, 16, 4, 1)]}
 INTERPRET_BLOCK = 16  # small blocks under TRITON_INTERPRET so CPU tests cross several blocks quickly
 INTERPRET_CONFIG = (INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1)  # tests set other tile shapes here
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 @triton.jit
@@ -151,9 +153,12 @@ def _dropout_keep(seed, bh, rows, cols, s_total, dropout_p):
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, O, LSE, KPM, CU,
-                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, skpm,
-                    T, S, Hq, GROUP, D, scale, softcap, left, right, dropout_p, seed,
+def attn_fwd_kernel(Q, K, V, O, LSE: "*fp32", KPM: "*u8", CU: "*i32",
+                    sqb: tl.int64, sqh: tl.int32, sqt: tl.int32, skb: tl.int64, skh: tl.int32, skt: tl.int32,
+                    svb: tl.int64, svh: tl.int32, svt: tl.int32, sob: tl.int64, soh: tl.int32, sot: tl.int32,
+                    slb: tl.int64, slh: tl.int32, skpm: tl.int64,
+                    T: tl.int32, S: tl.int32, Hq: tl.int32, GROUP: tl.int32, D: tl.int32, scale: tl.float32,
+                    softcap: tl.float32, left: tl.int32, right: tl.int32, dropout_p: tl.float32, seed: tl.int32,
                     CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                     IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -206,10 +211,14 @@ def _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right,
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU,
-                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, slb, slh,
-                         sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, skpm,
-                         T, S, Hkv, GROUP, D, scale, softcap, left, right, dropout_p, seed,
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM: "*u8", CU: "*i32",
+                         sqb: tl.int64, sqh: tl.int32, sqt: tl.int32, skb: tl.int64, skh: tl.int32, skt: tl.int32,
+                         svb: tl.int64, svh: tl.int32, svt: tl.int32, sdob: tl.int64, sdoh: tl.int32,
+                         sdot: tl.int32, slb: tl.int64, slh: tl.int32, sdkb: tl.int64, sdkh: tl.int32,
+                         sdkt: tl.int32, sdvb: tl.int64, sdvh: tl.int32, sdvt: tl.int32, skpm: tl.int64,
+                         T: tl.int32, S: tl.int32, Hkv: tl.int32, GROUP: tl.int32, D: tl.int32, scale: tl.float32,
+                         softcap: tl.float32, left: tl.int32, right: tl.int32, dropout_p: tl.float32,
+                         seed: tl.int32,
                          CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                          IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -271,9 +280,12 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU,
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU,
-                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, slb, slh, sdqb, sdqh, sdqt, skpm,
-                       T, S, Hq, GROUP, D, scale, softcap, left, right, dropout_p, seed,
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DQ, KPM: "*u8", CU: "*i32",
+                       sqb: tl.int64, sqh: tl.int32, sqt: tl.int32, skb: tl.int64, skh: tl.int32, skt: tl.int32,
+                       svb: tl.int64, svh: tl.int32, svt: tl.int32, sdob: tl.int64, sdoh: tl.int32, sdot: tl.int32,
+                       slb: tl.int64, slh: tl.int32, sdqb: tl.int64, sdqh: tl.int32, sdqt: tl.int32, skpm: tl.int64,
+                       T: tl.int32, S: tl.int32, Hq: tl.int32, GROUP: tl.int32, D: tl.int32, scale: tl.float32,
+                       softcap: tl.float32, left: tl.int32, right: tl.int32, dropout_p: tl.float32, seed: tl.int32,
                        CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                        IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -317,31 +329,15 @@ def _config_table(backward, dtype):
     return BWD_CONFIGS if backward else FWD_CONFIGS
 
 
-def _candidates(D, backward, dtype):
-    """(BLOCK_D, the configs to choose from) for head dim D."""
-    from fastnlg.backend import triton_interpret
-
-    block_d = max(32, triton.next_power_of_2(D))
-    if triton_interpret():
-        return block_d, [INTERPRET_CONFIG]
-    return block_d, _config_table(backward, dtype)[block_d]
-
-
 def _tuned_launch(name, kernel, grid_rows, n_heads_prog, args, flags, D, backward, dtype, sizes, device):
     """Launch `kernel` with the config measured fastest for this problem (kernels/_autotune.py): grid
     (cdiv(grid_rows, BLOCK_M or BLOCK_N), n_heads_prog), the rows' block being BLOCK_N for the dK/dV kernel."""
-    from . import _autotune
-
-    block_d, configs = _candidates(D, backward, dtype)
-
-    def launch(cfg):
-        bm, bn, warps, stages = cfg
-        rows_block = bn if name == "attn_bwd_dkdv" else bm
-        kernel[(triton.cdiv(grid_rows, rows_block), n_heads_prog)](
-            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
-
+    block_d = max(32, triton.next_power_of_2(D))
+    rows_block = "BLOCK_N" if name == "attn_bwd_dkdv" else "BLOCK_M"
     key = (name, dtype, block_d, *flags.values(), *(triton.next_power_of_2(max(1, n)) for n in sizes))
-    launch(_autotune.pick(key, configs, launch, device))
+    tuned_launch(kernel, _config_table(backward, dtype)[block_d], CONFIG_FIELDS, INTERPRET_CONFIG,
+                 lambda cfg: (triton.cdiv(grid_rows, cfg[rows_block]), n_heads_prog), key, args,
+                 {**flags, "BLOCK_D": block_d}, device)
 
 
 def _common(q, k, cu_seqlens, max_seqlen, key_padding_mask):
@@ -399,123 +395,6 @@ def backward(do, q, k, v, o, lse, *, causal, scale, softcap, window, key_padding
     return dq, dk, dv
 
 
-@triton.jit
-def attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KPM,
-                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sos, sob, soh, sot, sls, slb, slh, skpm,
-                       T, S, Hkv, GROUP, D, split_len, scale, softcap, left, right,
-                       CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Flash-decoding: program (key split, batch x kv head) runs the GROUP * T query rows that share the kv
-    head (row r = query head hk * GROUP + r // T, query r % T) over keys [split * split_len, + split_len),
-    so a single query row still spreads over the GPU and K/V are read once per group. Writes the split's
-    normalised output and log-sum-exp (-inf when it saw no key); the splits are merged afterwards."""
-    split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    offs_r = tl.arange(0, BLOCK_M)
-    g = offs_r // T
-    i = offs_r % T
-    row_ok = offs_r < GROUP * T
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    h = hk * GROUP + g
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + i[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_ptr = _head(K, b, hk, skb, skh)
-    v_ptr = _head(V, b, hk, svb, svh)
-    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo = split * split_len
-    hi = tl.minimum(S, lo + split_len)
-    lo = tl.where(left >= 0, tl.maximum(lo, ((S - T - left) // BLOCK_N) * BLOCK_N), lo)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < hi) & d_ok[None, :]
-        k = tl.load(_rows(k_ptr, offs_n, skt, offs_d), mask=kv_ok, other=0.0)
-        ok = _visible(i, offs_n, T, S, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
-        ok = ok & row_ok[:, None] & (offs_n[None, :] < hi)
-        s = tl.where(ok, _scores(q, k, scale, softcap, HAS_SOFTCAP), -float("inf"))
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        v = tl.load(_rows(v_ptr, offs_n, svt, offs_d), mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, -float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    base = split.to(tl.int64) * sos + b.to(tl.int64) * sob
-    tl.store(O_PART + base + h.to(tl.int64)[:, None] * soh + i[:, None] * sot + offs_d[None, :], o,
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE_PART + split.to(tl.int64) * sls + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i, lse, mask=row_ok)
-
-
-DECODE_MAX_ROWS = 32  # GROUP * T query rows per program (Llama-3 70B: GROUP 8 x T up to 4)
-DECODE_BLOCK_N = {torch.bfloat16: {32: 64, 64: 64, 128: 64, 256: 32},  # keys per tile, per padded head dim
-                  torch.float32: {32: 64, 64: 32, 128: 32, 256: 16}}
-
-
-def decode_eligible(q, k, dropout_p, cu_seqlens):
-    """Flash-decoding applies to inference with few query rows per kv head against a longer KV cache."""
-    group_rows = q.shape[1] // k.shape[1] * q.shape[2]
-    return dropout_p == 0 and cu_seqlens is None and group_rows <= DECODE_MAX_ROWS and k.shape[2] >= 4 * q.shape[2]
-
-
-def decode(q, k, v, *, causal, scale, softcap, window, key_padding_mask, n_splits=None):
-    """Forward only: splits the keys, runs attn_decode_kernel, merges the splits by their log-sum-exp."""
-    from fastnlg.backend import triton_interpret
-
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    block_d = max(32, triton.next_power_of_2(D))
-    table = DECODE_BLOCK_N[torch.float32 if q.dtype == torch.float32 else torch.bfloat16]
-    block_n = INTERPRET_BLOCK if triton_interpret() else table[block_d]
-    block_m = max(16, triton.next_power_of_2(group * T))
-    if n_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        n_splits = max(1, min(triton.cdiv(S, 4 * block_n), triton.cdiv(2 * sms, B * Hkv)))
-    split_len = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(S, split_len)
-    o_part = torch.empty(n_splits, B, Hq, T, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(n_splits, B, Hq, T, dtype=torch.float32, device=q.device)
-    left, right = window
-    kpm = key_padding_mask if key_padding_mask is not None else q
-    attn_decode_kernel[(n_splits, B * Hkv)](
-        q, k, v, o_part, lse_part, kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o_part.stride()[:4],
-        *lse_part.stride()[:3], key_padding_mask.stride(0) if key_padding_mask is not None else 0,
-        T, S, Hkv, group, D, split_len, scale, softcap or 1.0, left, right,
-        CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_KPM=key_padding_mask is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    lse = torch.logsumexp(lse_part, dim=0)  # (B, Hq, T); -inf where no split saw a key
-    weight = torch.exp(lse_part - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
-    return (weight[..., None] * o_part).sum(0).to(q.dtype)
-
-
-def _signature(kernel, dtype):
-    """AOT signature: tensor pointers, strides (batch strides i64), sizes, scalars."""
-    t = "*" + TRITON_DTYPE[dtype]
-    names = kernel.arg_names
-    sig = {}
-    for name in names:
-        if name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name == "KPM":
-            sig[name] = "*u8"
-        elif name == "CU":
-            sig[name] = "*i32"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            sig[name] = t
-        elif name.startswith("s") and name not in ("scale", "softcap", "seed"):
-            sig[name] = "i64" if name.endswith("b") else "i32"
-        elif name in ("scale", "softcap", "dropout_p"):
-            sig[name] = "fp32"
-        elif name in ("CAUSAL", "HAS_SOFTCAP", "HAS_KPM", "IS_VARLEN", "DROPOUT", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def _specs():
     """Every (kernel, head-dim config, dtype table) with all features on: the most registers and the same
     tiles (shared memory) as the plain variant, which is left out to keep CI's compile time down."""
@@ -525,16 +404,9 @@ def _specs():
         for dtype in (torch.bfloat16, torch.float32):
             for block_d, configs in _config_table(backward, dtype).items():
                 for bm, bn, warps, stages in configs:
-                    specs.append({"kernel": kernel, "signature": _signature(kernel, dtype), "num_warps": warps,
-                                  "num_stages": stages,
+                    specs.append({"kernel": kernel, "signature": declared_signature(kernel, dtype),
+                                  "num_warps": warps, "num_stages": stages,
                                   "constexprs": {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}})
-    for dtype, table in DECODE_BLOCK_N.items():
-        for block_d, block_n in table.items():
-            sig = _signature(attn_decode_kernel, dtype)
-            sig.update({"O_PART": "*fp32", "LSE_PART": "*fp32"})
-            specs.append({"kernel": attn_decode_kernel, "signature": sig, "num_warps": 4, "num_stages": 2,
-                          "constexprs": {"CAUSAL": True, "HAS_SOFTCAP": True, "HAS_KPM": True,
-                                         "BLOCK_M": DECODE_MAX_ROWS, "BLOCK_N": block_n, "BLOCK_D": block_d}})
     return specs
 
 

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TRITON_DTYPE
+from ._autotune import tuned_launch
+from ._launch import declared_signature
 
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the first the default; the launchers measure
 # them per problem shape on the GPU at hand (kernels/_autotune.py) and the AOT tier compiles every one. The
@@ -26,6 +27,7 @@ CONFIGS[torch.float16] = CONFIGS[torch.bfloat16]
 LORA_TUNED_RANK = 64
 INTERPRET_BLOCK = 16
 INTERPRET_CONFIG = (INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1)  # tests set other tile shapes here
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
 @triton.jit
@@ -40,7 +42,9 @@ def _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS: tl.constexpr)
 
 
 @triton.jit
-def nf4_matmul_nt_kernel(X, PACKED, ABSMAX, CODE, BIAS, U, LB, Y, M, n_out, n_in, r, sxm, sym, sum_, slb, scaling,
+def nf4_matmul_nt_kernel(X, PACKED: "*u8", ABSMAX: "*fp32", CODE: "*fp32", BIAS, U, LB, Y, M: tl.int32,
+                         n_out: tl.int32, n_in: tl.int32, r: tl.int32, sxm: tl.int32, sym: tl.int32, sum_: tl.int32,
+                         slb: tl.int32, scaling: tl.float32,
                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,7 +70,8 @@ def nf4_matmul_nt_kernel(X, PACKED, ABSMAX, CODE, BIAS, U, LB, Y, M, n_out, n_in
 
 
 @triton.jit
-def nf4_matmul_nn_kernel(DY, PACKED, ABSMAX, CODE, DX, M, n_out, n_in, sdym, sdxm, BS: tl.constexpr,
+def nf4_matmul_nn_kernel(DY, PACKED: "*u8", ABSMAX: "*fp32", CODE: "*fp32", DX, M: tl.int32, n_out: tl.int32,
+                         n_in: tl.int32, sdym: tl.int32, sdxm: tl.int32, BS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -81,25 +86,11 @@ def nf4_matmul_nn_kernel(DY, PACKED, ABSMAX, CODE, DX, M, n_out, n_in, sdym, sdx
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in))
 
 
-def _candidates(dtype, rank=0):
-    from fastnlg.backend import triton_interpret
-
-    if triton_interpret():
-        return [INTERPRET_CONFIG]
-    return CONFIGS[dtype] if rank <= LORA_TUNED_RANK else CONFIGS[dtype][:1]
-
-
-def _tuned_launch(name, kernel, grid, args, kwargs, dtype, sizes, device, rank=0):
+def _tuned_launch(name, kernel, grid, args, meta, dtype, sizes, device, rank=0):
     """Launch with the config measured fastest for (name, dtype, rank, power-of-2 sizes); grid(cfg)."""
-    from . import _autotune
-
-    def launch(cfg):
-        bm, bn, bk, warps, stages = cfg
-        kernel[grid(bm, bn, bk)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                                 num_stages=stages)
-
     key = (name, dtype, rank, *(triton.next_power_of_2(max(1, n)) for n in sizes))
-    launch(_autotune.pick(key, _candidates(dtype, rank), launch, device))
+    configs = CONFIGS[dtype] if rank <= LORA_TUNED_RANK else CONFIGS[dtype][:1]
+    tuned_launch(kernel, configs, CONFIG_FIELDS, INTERPRET_CONFIG, grid, key, args, meta, device)
 
 
 def _tables(w):
@@ -124,7 +115,8 @@ def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=
     u = lora_u.contiguous() if lora else y
     lb = lora_B.contiguous() if lora else y
     r = lora_u.shape[1] if lora else 1
-    _tuned_launch("nf4_matmul_nt", nf4_matmul_nt_kernel, lambda bm, bn, bk: (triton.cdiv(M, bm), triton.cdiv(n_out, bn)),
+    _tuned_launch("nf4_matmul_nt", nf4_matmul_nt_kernel,
+                  lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(n_out, c["BLOCK_N"])),
                   (x2, packed, absmax, code, bias if bias is not None else y, u, lb, y, M, n_out, n_in, r, x2.stride(0),
                    y.stride(0), u.stride(0), lb.stride(0), float(scaling)),
                   dict(HAS_BIAS=bias is not None, HAS_LORA=lora, BS=w.blocksize,
@@ -139,7 +131,8 @@ def matmul_nn(dy2: torch.Tensor, w) -> torch.Tensor:
     M, (n_out, n_in) = dy2.shape[0], w.shape
     dx = torch.empty(M, n_in, dtype=dy2.dtype, device=dy2.device)
     packed, absmax, code = _tables(w)
-    _tuned_launch("nf4_matmul_nn", nf4_matmul_nn_kernel, lambda bm, bn, bk: (triton.cdiv(M, bm), triton.cdiv(n_in, bk)),
+    _tuned_launch("nf4_matmul_nn", nf4_matmul_nn_kernel,
+                  lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(n_in, c["BLOCK_K"])),
                   (dy2, packed, absmax, code, dx, M, n_out, n_in, dy2.stride(0), dx.stride(0)), dict(BS=w.blocksize),
                   dy2.dtype, (M, n_out, n_in), dy2.device)
     return dx
@@ -149,22 +142,14 @@ def _specs():
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         for i, (bm, bn, bk, warps, stages) in enumerate(CONFIGS[dtype]):
-            t = "*" + TRITON_DTYPE[dtype]
-            common = {"PACKED": "*u8", "ABSMAX": "*fp32", "CODE": "*fp32", "M": "i32", "n_out": "i32",
-                      "n_in": "i32", "BS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                      "BLOCK_K": "constexpr"}
             blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
             # the LoRA epilogue at the ranks people use, and (default config only) the largest
             for rank in (16, LORA_TUNED_RANK) + ((MAX_RANK,) if i == 0 else ()):
                 specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
-                              "signature": {"X": t, "BIAS": t, "U": t, "LB": t, "Y": t, "r": "i32", "sxm": "i32",
-                                            "sym": "i32", "sum_": "i32", "slb": "i32", "scaling": "fp32",
-                                            "HAS_BIAS": "constexpr", "HAS_LORA": "constexpr",
-                                            "BLOCK_R": "constexpr", **common},
+                              "signature": declared_signature(nf4_matmul_nt_kernel, dtype),
                               "constexprs": {"HAS_BIAS": True, "HAS_LORA": True, "BLOCK_R": rank, **blocks}})
             specs.append({"kernel": nf4_matmul_nn_kernel, "num_warps": warps, "num_stages": stages,
-                          "signature": {"DY": t, "DX": t, "sdym": "i32", "sdxm": "i32", **common},
-                          "constexprs": blocks})
+                          "signature": declared_signature(nf4_matmul_nn_kernel, dtype), "constexprs": blocks})
     return specs
 
 

@@ -1,6 +1,6 @@
 """Fused attention (FlashAttention-2 algorithm): forward and backward without any (T, S) tensor.
 
-Semantics (the spec is `attention_reference` below; kernels in kernels/attention.py):
+Semantics (the spec is `attention_reference` below; kernels in kernels/attention.py, flash-decoding in kernels/attention_decode.py):
     q (B, Hq, T, D), k/v (B, Hkv, S, D), Hq % Hkv == 0 (query head h reads kv head h // (Hq / Hkv));
     query i sits at key position p_i = i + S - T (bottom-right alignment, as with a KV cache);
     s_ij = scale * q_i . k_j,  then softcap: s = c tanh(s / c);
@@ -239,7 +239,7 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     decode picks the Triton kernel: flash-decoding (keys split over programs, forward only) or the
     FlashAttention-2 kernel. None (default) takes flash-decoding exactly when no gradient is needed (grad
     mode off, or no input requires grad) and the call is decode-shaped: no dropout, no cu_seqlens, at most
-    kernels.attention.DECODE_MAX_ROWS query rows per kv head, and S >= 4 T (a KV cache). True insists on it
+    kernels.attention_decode.DECODE_MAX_ROWS query rows per kv head, and S >= 4 T (a KV cache). True insists on it
     (an error when a gradient is needed or the shapes are not decode-shaped); False never takes it."""
     amp = _amp.autocast_dtype(q.device.type)
     if amp is not None:
@@ -270,7 +270,7 @@ def _run_torch(q, k, v, *, causal, scale, dropout_p, window, softcap, key_paddin
 def _run_triton(q, k, v, *, causal, scale, dropout_p, window, softcap, key_padding_mask, cu_seqlens, max_seqlen,
                 decode):
     """Flash-decoding or the FlashAttention-2 kernels, by the rule in flash_attention's docstring."""
-    from fastnlg.kernels import attention as kern
+    from fastnlg.kernels import attention_decode as kern
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     eligible = kern.decode_eligible(q, k, dropout_p, cu_seqlens)

@@ -37,3 +37,25 @@ def test_all_kernels_compile_for_all_targets(tmp_path):
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['config']}: {r['error']}" for r in bad[:20])
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_aot_signatures_come_from_the_declared_argument_types():
+    """A kernel's AOT signature is read from its annotations (the types the JIT launches with too), not
+    guessed from argument names; an undeclared argument is a data pointer, and an unknown type is refused."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    from fastnlg.kernels._launch import declared_signature
+
+    def toy(X, OUT: "*fp32", n: tl.int32, stride_b: tl.int64, scale: tl.float32, BLOCK: tl.constexpr):
+        pass
+
+    assert declared_signature(triton.jit(toy), torch.bfloat16) == {
+        "X": "*bf16", "OUT": "*fp32", "n": "i32", "stride_b": "i64", "scale": "fp32", "BLOCK": "constexpr"}
+    assert declared_signature(triton.jit(toy), torch.float32, X="u8")["X"] == "*u8"
+
+    def bad(X, n: tl.int16):
+        pass
+    with pytest.raises(TypeError, match="argument n"):
+        declared_signature(triton.jit(bad), torch.float32)

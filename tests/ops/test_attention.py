@@ -254,7 +254,7 @@ DECODE_CASES = [  # (B, Hq, Hkv, T, S, D, options): few query rows per kv head, 
 @pytest.mark.parametrize("n_splits", [None, 1, 3])
 def test_flash_decoding(device, case, n_splits, use_backend, monkeypatch):
     """Split-K decoding (no grad) equals the reference, for any number of key splits."""
-    from fastnlg.kernels import attention as kern
+    from fastnlg.kernels import attention_decode as kern
 
     use_backend("triton")
     B, Hq, Hkv, T, S, D, kw = _split(case, device)
@@ -276,7 +276,7 @@ def test_decode_path_is_chosen_by_the_documented_rule(device, use_backend, monke
     """Evaluation (no_grad, or inputs that need no grad) of a decode-shaped call takes flash-decoding;
     training (inputs requiring grad) takes the FA2 kernel with a backward; decode=False / True override,
     and decode=True where a gradient is needed is an error, not a silent switch."""
-    from fastnlg.kernels import attention as kern
+    from fastnlg.kernels import attention_decode as kern
 
     use_backend("triton")
     B, Hq, Hkv, T, S, D, kw = _split(DECODE_CASES[0], device)

@@ -1,6 +1,7 @@
 """Fused attention (FlashAttention-2 algorithm): forward and backward without any (T, S) tensor.
 
-Semantics (the spec is `attention_reference` below; kernels in kernels/attention.py, flash-decoding in kernels/attention_decode.py):
+Semantics (the spec is `attention_reference` below; kernels in kernels/attention.py, flash-decoding in
+kernels/attention_decode.py):
     q (B, Hq, T, D), k/v (B, Hkv, S, D), Hq % Hkv == 0 (query head h reads kv head h // (Hq / Hkv));
     query i sits at key position p_i = i + S - T (bottom-right alignment, as with a KV cache);
     s_ij = scale * q_i . k_j,  then softcap: s = c tanh(s / c);

@@ -5,8 +5,10 @@
     report = fastnlg.patch(model)                # fused kernels into a Transformers / PEFT model
     fastnlg.is_patched(model)                    # True until fastnlg.unpatch(model)
     fastnlg.unpatch(model)
+    model, report = fastnlg.from_pretrained(path, load_in_4bit=True, lora={"r": 16, ...})   # loaded, patched
 """
 from . import backend, ops  # noqa: F401
+from .loading import from_pretrained  # noqa: F401
 from .patching import PatchReport, is_patched, patch, unpatch  # noqa: F401
 
 __version__ = "0.1.0"

@@ -50,9 +50,9 @@ def seed_everything(seed: int) -> None:
 
 def _bnb_cuda(cfg: TrainConfig, device) -> bool:
     """QLoRA on bitsandbytes' NF4 (CUDA with bitsandbytes installed); elsewhere on fastnlg's NF4Linear."""
-    import importlib.util
+    from ..loading import bitsandbytes_4bit_available
 
-    return cfg.method == "qlora" and device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+    return cfg.method == "qlora" and bitsandbytes_4bit_available(device)
 
 
 def load_model_and_tokenizer(cfg: TrainConfig, device):
@@ -67,17 +67,14 @@ def load_model_and_tokenizer(cfg: TrainConfig, device):
 def load_model(cfg: TrainConfig, device):
     """The causal LM of cfg.model on `device`: 4-bit through bitsandbytes for QLoRA on CUDA, the frozen base
     of the adapter methods in the compute dtype, fp32 otherwise; gradient checkpointing as configured."""
-    import transformers
+    from ..loading import load_causal_lm
 
     if _bnb_cuda(cfg, device):
-        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=q,
-                                                                  device_map={"": device}, dtype=torch.bfloat16)
+        model = load_causal_lm(cfg.model, dtype=torch.bfloat16, device=device, bnb_4bit=True)
     else:  # the frozen base of an adapter method in the compute dtype (PEFT keeps adapters fp32); else fp32
         frozen_base = cfg.method not in ("full", "bitfit") and cfg.precision != "fp32"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if frozen_base else torch.float32
-        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
+        model = load_causal_lm(cfg.model, dtype=dtype, device=device)
     if cfg.gradient_checkpointing:
         # offloading needs the reentrant form: its saved inputs go through the saved-tensor hooks
         kwargs = {"use_reentrant": cfg.offload_activations}

@@ -1,0 +1,89 @@
+"""fastnlg.from_pretrained: load a causal LM, optionally 4-bit and with LoRA, ready to fine-tune, patched.
+
+    model, report = fastnlg.from_pretrained("path/to/model", load_in_4bit=True,
+                                            lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
+
+4-bit is NF4 through bitsandbytes where it runs (CUDA with bitsandbytes installed: QLoRA as PEFT documents
+it, double-quantised, prepared for k-bit training), else fastnlg's own NF4 (`fastnlg.nn.NF4Linear`, the
+same format) on the frozen linear layers, after the adapters are attached. The trainer loads through the
+same functions.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def bitsandbytes_4bit_available(device: torch.device) -> bool:
+    """Whether bitsandbytes' NF4 layers can hold the model: CUDA, with bitsandbytes installed."""
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = False, **kwargs):
+    """AutoModelForCausalLM.from_pretrained(path) in `dtype` on `device`; with bnb_4bit, its linear layers
+    in bitsandbytes' NF4 (double-quantised, computing in `dtype`)."""
+    import transformers
+
+    if bnb_4bit:
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q,
+                                                                 device_map={"": torch.device(device)}, dtype=dtype,
+                                                                 **kwargs)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+
+
+def lora_config(lora):
+    """A peft.LoraConfig from a LoraConfig or a dict of its fields (task_type CAUSAL_LM unless given)."""
+    import peft
+
+    if isinstance(lora, peft.LoraConfig):
+        return lora
+    if not isinstance(lora, dict):
+        raise TypeError(f"fastnlg.from_pretrained: lora must be a peft.LoraConfig or a dict, got {type(lora).__name__}")
+    try:
+        return peft.LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+    except TypeError as exc:
+        raise TypeError(f"fastnlg.from_pretrained: lora={lora}: {exc}") from None
+
+
+def from_pretrained(path: str, *, load_in_4bit: bool = False, lora=None, dtype: torch.dtype | None = None,
+                    device=None, gradient_checkpointing: bool = False, patch: bool = True, strict: bool = False,
+                    **kwargs):
+    """(model, report): the causal LM at `path` (a local folder; kwargs go to Transformers' from_pretrained).
+
+    dtype: default bf16 on CUDA, fp32 on CPU. device: default CUDA when available. load_in_4bit: NF4 base
+    weights (see the module docstring); without `lora` every linear layer but lm_head is frozen in 4 bits
+    (inference). lora: a peft.LoraConfig or a dict of its fields; the adapters train, all else is frozen.
+    gradient_checkpointing: on, in the form k-bit training needs. patch: fastnlg.patch(model, strict=strict)
+    (report is None with patch=False)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bnb = load_in_4bit and bitsandbytes_4bit_available(device)
+    model = load_causal_lm(path, dtype=dtype, device=device, bnb_4bit=bnb, **kwargs)
+    if bnb and lora is not None:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            model.enable_input_require_grads()
+    if lora is not None:
+        import peft
+
+        model = peft.get_peft_model(model, lora_config(lora))
+    if load_in_4bit and not bnb:
+        from .nn import quantize_linears
+
+        if lora is None:
+            model.requires_grad_(False)
+        quantize_linears(model)
+    report = None
+    if patch:
+        from .patching import patch as _patch
+
+        report = _patch(model, strict=strict)
+    return model, report

@@ -25,8 +25,11 @@ Nothing is remembered outside the model: a replacement module carries the module
 method of fastnlg's is marked, and the patched model holds a small record (its report, the attention setting
 it replaced, the rope functions it holds). So unpatch undoes what is in the model *now*: modules PEFT or
 Transformers put into a patched model since (LoRA wrappers, merged layers, a resized head) are kept, and a
-deepcopy or unpickled copy of a patched model is patched and can be unpatched on its own. Patching a patched
-model again fuses only what was added since (e.g. the adapters of get_peft_model on a patched model).
+deepcopy or unpickled copy of a patched model is patched and can be unpatched on its own. A module set into
+a patched model later (PEFT's LoRA layers from get_peft_model or add_adapter, ...) is patched by the same
+rules as it is registered (a global module-registration hook that acts on patched models only); patching a
+patched model again fuses whatever is still unfused. A forward another library already replaced on the
+instance (TRL's fused LM head, accelerate's hooks) is left to it and reported.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ logger = logging.getLogger("fastnlg")
 _STATE = "_fastnlg_state"  # on the patched model: its _State
 _ORIGINAL = "_fastnlg_original"  # on a replacement module: the module it replaced (not a registered child)
 _MARK = "__fastnlg__"  # on fastnlg's instance-method functions
+_IN = "_fastnlg_in"  # on every module of a patched model: its _State (modules registered into it get fused)
 _ROPE: dict = {}  # modelling module name -> [original apply_rotary_pos_emb, WeakSet of the _States using it]
 _warned: set = set()
 
@@ -61,6 +65,7 @@ class _State:
 
     def __init__(self):
         self.report, self.attention_previous, self.rope = PatchReport(), None, set()
+        self.kinds, self.eager_rounding = set(), False  # what patch() was asked for (for modules added later)
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -78,11 +83,15 @@ class _Walk:
 
     def __init__(self, model, state, eager_rounding):
         self.model, self.state, self.eager_rounding, self.undo = model, state, eager_rounding, []
+        self.new_root = None  # the replacement of `model` itself (a module being registered, see _on_register)
 
     def swap(self, path, old, new):
+        new.__dict__[_ORIGINAL] = old
+        if not path:
+            self.new_root = new
+            return
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
-        new.__dict__[_ORIGINAL] = old
         setattr(parent, name, new)
         self.undo.append(lambda: setattr(parent, name, old))
 
@@ -152,6 +161,10 @@ def _fuse_lm_head(walk, path, module, head):
     from ..nn import FusedLMHead, causal_lm_forward, head_options_from_config
     if _ours(module, "forward"):
         return None  # fused by an earlier patch() of this model
+    if "forward" in module.__dict__:  # TRL's fused LM head, accelerate's hooks, ...: their forward stays
+        owner = getattr(getattr(module.forward, "__func__", module.forward), "__module__", None) or "another library"
+        raise Skipped(f"{type(module).__name__}.forward was already replaced on the instance (by {owner}); "
+                      "its loss path is kept")
     linear = getattr(module, head, None)
     if type(linear) is not nn.Linear:
         raise Skipped(f"{head} is a {type(linear).__name__}, not nn.Linear")
@@ -321,6 +334,8 @@ def _rope_function(original):
 
 
 def _hold_rope(name, state):
+    """`state`'s model uses the fused apply_rotary_pos_emb of modelling module `name` until it is unpatched
+    or garbage-collected."""
     import importlib
 
     module = importlib.import_module(name)
@@ -328,15 +343,20 @@ def _hold_rope(name, state):
     if entry is None:
         entry = _ROPE[name] = [module.apply_rotary_pos_emb, weakref.WeakSet()]
         module.apply_rotary_pos_emb = _rope_function(entry[0])
-    entry[1].add(state)
+    if state not in entry[1]:
+        entry[1].add(state)
+        weakref.finalize(state, _release_rope, name, None)
 
 
 def _release_rope(name, state):
+    """Drops `state`'s hold (None: one that was garbage-collected); the original function comes back when no
+    live patched model holds it."""
     entry = _ROPE.get(name)
     if entry is None:
         return
-    entry[1].discard(state)
-    if not entry[1]:
+    if state is not None:
+        entry[1].discard(state)
+    if not list(entry[1]):  # (iterating a WeakSet yields the live holders only)
         module = sys.modules[name]
         if getattr(module.apply_rotary_pos_emb, "__fastnlg_original__", None) is entry[0]:
             module.apply_rotary_pos_emb = entry[0]  # (a function someone set since is left alone)
@@ -356,6 +376,38 @@ def _fused_lora_forward(layer, x, *args, **kwargs):
 
 
 _mark(_fused_lora_forward)
+
+
+# ---- modules registered into a patched model later (get_peft_model, add_adapter, ...) ----------------------
+
+_hook = None
+
+
+def _on_register(parent, name, child):
+    """Global module-registration hook: a module set into a patched model (PEFT's LoRA wrappers around its
+    projections, ...) is patched by the same rules (its report entries are added to the model's); returns
+    the replacement when the module itself is replaced."""
+    state = parent.__dict__.get(_IN)
+    if state is None or not isinstance(child, nn.Module) or child.__dict__.get(_IN) is state:
+        return None
+    walk = _Walk(child, state, state.eager_rounding)
+    report = PatchReport()
+    _apply_rules(walk, state.kinds - {"rope"}, report)
+    where = f"(added {type(parent).__name__}.{name})"
+    state.report.patched += [e._replace(path=f"{where}.{e.path}" if e.path else where) for e in report.patched]
+    state.report.skipped += [e._replace(path=f"{where}.{e.path}" if e.path else where) for e in report.skipped]
+    new = walk.new_root or child
+    _mark_tree(new, state)
+    return walk.new_root
+
+
+def _mark_tree(model, state):
+    global _hook
+    if _hook is None:
+        import torch
+        _hook = torch.nn.modules.module.register_module_module_registration_hook(_on_register)
+    for m in model.modules():
+        m.__dict__[_IN] = state
 
 
 # ---- the public functions ----------------------------------------------------------------------------------
@@ -401,8 +453,11 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
         raise
     state.report.patched += report.patched
     state.report.skipped += report.skipped
+    state.kinds |= kinds
+    state.eager_rounding = eager_rounding
     if not holders:
         (hf if hf is not None else model).__dict__[_STATE] = state
+    _mark_tree(model, state)
     return report
 
 
@@ -433,6 +488,7 @@ def unpatch(model: nn.Module) -> PatchReport:
         old.train(new.training)
         parent._modules[name] = old
     for module in model.modules():
+        module.__dict__.pop(_IN, None)
         for method in ("forward", "set_output_embeddings"):
             if _ours(module, method):
                 _restore_method(module, method)

@@ -91,11 +91,11 @@ def _types(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_model_matches_unpatched(family):
+def test_patched_model_matches_unpatched(family, fresh_rope):
     _check_patched(family)
 
 
-def test_patched_model_on_triton(use_backend):
+def test_patched_model_on_triton(use_backend, fresh_rope):
     use_backend("triton")
     _check_patched("llama")
 
@@ -157,7 +157,7 @@ def test_patch_again_adds_nothing_and_unpatch_of_an_unpatched_model_is_an_error(
         fastnlg.unpatch(model)
 
 
-def test_patched_rope_function_takes_the_hf_arguments(monkeypatch):
+def test_patched_rope_function_takes_the_hf_arguments(monkeypatch, fresh_rope):
     """The patched apply_rotary_pos_emb runs fastnlg's op for HF's calls (unsqueeze_dim positional or by name,
     1 or 2, partial-width cos/sin) with the original's values, and hands anything else to the original."""
     import fastnlg.ops.rope as rope_op
@@ -190,7 +190,7 @@ def test_patched_rope_function_takes_the_hf_arguments(monkeypatch):
         fastnlg.unpatch(model)
 
 
-def test_rope_function_shared_by_two_models_is_restored_after_both():
+def test_rope_function_shared_by_two_models_is_restored_after_both(fresh_rope):
     module = sys.modules["transformers.models.llama.modeling_llama"]
     original = module.apply_rotary_pos_emb
     a, b = _model("llama"), _model("llama")
@@ -198,8 +198,6 @@ def test_rope_function_shared_by_two_models_is_restored_after_both():
     fastnlg.patch(b)
     fastnlg.unpatch(a)
     assert module.apply_rotary_pos_emb is not original  # b still uses it
-    import gc
-    gc.collect()  # patched models other tests left behind no longer hold it
     fastnlg.unpatch(b)
     assert module.apply_rotary_pos_emb is original
 

@@ -2,7 +2,6 @@
 and replacing the head. The patched model stays patched and correct, and unpatch restores the model as it is
 *now* (never the modules saved at patch time), never losing a Parameter."""
 import copy
-import gc
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ peft = pytest.importorskip("peft")
 import fastnlg  # noqa: E402
 from fastnlg.nn import FastGatedMLP, FusedLMHead  # noqa: E402
 
-from .test_patch import _batch, _model, _train_step, _types  # noqa: E402
+from .test_patch import _model, _train_step, _types  # noqa: E402
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
         "lora_dropout": 0.0, "init_lora_weights": False}
@@ -39,7 +38,9 @@ def _lora_names(model):
     return sorted(n for n, _ in model.named_parameters() if "lora_" in n)
 
 
-def test_lora_added_to_a_patched_model_is_fused_by_patching_again_and_kept_by_unpatch(tmp_path):
+def test_lora_added_to_a_patched_model_is_fused_as_added_and_kept_by_unpatch(tmp_path, monkeypatch):
+    import fastnlg.nn.lora as lora_module
+
     torch.manual_seed(0)
     ref = peft.get_peft_model(_model("llama"), peft.LoraConfig(**LORA))
     torch.manual_seed(0)
@@ -49,10 +50,15 @@ def test_lora_added_to_a_patched_model_is_fused_by_patching_again_and_kept_by_un
     assert fastnlg.is_patched(ours) and _lora_names(ours) == _lora_names(ref)
     assert len(_lora_names(ref)) == 2 * 5 * 2
     assert isinstance(ours.base_model.model.model.layers[0].mlp, FastGatedMLP)
-    _assert_same_step(ours, ref)  # PEFT's own layers inside the patched model: correct, not yet fused
-    again = fastnlg.patch(ours)
-    assert again.count("lora") == 2 * 5 and len(again.patched) == 2 * 5
+    report = ours.base_model.model._fastnlg_state.report
+    assert sum(e.what == "lora" for e in report.patched) == 2 * 5  # fused as PEFT registered them
+    calls = []
+    fused = lora_module.lora_linear
+    monkeypatch.setattr(lora_module, "lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
     _assert_same_step(ours, ref)
+    assert len(calls) == 2 * 5  # every LoRA layer ran the fused op
+    again = fastnlg.patch(ours)
+    assert again.patched == []  # nothing left to fuse
 
     fastnlg.unpatch(ours)
     assert not fastnlg.is_patched(ours) and _types(ours) == _types(ref)
@@ -103,7 +109,7 @@ def test_resize_token_embeddings_after_patching(family):
     _assert_same_step(ours, ref)
 
 
-def test_deepcopy_of_a_patched_model_is_patched_and_unpatches_on_its_own():
+def test_deepcopy_of_a_patched_model_is_patched_and_unpatches_on_its_own(fresh_rope):
     ref = _model("llama")
     ours = _model("llama")
     fastnlg.patch(ours)
@@ -115,7 +121,6 @@ def test_deepcopy_of_a_patched_model_is_patched_and_unpatches_on_its_own():
     fastnlg.unpatch(ours)
     assert hasattr(rope.apply_rotary_pos_emb, "__fastnlg_original__")  # the copy still holds the function
     _assert_same_step(twin, ref)
-    gc.collect()  # patched models other tests left behind no longer hold the function
     fastnlg.unpatch(twin)
     assert not hasattr(rope.apply_rotary_pos_emb, "__fastnlg_original__")
     assert _types(twin) == _types(ref) and twin.config._attn_implementation == "eager"
@@ -163,3 +168,15 @@ def test_patched_model_survives_pickling(tmp_path):
     fastnlg.unpatch(loaded)
     fastnlg.unpatch(ours)
     assert _types(loaded) == _types(ref)
+
+
+def test_a_patched_model_that_is_garbage_collected_releases_the_rope_function(fresh_rope):
+    import gc
+
+    rope = sys.modules["transformers.models.llama.modeling_llama"]
+    model = _model("llama")
+    fastnlg.patch(model)
+    assert hasattr(rope.apply_rotary_pos_emb, "__fastnlg_original__")
+    del model
+    gc.collect()
+    assert not hasattr(rope.apply_rotary_pos_emb, "__fastnlg_original__")

@@ -162,9 +162,8 @@ def _fuse_lm_head(walk, path, module, head):
     if _ours(module, "forward"):
         return None  # fused by an earlier patch() of this model
     if "forward" in module.__dict__:  # TRL's fused LM head, accelerate's hooks, ...: their forward stays
-        owner = getattr(getattr(module.forward, "__func__", module.forward), "__module__", None) or "another library"
-        raise Skipped(f"{type(module).__name__}.forward was already replaced on the instance (by {owner}); "
-                      "its loss path is kept")
+        raise Skipped(f"{type(module).__name__}.forward was already replaced on the instance (by "
+                      f"{_owner(module.__dict__['forward'])}); its loss path is kept")
     linear = getattr(module, head, None)
     if type(linear) is not nn.Linear:
         raise Skipped(f"{head} is a {type(linear).__name__}, not nn.Linear")
@@ -190,6 +189,18 @@ def _fuse_lm_head(walk, path, module, head):
     walk.set_method(module, "forward", _mark(_with_signature_of(forward, original)))
     walk.set_method(module, "set_output_embeddings", _mark(set_output_embeddings))
     return f"{type(module).__name__}.{head} -> FusedLMHead + causal_lm_forward"
+
+
+def _owner(fn) -> str:
+    """The package whose code `fn` runs (by its source file: functools.wraps copies the wrapped __module__)."""
+    import os
+    import re
+
+    fn = getattr(fn, "__func__", fn)
+    fn = getattr(fn, "func", fn)  # functools.partial
+    path = getattr(getattr(fn, "__code__", None), "co_filename", "")
+    found = re.search(r"(?:site|dist)-packages[/\\]([^/\\]+)", path)
+    return found.group(1) if found else os.path.basename(path) or "another library"
 
 
 def _fuse_rope(walk, path, module):

@@ -12,7 +12,8 @@ under that mask instead: a packed batch's document mask (position ids restarting
 mask) on the varlen kernel (`cu_seqlens`, no (T, T) tensor) where the kernels are Triton; anything else (a
 prefix-LM mask, ...), and the packed mask on the torch backend, through SDPA under the mask as the unpatched
 model runs it (the spec's attention where SDPA cannot: softcap). Never silently wrong. The conversions are
-cached per mask tensor, since all layers share it.
+cached per mask tensor, since all layers share it. Under torch.compile the verification (a host read) is
+skipped: a 4-D mask runs SDPA under the mask as given, so a compiled model has no graph break here.
 """
 from __future__ import annotations
 
@@ -121,12 +122,15 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
         # no mask means SDPA's is_causal, which is top-left: query i sees keys 0..i (a static cache's prefill
         # over its allocated, still empty, slots); that is bottom-right causal over the first T keys
         key, value, S = key[:, :, :T], value[:, :, :T], T
+    compiling = torch.compiler.is_compiling()
     if attention_mask is None:
         form = (bool(is_causal), None)  # bottom-right causal: a single query row (decode) sees every key
+    elif compiling:  # the conversion is verified on the host: a compiled graph runs SDPA under the mask
+        form = None
     else:
         form = _as_kernel_mask(attention_mask, T, S, window, bool(is_causal))
     packed = None
-    if form is None and attention_mask.dim() == 4:
+    if form is None and attention_mask.dim() == 4 and not compiling:
         packed = _packed_cu_seqlens(attention_mask, kwargs.get("position_ids"), window, T, S, bool(is_causal))
     if form is None and packed is not None and _backend.choose("flash_attention", query, ("torch", "triton")) != "torch":
         # a packed batch (position ids restarting at 0): the varlen kernel over the B*T tokens, no (T, T) mask
@@ -140,7 +144,7 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
         out = out.reshape(Hq, B, T, D).transpose(0, 1)
     elif form is None:
         allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        if softcap is None and packed is None:
+        if softcap is None and packed is None and not compiling:
             kind = (tuple(attention_mask.shape[1:2]), str(attention_mask.dtype), window)
             if kind not in _warned:
                 _warned.add(kind)

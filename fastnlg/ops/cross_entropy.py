@@ -89,6 +89,11 @@ def _denominators(reduction, num_items, n_valid, w_valid):
         return num_items, num_items
     if reduction != "mean":
         return 1.0, 1.0
+    if torch.is_tensor(n_valid):  # under torch.compile: the same, on the device
+        n = n_valid.clamp(min=1).to(torch.float32)
+        if w_valid is None:
+            return n, n
+        return torch.where(n_valid == 0, 1.0, torch.where(w_valid != 0, w_valid, float("nan"))), n
     if n_valid == 0:
         return 1.0, 1.0
     if w_valid is None:
@@ -162,7 +167,10 @@ _CHUNK_FNS = {"torch": _ce_chunk_torch, "cpp": _ce_chunk_cpp, "triton": _ce_chun
 
 
 def _ce_chunk(logits, labels, scale, o: _Opts):
-    """(loss, lse) per row of a (n, V) chunk; with `scale` (n,) the scaled gradient overwrites logits."""
+    """(loss, lse) per row of a (n, V) chunk; with `scale` (n,) the scaled gradient overwrites logits. Under
+    torch.compile, the torch twin (the compiler traces and fuses it; the kernels are opaque to it)."""
+    if torch.compiler.is_compiling():
+        return _ce_chunk_torch(logits, labels, scale, o)
     return _CHUNK_FNS[_backend.choose("cross_entropy", logits, BACKENDS)](logits, labels, scale, o)
 
 
@@ -190,9 +198,17 @@ def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in
 
 def _valid_rows(op, labels, V, ignore_index, class_weight=None):
     """(indices of non-ignored rows or None when all are, their count, their summed class weight, the sum
-    of all class weights); checks the label range in the same single host read."""
+    of all class weights); checks the label range in the same single host read. Under torch.compile there
+    is no host read: the check is a device-side assert, the counts stay tensors, and no row is dropped
+    (ignored rows get zero loss and gradient in the kernels)."""
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= V))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{op}: a label outside [0, {V}) and not ignore_index={ignore_index}")
+        if class_weight is None:
+            return None, valid.sum(), None, 0.0
+        ok = valid & ~bad
+        return None, valid.sum(), torch.where(ok, class_weight[torch.where(ok, labels, 0)], 0).sum(), class_weight.sum()
     counts = [valid.sum(), bad.sum()]
     if class_weight is not None:
         ok = valid & ~bad
@@ -239,12 +255,14 @@ def _row_scale(n, denominator, dtype, device):
 def _outputs(ctx, loss, lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, idx, N, want: _Extras):
     """What the loss Functions return: (loss, z-loss part, token accuracy), the two extras detached (0-dim
     placeholders when not asked for) from the non-ignored rows' lse and hits."""
-    zpart = acc = loss.new_zeros(())
+    zpart, acc = loss.new_zeros(()), loss.new_zeros(())  # (two tensors: torch.compile traces the Function so)
     if want.want_z:
         rows = (z_loss * lse_valid * lse_valid).detach()
         zpart = rows.sum() / z_den if scalar else _scatter_rows(rows, idx, N)
     if want.want_acc:
-        if scalar:
+        if scalar and torch.is_tensor(n_valid):  # (torch.compile)
+            acc = torch.where(n_valid > 0, hits_valid.sum().float() / n_valid.clamp(min=1), float("nan"))
+        elif scalar:
             acc = hits_valid.sum().float() / n_valid if n_valid else torch.tensor(float("nan"),
                                                                                  device=hits_valid.device)
         else:

@@ -88,6 +88,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             loss_rows, lse, *_ = _linear_ce_pass(h, weight, bias, y, None, o, chunk, False, False, False, hits=hits)
             ctx.save_for_backward(idx, hidden, weight, bias, labels)
+        if idx is None:  # no row was dropped (none ignored, or under torch.compile): the z-loss part skips
+            lse = torch.where(y != o.ignore_index, lse, torch.zeros_like(lse))  # the ignored ones
         ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, o, need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = loss_rows.sum() / ce_den if scalar else _scatter_rows(loss_rows, idx, N)

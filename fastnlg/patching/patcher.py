@@ -81,15 +81,19 @@ class _State:
 class _Walk:
     """One patch() call: the state it adds to, and how to roll its own changes back if it fails."""
 
-    def __init__(self, model, state, eager_rounding):
+    def __init__(self, model, state, eager_rounding, registering=False):
         self.model, self.state, self.eager_rounding, self.undo = model, state, eager_rounding, []
-        self.new_root = None  # the replacement of `model` itself (a module being registered, see _on_register)
+        self.registering = registering  # `model` is a module being registered (see _on_register)
+        self.new_root = None  # its replacement, which the registration hook returns
 
     def swap(self, path, old, new):
-        new.__dict__[_ORIGINAL] = old
         if not path:
+            if not self.registering:
+                raise Skipped("the model itself: fastnlg.patch changes a model in place, it cannot replace it")
+            new.__dict__[_ORIGINAL] = old
             self.new_root = new
             return
+        new.__dict__[_ORIGINAL] = old
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         setattr(parent, name, new)
@@ -401,7 +405,7 @@ def _on_register(parent, name, child):
     state = parent.__dict__.get(_IN)
     if state is None or not isinstance(child, nn.Module) or child.__dict__.get(_IN) is state:
         return None
-    walk = _Walk(child, state, state.eager_rounding)
+    walk = _Walk(child, state, state.eager_rounding, registering=True)
     report = PatchReport()
     _apply_rules(walk, state.kinds - {"rope"}, report)
     where = f"(added {type(parent).__name__}.{name})"

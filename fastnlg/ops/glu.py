@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
 from ._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
+from ._eager import eager_call, eager_op
 from ._native import native_dtype, ptr, round_code, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -124,6 +125,9 @@ def _(dy, gate, up, kind):
             torch.empty_like(up, memory_format=torch.contiguous_format))
 
 
+_GLU_BWD = eager_call(_glu_bwd)
+
+
 def _setup(ctx, inputs, output):
     gate, up, kind, _round = inputs
     ctx.save_for_backward(gate, up)
@@ -132,11 +136,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.fastnlg.glu_bwd(dy, gate, up, ctx.kind)
+    dg, du = _GLU_BWD(dy, gate, up, ctx.kind)
     return dg, du, None, None
 
 
 _glu_fwd.register_autograd(_backward, setup_context=_setup)
+_GLU_FWD = eager_op(_glu_fwd, _setup, _backward)  # the public function calls this (_eager.py)
 
 
 def _check(op, gate, up):
@@ -150,7 +155,7 @@ def _check(op, gate, up):
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, eager_rounding: bool = False) -> torch.Tensor:
     """silu(gate) * up (Llama, Mistral, Qwen MLPs); eager_rounding: see the module docstring."""
     _check("swiglu", gate, up)
-    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS["swiglu"], bool(eager_rounding))
+    return _GLU_FWD(gate, up, KINDS["swiglu"], bool(eager_rounding))
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
@@ -159,4 +164,4 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
     _check("geglu", gate, up)
     if approximate not in ("tanh", "none"):
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
-    return torch.ops.fastnlg.glu_fwd(gate, up, KINDS[f"geglu_{approximate}"], bool(eager_rounding))
+    return _GLU_FWD(gate, up, KINDS[f"geglu_{approximate}"], bool(eager_rounding))

@@ -19,6 +19,7 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_tensor
+from ._eager import eager_call, eager_op
 from ._native import native_dtype, ptr, round_code, rows, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -135,6 +136,9 @@ def _(dy, x, weight, rstd, offset, compute_dw):
     return torch.empty_like(x), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
 
 
+_RMS_NORM_BWD = eager_call(_rms_norm_bwd)
+
+
 def _setup(ctx, inputs, output):
     x, weight, eps, offset, _cast = inputs
     ctx.save_for_backward(x, weight, output[1])
@@ -144,11 +148,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     compute_dw = ctx.needs_input_grad[1]
-    dx, dw = torch.ops.fastnlg.rms_norm_bwd(dy, x, weight, rstd, ctx.offset, compute_dw)
+    dx, dw = _RMS_NORM_BWD(dy, x, weight, rstd, ctx.offset, compute_dw)
     return dx, (dw if compute_dw else None), None, None, None
 
 
 _rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
+_RMS_NORM_FWD = eager_op(_rms_norm_fwd, _setup, _backward)  # the public function calls this (_eager.py)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, offset: float = 0.0, *,
@@ -168,7 +173,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     check_same_device(op, x=x, weight=weight)
     cast_xhat = casting_mode == "llama"
     if not inplace:
-        return torch.ops.fastnlg.rms_norm_fwd(x, weight, float(eps), float(offset), cast_xhat)[0]
+        return _RMS_NORM_FWD(x, weight, float(eps), float(offset), cast_xhat)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         raise ValueError(f"{op}: inplace=True is for inference; x or weight requires grad (run under "
                          "torch.no_grad(), or use inplace=False)")

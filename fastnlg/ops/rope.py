@@ -18,6 +18,7 @@ import torch
 
 from .. import backend as _backend
 from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._eager import eager_call, eager_op
 from ._native import native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -120,6 +121,9 @@ def _(dq, dk, cos, sin):
     return _contiguous_like(dq), _contiguous_like(dk)
 
 
+_ROPE_BWD = eager_call(_rope_bwd)
+
+
 def _setup(ctx, inputs, output):
     _, _, cos, sin = inputs
     ctx.save_for_backward(cos, sin)
@@ -127,11 +131,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.fastnlg.rope_bwd(_unit_stride(dq), _unit_stride(dk), cos, sin)
+    dq, dk = _ROPE_BWD(_unit_stride(dq), _unit_stride(dk), cos, sin)
     return dq, dk, None, None
 
 
 _rope_fwd.register_autograd(_backward, setup_context=_setup)
+_ROPE_FWD = eager_op(_rope_fwd, _setup, _backward)  # the public function calls this (_eager.py)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids=None,
@@ -175,4 +180,4 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         return torch.cat((q_rot, q[..., R:]), dim=-1), torch.cat((k_rot, k[..., R:]), dim=-1)
     if D % 2:  # HF's rotate_half on an odd width: the plain-torch spec, differentiated by autograd
         return apply_rope_reference(q, k, cos, sin)
-    return torch.ops.fastnlg.rope_fwd(q, k, cos, sin)
+    return _ROPE_FWD(q, k, cos, sin)

@@ -6,7 +6,7 @@
 
 Parts, each writing benchmarks/results/<gpu>-<yyyymmdd>/<part>/ (and <part>/DONE when it finished):
     tests    the extension built with its CUDA kernels, then `pytest -m gpu` (log + junit XML)
-    ops-a    op benchmarks, full sweep: norms, GLUs, RoPE, the losses
+    ops-a    op benchmarks, full sweep: norms, GLUs, GELU, RoPE, the losses
     ops-b    op benchmarks, full sweep: attention, decode, LoRA / QLoRA layer, NF4 (+ tuned_configs.json)
     e2e      the training-step benchmark (1.1B Llama: full, LoRA, QLoRA, LoRA + offload; 8B QLoRA)
     context  the longest sequence whose step fits 24 GB, per method, fastnlg vs plain Transformers + PEFT
@@ -38,7 +38,8 @@ PARTS = {
     "tests": [[sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o",
                "addopts=-ra", "--junitxml", "{dir}/gpu_tests.xml"]],
     "ops-a": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
-               "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "cross_entropy", "fused_linear_cross_entropy"]],
+               "rms_norm", "layer_norm", "swiglu", "geglu", "gelu", "rope", "cross_entropy",
+               "fused_linear_cross_entropy"]],
     "ops-b": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
                "attention", "attention_decode", "lora_linear", "nf4"]],
     "e2e": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--rep", "5", "--out", "{dir}",

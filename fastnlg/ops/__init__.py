@@ -2,11 +2,12 @@
 from .cross_entropy import cross_entropy
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .attention import flash_attention
+from .gelu import gelu
 from .glu import geglu, swiglu
 from .layer_norm import layer_norm
 from .lora_linear import lora_linear
 from .rms_norm import rms_norm
 from .rope import apply_rope
 
-__all__ = ["rms_norm", "layer_norm", "apply_rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy",
-           "flash_attention", "lora_linear"]
+__all__ = ["rms_norm", "layer_norm", "apply_rope", "swiglu", "geglu", "gelu", "cross_entropy",
+           "fused_linear_cross_entropy", "flash_attention", "lora_linear"]

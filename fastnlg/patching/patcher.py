@@ -161,6 +161,16 @@ def _fuse_gated_mlp(walk, path, module, act):
     return f"{type(module).__name__} -> FastGatedMLP({activation})"
 
 
+def _fuse_gpt2_mlp(walk, path, module):
+    from ..nn import FastGPT2MLP
+    try:
+        new = FastGPT2MLP.from_module(module)
+    except ValueError as exc:
+        raise Skipped(str(exc)) from None
+    walk.swap(path, module, new)
+    return f"GPT2MLP -> FastGPT2MLP({new.activation})"
+
+
 def _fuse_lm_head(walk, path, module, head):
     from ..nn import FusedLMHead, causal_lm_forward, head_options_from_config
     if _ours(module, "forward"):
@@ -251,6 +261,7 @@ def _unknown(walk, path, module):
 
 
 _BUILDERS = {"rms_norm": _fuse_rms_norm, "layer_norm": _fuse_layer_norm, "gated_mlp": _fuse_gated_mlp,
+             "gpt2_mlp": _fuse_gpt2_mlp,
              "lm_head": _fuse_lm_head, "rope": _fuse_rope, "peft_lora": _fuse_peft_lora,
              "unknown_lora": _unknown_lora, "bnb_4bit": _bnb_4bit, "unknown": _unknown}
 

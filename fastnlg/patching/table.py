@@ -37,6 +37,8 @@ RULES = (
     Rule("mlp", ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"), "gated_mlp", {"act": "hidden_act"}),
     Rule("mlp", ("Gemma2MLP", "Gemma3MLP"), "gated_mlp", {"act": "hidden_activation"}),
     Rule("mlp", ("Phi3MLP",), "gated_mlp", {"act": "hidden_act"}),
+    # GPT-2: c_proj(gelu(c_fc(x))) over Conv1D projections -> FastGPT2MLP (c_fc's bias fused into the GELU).
+    Rule("mlp", ("GPT2MLP",), "gpt2_mlp"),
     Rule("mlp", ("*MLP",), "unknown"),
 
     # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);

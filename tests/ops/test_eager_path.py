@@ -5,7 +5,7 @@ still go through the op's fake implementation."""
 import pytest
 import torch
 
-from fastnlg.ops import apply_rope, geglu, layer_norm, rms_norm, swiglu
+from fastnlg.ops import apply_rope, geglu, gelu, layer_norm, rms_norm, swiglu
 
 
 def _cases():
@@ -17,6 +17,7 @@ def _cases():
             "layer_norm": (layer_norm, (t(7, 16), t(16), t(16))),
             "swiglu": (swiglu, (t(4, 24), t(4, 24))),
             "geglu": (geglu, (t(4, 24), t(4, 24))),
+            "gelu": (gelu, (t(4, 24), t(24))),
             "apply_rope": (apply_rope, (t(2, 4, 5, 8), t(2, 2, 5, 8), t(5, 8), t(5, 8)))}
 
 

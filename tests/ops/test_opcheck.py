@@ -37,6 +37,9 @@ def _cases(strided):
         ("glu_fwd", ops.glu_fwd, (g, u, 0, False)),
         ("glu_fwd_eager", ops.glu_fwd, (g, u, 1, True)),
         ("glu_bwd", ops.glu_bwd, (dy, g.detach(), u.detach(), 2)),
+        ("gelu_fwd", ops.gelu_fwd, (g, b, True)),
+        ("gelu_fwd_eager", ops.gelu_fwd, (g, None, False)),  # (no bias)
+        ("gelu_bwd", ops.gelu_bwd, (dy, g.detach(), b.detach(), True, True)),
     ]
 
 

@@ -1,0 +1,119 @@
+"""GELU with a fused bias: gelu(x + bias) over the last dim, the activation of GPT-2's MLP after c_fc.
+
+    y = gelu(z),  z = x + bias (bias (C,) added to every row of x (..., C); no bias: z = x)
+    approximate="tanh" (GPT-2's gelu_new, gelu_pytorch_tanh) or "none" (erf), as F.gelu
+Backward (gradchecked in fp64 in tests/ops/test_gelu.py): dz = dy * gelu'(z);  dx = dz;  dbias = sum_rows(dz).
+z is recomputed from the saved x and bias (nothing else is saved). Computed in fp32 (fp64 for fp64) and
+rounded once: z is never rounded to the input dtype, unlike a bias add followed by F.gelu.
+Backends: Triton (kernels/gelu.py), torch (below: aten's gelu / gelu_backward, vectorised, the CPU default).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
+from ._eager import eager_call, eager_op
+from ._native import native_dtype, rows
+
+BACKENDS = ("torch", "triton")
+APPROXIMATE = ("tanh", "none")
+
+
+def gelu_reference(x, bias=None, approximate="tanh"):
+    acc = native_dtype(x)
+    z = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
+    return F.gelu(z, approximate=approximate).to(x.dtype)
+
+
+def _z(x2, bias, acc):
+    return x2.to(acc) if bias is None else x2.to(acc) + bias.to(acc)
+
+
+def _fwd_torch(x2, bias, tanh):
+    return F.gelu(_z(x2, bias, native_dtype(x2)), approximate="tanh" if tanh else "none").to(x2.dtype)
+
+
+def _bwd_torch(dy2, x2, bias, tanh, compute_db):
+    acc = native_dtype(x2)
+    dz = torch.ops.aten.gelu_backward(dy2.to(acc), _z(x2, bias, acc), approximate="tanh" if tanh else "none")
+    return dz.to(x2.dtype), (dz.sum(0) if compute_db else None)
+
+
+def _fwd_triton(x2, bias, tanh):
+    from fastnlg.kernels import gelu as k
+
+    return k.forward(x2.contiguous(), None if bias is None else bias.contiguous(), tanh)
+
+
+def _bwd_triton(dy2, x2, bias, tanh, compute_db):
+    from fastnlg.kernels import gelu as k
+
+    return k.backward(dy2.contiguous(), x2.contiguous(), None if bias is None else bias.contiguous(), tanh,
+                      compute_db)
+
+
+_FWD = {"torch": _fwd_torch, "triton": _fwd_triton}
+_BWD = {"torch": _bwd_torch, "triton": _bwd_triton}
+
+
+def _backend_for(x):
+    return _backend.choose("gelu", x, BACKENDS)
+
+
+@torch.library.custom_op("fastnlg::gelu_fwd", mutates_args=())
+def _gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
+    return _FWD[_backend_for(x)](rows(x), bias, tanh).view(x.shape)
+
+
+@_gelu_fwd.register_fake
+def _(x, bias, tanh):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastnlg::gelu_bwd", mutates_args=())
+def _gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, tanh: bool,
+              compute_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, db = _BWD[_backend_for(x)](rows(dy), rows(x), bias, tanh, compute_db)
+    return dx.view(x.shape), (db.to(bias.dtype) if compute_db else x.new_empty(0))
+
+
+@_gelu_bwd.register_fake
+def _(dy, x, bias, tanh, compute_db):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            bias.new_empty(bias.shape) if compute_db else x.new_empty(0))
+
+
+_GELU_BWD = eager_call(_gelu_bwd)
+
+
+def _setup(ctx, inputs, output):
+    x, bias, tanh = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.tanh = tanh
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    compute_db = bias is not None and ctx.needs_input_grad[1]
+    dx, db = _GELU_BWD(dy, x, bias, ctx.tanh, compute_db)
+    return dx, (db if compute_db else None), None
+
+
+_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+_GELU_FWD = eager_op(_gelu_fwd, _setup, _backward)  # the public function calls this (_eager.py)
+
+
+def gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "tanh") -> torch.Tensor:
+    """gelu(x + bias) with bias (C,) broadcast over the rows of x (..., C); see the module docstring."""
+    op = "gelu"
+    check_tensor(op, "x", x, min_ndim=1)
+    if approximate not in APPROXIMATE:
+        raise ValueError(f"{op}: approximate must be 'tanh' or 'none', got {approximate!r}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, ndim=1)
+        check_last_dim(op, "bias", bias, x.shape[-1], f"x {tuple(x.shape)}")
+        check_same_dtype(op, x=x, bias=bias)
+        check_same_device(op, x=x, bias=bias)
+    return _GELU_FWD(x, bias, approximate == "tanh")

@@ -1,9 +1,7 @@
 """GELU with a fused bias (GPT-2's MLP activation after c_fc), elementwise: z = x + b[col];  y = gelu(z).
 
-    tanh:  gelu(z) = z * S,  S = sigmoid(2u), u = k (z + 0.044715 z^3), k = sqrt(2/pi)
-           (0.5 (1 + tanh u) == sigmoid(2u): no cancellation near 0)
-           gelu'(z) = S + 2 z S (1 - S) k (1 + 3 * 0.044715 z^2)
-    erf:   gelu(z) = z * Phi(z);  gelu'(z) = Phi(z) + z * exp(-z^2 / 2) / sqrt(2 pi)
+gelu and gelu' (tanh form and erf) are GeGLU's, shared with kernels/glu.py (`_act_and_grad`, written out
+there), so KIND is GEGLU_TANH or GEGLU_ERF.
 Backward: dz = dy * gelu'(z) (z recomputed from x and b, nothing extra saved); db = column sums of dz (the
 launcher sums the dz it wrote, in fp32).
 Tiling: flat index over the n = rows x C values, BLOCK per program, fp32 math; the bias column is idx % C.
@@ -13,22 +11,10 @@ import triton
 import triton.language as tl
 
 from ._launch import AOT_DTYPES, declared_signature
+from .glu import _act_and_grad
+from .glu_kinds import GEGLU_ERF, GEGLU_TANH
 
 BLOCK, NUM_WARPS = 1024, 4
-
-
-@triton.jit
-def _gelu_and_grad(z, TANH: tl.constexpr):
-    if TANH:
-        k = 0.7978845608028654
-        S = tl.sigmoid(2.0 * k * (z + 0.044715 * z * z * z))
-        act = z * S
-        dact = S + 2.0 * z * S * (1.0 - S) * k * (1.0 + 3.0 * 0.044715 * z * z)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        act = z * cdf
-        dact = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    return act, dact
 
 
 @triton.jit
@@ -40,21 +26,21 @@ def _z(X, B, offs, mask, C, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def gelu_fwd_kernel(X, B, Y, n: tl.int64, C: tl.int32, TANH: tl.constexpr, HAS_BIAS: tl.constexpr,
+def gelu_fwd_kernel(X, B, Y, n: tl.int64, C: tl.int32, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    act, _ = _gelu_and_grad(_z(X, B, offs, mask, C, HAS_BIAS), TANH)
+    act, _ = _act_and_grad(_z(X, B, offs, mask, C, HAS_BIAS), KIND)
     tl.store(Y + offs, act.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def gelu_bwd_kernel(DY, X, B, DZ, n: tl.int64, C: tl.int32, TANH: tl.constexpr, HAS_BIAS: tl.constexpr,
+def gelu_bwd_kernel(DY, X, B, DZ, n: tl.int64, C: tl.int32, KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    _, dact = _gelu_and_grad(_z(X, B, offs, mask, C, HAS_BIAS), TANH)
+    _, dact = _act_and_grad(_z(X, B, offs, mask, C, HAS_BIAS), KIND)
     tl.store(DZ + offs, (dy * dact).to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -63,8 +49,9 @@ def forward(x: torch.Tensor, bias, tanh: bool) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, bias if bias is not None else x, y, n, x.shape[-1], TANH=tanh,
-                                                  HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, bias if bias is not None else x, y, n, x.shape[-1],
+                                                  KIND=GEGLU_TANH if tanh else GEGLU_ERF, HAS_BIAS=bias is not None,
+                                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
 
@@ -74,11 +61,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, bias, tanh: bool, compute_db: bo
     n = x.numel()
     if n:
         gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, x, bias if bias is not None else x, dz, n, x.shape[-1],
-                                                  TANH=tanh, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-                                                  num_warps=NUM_WARPS)
+                                                  KIND=GEGLU_TANH if tanh else GEGLU_ERF,
+                                                  HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dz, (dz.float().sum(0) if compute_db else None)
 
 
 AOT_SPECS = [{"kernel": kernel, "signature": declared_signature(kernel, dtype), "num_warps": NUM_WARPS,
-              "constexprs": {"TANH": tanh, "HAS_BIAS": True, "BLOCK": BLOCK}}
-             for kernel in (gelu_fwd_kernel, gelu_bwd_kernel) for dtype in AOT_DTYPES for tanh in (True, False)]
+              "constexprs": {"KIND": kind, "HAS_BIAS": True, "BLOCK": BLOCK}}
+             for kernel in (gelu_fwd_kernel, gelu_bwd_kernel) for dtype in AOT_DTYPES
+             for kind in (GEGLU_TANH, GEGLU_ERF)]

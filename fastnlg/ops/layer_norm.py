@@ -82,10 +82,14 @@ _FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}
 _BWD = {"torch": _bwd_torch, "cpp": _bwd_cpp, "triton": _bwd_triton}
 
 
+def _backend_for(x):
+    return _backend.choose("layer_norm", x, BACKENDS, cpu_default_cpp=False)  # (C++: opt-in, see above)
+
+
 @torch.library.custom_op("fastnlg::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _FWD[_backend.choose("layer_norm", x, BACKENDS, cpu_default_cpp=False)](rows(x), weight, bias, eps)
+    y, mean, rstd = _FWD[_backend_for(x)](rows(x), weight, bias, eps)
     return y.view(x.shape), mean, rstd
 
 
@@ -99,8 +103,7 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("fastnlg::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     compute_dw: bool, compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _BWD[_backend.choose("layer_norm", x, BACKENDS, cpu_default_cpp=False)](rows(dy), rows(x), weight, mean, rstd,
-                                                                  compute_dw, compute_db)
+    dx, dw, db = _BWD[_backend_for(x)](rows(dy), rows(x), weight, mean, rstd, compute_dw, compute_db)
     dw = dw.to(weight.dtype) if compute_dw else weight.new_empty(0)
     db = db.to(weight.dtype) if compute_db else weight.new_empty(0)
     return dx.view(x.shape), dw, db

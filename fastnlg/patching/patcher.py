@@ -9,7 +9,8 @@ original Parameters), so optimizers, checkpoints and PEFT's save_pretrained see 
 - norm: RMSNorm classes of the table -> FastRMSNorm rounding as the family does, nn.LayerNorm ->
   FastLayerNorm (module swap);
 - mlp: gated MLPs of the table -> FastGatedMLP over the same projections (module swap); its activation rounds
-  once (more accurate than eager), or, with eager_rounding=True, as the eager module does;
+  once (more accurate than eager), or, with eager_rounding=True, as the eager module does; GPT-2's MLP ->
+  FastGPT2MLP (c_fc's bias fused into the GELU);
 - cross_entropy: the causal LM's lm_head -> FusedLMHead and its forward -> causal_lm_forward (the loss
   without logits in training), on the instance; a head set later (resize_token_embeddings) is fused too;
 - attention: config attn implementation -> "fastnlg" (fastnlg.nn.hf_attention);

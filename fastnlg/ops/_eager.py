@@ -33,6 +33,7 @@ def eager_call(op):
 
 
 def eager_op(op, setup_context, backward):
+    """A callable running custom op `op` (a forward op with registered autograd): see the module docstring."""
     impl = op._init_fn
 
     def forward(ctx, *args):

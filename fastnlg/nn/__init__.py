@@ -5,5 +5,6 @@ from .lora import LoRALinear, UnsupportedLoRA, peft_lora_forward, peft_state
 from .nf4_linear import NF4Linear, quantize_linears
 from .lm_head import FusedLMHead, causal_lm_forward, head_options_from_config
 
-__all__ = ["FastRMSNorm", "FastLayerNorm", "FastGatedMLP", "FastGPT2MLP", "FusedLMHead", "causal_lm_forward", "head_options_from_config",
+__all__ = ["FastRMSNorm", "FastLayerNorm", "FastGatedMLP", "FastGPT2MLP", "FusedLMHead", "causal_lm_forward",
+           "head_options_from_config",
            "LoRALinear", "NF4Linear", "quantize_linears", "UnsupportedLoRA", "peft_lora_forward", "peft_state"]

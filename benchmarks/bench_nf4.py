@@ -1,11 +1,14 @@
 """NF4 dequantisation (GB/s over packed bytes read + output written) and batch-1 decode GEMV
-(y = x W^T for one token, GB/s over the packed weight) - fastnlg vs bitsandbytes when installed.
+(y = x W^T for one token, GB/s over the packed weight) - fastnlg vs bitsandbytes when installed. The same
+one-token product through lora_linear (the Triton NF4 matmul on CUDA, which batch-1 decode runs today) is
+timed beside the CUDA GEMV: which of the two batch-1 decode should take is read from these rows.
 Target: dequantisation >= 85% of the memory bandwidth."""
 import importlib.util
 
 import torch
 
 from .harness import Bench, Case
+from fastnlg.ops import lora_linear
 from fastnlg.quant import _backends, quantize_nf4
 
 
@@ -29,6 +32,10 @@ def gemv(w, x, dtype):
     return _backends.gemv(x, w)
 
 
+def nf4_matmul_one_token(w, x, dtype):
+    return lora_linear(x[None], w, [], [], scaling=[])[0]
+
+
 def _peers():
     if not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")):
         return {}
@@ -48,5 +55,6 @@ def bytes_moved(p, dtype, mode):
     return n / 2 + n * torch.tensor([], dtype=dtype).element_size()  # (dequantise; the GEMV row reads n / 2)
 
 
-BENCH = Bench("nf4", cases, make_inputs, {"fastnlg-dequantize": dequantize, "fastnlg-gemv": gemv, **_peers()},
+BENCH = Bench("nf4", cases, make_inputs, {"fastnlg-dequantize": dequantize, "fastnlg-gemv": gemv,
+                                          "fastnlg-lora_linear-1-token": nf4_matmul_one_token, **_peers()},
               bytes_moved=bytes_moved, modes=("fwd",), x_label="weight elements")

@@ -203,16 +203,13 @@ def _valid_rows(op, labels, V, ignore_index, class_weight=None):
     (ignored rows get zero loss and gradient in the kernels)."""
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= V))
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), f"{op}: a label outside [0, {V}) and not ignore_index={ignore_index}")
-        if class_weight is None:
-            return None, valid.sum(), None, 0.0
-        ok = valid & ~bad
-        return None, valid.sum(), torch.where(ok, class_weight[torch.where(ok, labels, 0)], 0).sum(), class_weight.sum()
     counts = [valid.sum(), bad.sum()]
     if class_weight is not None:
         ok = valid & ~bad
         counts += [torch.where(ok, class_weight[torch.where(ok, labels, 0)], 0).sum(), class_weight.sum()]
+    if torch.compiler.is_compiling():
+        torch._assert_async(counts[1] == 0, f"{op}: a label outside [0, {V}) and not ignore_index={ignore_index}")
+        return None, counts[0], *(counts[2:] if class_weight is not None else (None, 0.0))
     n_valid, n_bad, *sums = torch.stack([c.double() for c in counts]).tolist()
     if n_bad:
         first = int(torch.nonzero(bad)[0, 0])

@@ -88,13 +88,12 @@ class _Walk:
         self.new_root = None  # its replacement, which the registration hook returns
 
     def swap(self, path, old, new):
+        if not path and not self.registering:
+            raise Skipped("the model itself: fastnlg.patch changes a model in place, it cannot replace it")
+        new.__dict__[_ORIGINAL] = old
         if not path:
-            if not self.registering:
-                raise Skipped("the model itself: fastnlg.patch changes a model in place, it cannot replace it")
-            new.__dict__[_ORIGINAL] = old
             self.new_root = new
             return
-        new.__dict__[_ORIGINAL] = old
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         setattr(parent, name, new)

@@ -34,6 +34,19 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = Fa
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
 
 
+def enable_checkpointing(model, *, use_reentrant: bool = False) -> None:
+    """Gradient (activation) checkpointing on every decoder layer, under whichever name this Transformers
+    version has (activation_checkpointing_enable from 5.2x on; the old name warns there). The reentrant form
+    needs an input that requires grad, which it gets."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        model.enable_input_require_grads()
+
+
 def lora_config(lora):
     """A peft.LoraConfig from a LoraConfig or a dict of its fields (task_type CAUSAL_LM unless given)."""
     import peft
@@ -68,9 +81,7 @@ def from_pretrained(path: str, *, load_in_4bit: bool = False, lora=None, dtype: 
 
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora is not None:
-            model.enable_input_require_grads()
+        enable_checkpointing(model)
     if lora is not None:
         import peft
 

@@ -67,7 +67,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device):
 def load_model(cfg: TrainConfig, device):
     """The causal LM of cfg.model on `device`: 4-bit through bitsandbytes for QLoRA on CUDA, the frozen base
     of the adapter methods in the compute dtype, fp32 otherwise; gradient checkpointing as configured."""
-    from ..loading import load_causal_lm
+    from ..loading import enable_checkpointing, load_causal_lm
 
     if _bnb_cuda(cfg, device):
         model = load_causal_lm(cfg.model, dtype=torch.bfloat16, device=device, bnb_4bit=True)
@@ -77,13 +77,7 @@ def load_model(cfg: TrainConfig, device):
         model = load_causal_lm(cfg.model, dtype=dtype, device=device)
     if cfg.gradient_checkpointing:
         # offloading needs the reentrant form: its saved inputs go through the saved-tensor hooks
-        kwargs = {"use_reentrant": cfg.offload_activations}
-        if hasattr(model, "activation_checkpointing_enable"):  # Transformers >= 5.2x; the old name warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if cfg.offload_activations:
-            model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        enable_checkpointing(model, use_reentrant=cfg.offload_activations)
     return model
 
 

@@ -82,3 +82,15 @@ def test_4bit_inference_only_and_options(saved):
         fastnlg.from_pretrained(saved, lora=4)
     with pytest.raises(TypeError, match="lora="):
         fastnlg.from_pretrained(saved, lora={"rank": 4})
+
+
+def test_gradient_checkpointing_trains_as_without(saved):
+    torch.manual_seed(0)
+    model, _ = fastnlg.from_pretrained(saved, lora=LORA, gradient_checkpointing=True)
+    assert model.base_model.model.is_gradient_checkpointing
+    ref = _by_hand(saved)
+    out_ref, g_ref = _train_step(ref)
+    out, g = _train_step(model)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-3, atol=1e-5)

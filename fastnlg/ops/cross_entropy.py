@@ -306,18 +306,18 @@ def cross_entropy(logits, labels, *, weight=None, ignore_index=-100, reduction="
     want = _Extras(bool(return_z_loss), bool(return_token_accuracy))
     opts = _Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss), weight, 0.0)
     loss, zpart, acc = _CrossEntropy.apply(logits, labels.long(), reduction, opts, num_items, bool(inplace_backward),
-                                           want)
+                                           want, torch.is_grad_enabled())
     return _finish(loss, zpart, acc, loss_dtype, want)
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, reduction, opts, num_items, inplace, want):
+    def forward(ctx, logits, labels, reduction, opts, num_items, inplace, want, grad_mode):
         N, V = logits.shape
         _, n_valid, ce_den, z_den, o = _prepare("cross_entropy", labels, V, opts, reduction, num_items,
                                                 native_dtype(logits))
         scalar = reduction != "none" or num_items is not None
-        grad = ctx.needs_input_grad[0]
+        grad = grad_mode and ctx.needs_input_grad[0]  # (requires_grad, also under no_grad)
         inplace = grad and inplace and logits.is_contiguous()
         valid = labels != o.ignore_index
         hits = (logits.argmax(-1) == labels) & valid if want.want_acc else None  # before any in-place gradient
@@ -339,4 +339,4 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out, _gz, _gacc):
         (grad,) = ctx.saved_tensors
         g = grad_out if ctx.scalar else grad_out[:, None]
-        return grad * g.to(grad.dtype), None, None, None, None, None, None
+        return grad * g.to(grad.dtype), None, None, None, None, None, None, None

@@ -69,7 +69,7 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want):
+    def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want, grad_mode):
         N, V = hidden.shape[0], weight.shape[0]
         idx, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
                                                  num_items, native_dtype(hidden))
@@ -78,9 +78,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         h = h if h.stride(-1) == 1 else h.contiguous()
         chunk = chunk_size or auto_chunk_size(h.shape[0], V, h.device)
         hits = torch.empty(h.shape[0], dtype=torch.bool, device=h.device) if want.want_acc else None
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        # needs_input_grad says requires_grad, also under no_grad: grad_mode (the caller's) says a backward can come
+        need = tuple(grad_mode and n for n in (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                               bias is not None and ctx.needs_input_grad[2]))
         scalar = reduction != "none" or num_items is not None
-        ctx.precomputed = any(need) and scalar  # needs_input_grad is False for all under no_grad
+        ctx.precomputed = any(need) and scalar
         if ctx.precomputed:
             scale = _row_scale(h.shape[0], ce_den, native_dtype(h), h.device)
             loss_rows, lse, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, o, chunk, *need, hits=hits)
@@ -116,7 +118,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dw = (dw if g is None else dw * g).to(dtype_w)
         if db is not None:
             db = (db if g is None else db * g).to(dtype_b)
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=None, ignore_index=-100,
@@ -158,5 +160,5 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=N
     opts = _Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss),
                  ce_weight, 0.0)
     loss, zpart, acc = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels.long(), reduction, opts,
-                                                      num_items, chunk_size, want)
+                                                      num_items, chunk_size, want, torch.is_grad_enabled())
     return _finish(loss, zpart, acc, loss_dtype or hidden.dtype, want)

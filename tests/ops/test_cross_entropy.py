@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,6 +318,33 @@ def test_cross_entropy_inplace_backward():
     x2 = base * 2
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         ((x2 * x2).sum() + cross_entropy(x2, y, inplace_backward=True)).backward()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cross_entropy", "fused_linear_cross_entropy"])
+def test_no_gradient_work_under_no_grad(fused, monkeypatch):
+    """Under torch.no_grad the losses compute no gradient, though the inputs require grad (an evaluation
+    step on a model in training mode): the fused loss runs one matmul per chunk, not three, and the logits
+    loss writes no gradient. The loss is the one computed with gradients."""
+    ce_mod = importlib.import_module("fastnlg.ops.cross_entropy")
+    flce_mod = importlib.import_module("fastnlg.ops.fused_linear_cross_entropy")
+
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (12,))
+    scales = []
+    real = ce_mod._ce_chunk
+    spy = (lambda logits, labels, scale, o: scales.append(scale) or real(logits, labels, scale, o))
+    monkeypatch.setattr(flce_mod if fused else ce_mod, "_ce_chunk", spy)
+    logits = (h @ w.t()).detach().requires_grad_()
+    loss_fn = (lambda: fused_linear_cross_entropy(h, w, y, chunk_size=5)) if fused else \
+        (lambda: cross_entropy(logits, y))
+    with torch.no_grad():
+        loss = loss_fn()
+    assert loss.grad_fn is None and scales and all(s is None for s in scales)
+    scales.clear()
+    with_grad = loss_fn()
+    assert with_grad.grad_fn is not None and all(s is not None for s in scales)
+    torch.testing.assert_close(loss, with_grad.detach())
 
 
 def test_fused_loss_backward_reads_nothing_back_from_the_device(monkeypatch):

@@ -4,7 +4,10 @@
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastnlg")   # or set_attn_implementation
 
 The mask: "fastnlg" reuses Transformers' SDPA mask builder, so a layer receives None (plain causal, nothing
-padded) or a 4-D bool mask (B, 1, T, S), True = attend. A 4-D mask is converted to the kernel's form -
+padded) or a 4-D bool mask (B, 1, T, S), True = attend. Where flash_attention's backend is torch (the CPU
+default), that backend is SDPA under the spec's mask, so a 4-D mask runs SDPA under the mask as given (rows
+that see no key output 0), as the unpatched model runs it: converting it only to rebuild it would cost a
+host read and a few ops per layer. On the Triton kernels a 4-D mask is converted to the kernel's form -
 causal (bottom-right) or not, the layer's sliding window, and a key padding mask (B, S) - and the conversion
 is verified: the mask rebuilt from that form must equal the given one on every query row that can see a key
 (rows that see none are padding queries; the kernel outputs 0 there). A mask that form cannot express runs
@@ -23,13 +26,14 @@ import weakref
 import torch
 
 from .. import backend as _backend
-from ..ops.attention import flash_attention, masked_attention_reference, visible_mask
+from ..ops.attention import BACKENDS, flash_attention, masked_attention_reference, visible_mask
 
 NAME = "fastnlg"
 logger = logging.getLogger("fastnlg")
 _warned: set = set()
 _cache: list = []  # [(weakref to the mask tensor, its version, window, is_causal, result)]
 _packed_cache: list = []  # [(weakref to the mask, its version, weakref to the position ids, cu_seqlens)]
+_sdpa_cache: dict = {}  # id(mask) -> (weakref to the mask, its version, (mask for SDPA, rows to zero or None))
 
 
 def register() -> None:
@@ -71,15 +75,36 @@ def _as_kernel_mask(mask, T, S, window, is_causal):
     return result
 
 
-def _masked(q, k, v, allowed, scale, softcap, dropout_p):
-    """Attention under an arbitrary bool mask (B or 1, 1 or H, T, S): SDPA, as the unpatched model runs it
-    (rows that see no key output 0), or the spec's attention where SDPA cannot (softcap)."""
-    if softcap is not None:
-        return masked_attention_reference(q, k, v, allowed, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p)
+def _sdpa_mask(mask, compiling):
+    """(the bool mask SDPA runs under, the query rows to zero or None) for a 4-D mask (True or 0 = attend):
+    a row that sees no key gets an all-true row (no NaN in forward or backward) and a zeroed output, as the
+    spec says. Cached per mask tensor (all layers share it) until the mask is freed; on CPU, where the read
+    costs no GPU sync, a mask without such rows is read once and skips the zeroing."""
+    if compiling:
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        empty = ~allowed.any(-1, keepdim=True)
+        return allowed | empty, empty
+    entry = _sdpa_cache.get(id(mask))
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+        return entry[2]
+    allowed = mask if mask.dtype == torch.bool else mask == 0
     empty = ~allowed.any(-1, keepdim=True)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p,
+    result = (allowed | empty, empty if mask.device.type != "cpu" or bool(empty.any()) else None)
+    key = id(mask)
+    _sdpa_cache[key] = (weakref.ref(mask, lambda _ref: _sdpa_cache.pop(key, None)), mask._version, result)
+    return result
+
+
+def _masked(q, k, v, mask, scale, softcap, dropout_p, compiling=False):
+    """Attention under a 4-D mask (B or 1, 1 or H, T, S), bool or additive: SDPA, as the unpatched model runs
+    it (rows that see no key output 0), or the spec's attention where SDPA cannot (softcap)."""
+    if softcap is not None:
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        return masked_attention_reference(q, k, v, allowed, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p)
+    attn_mask, empty = _sdpa_mask(mask, compiling)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.masked_fill(empty, 0.0)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def _packed_cu_seqlens(mask, position_ids, window, T, S, is_causal):
@@ -123,34 +148,36 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
         # over its allocated, still empty, slots); that is bottom-right causal over the first T keys
         key, value, S = key[:, :, :T], value[:, :, :T], T
     compiling = torch.compiler.is_compiling()
+    dropout = dropout if module.training else 0.0
+    if attention_mask is not None and (compiling or _backend.choose("flash_attention", query, BACKENDS) == "torch"):
+        # SDPA under the mask as given: the torch backend's own computation, and what a compiled graph runs
+        # (the conversion below is verified on the host)
+        out = _masked(query, key, value, attention_mask, scaling, softcap, dropout, compiling)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is None:
         form = (bool(is_causal), None)  # bottom-right causal: a single query row (decode) sees every key
-    elif compiling:  # the conversion is verified on the host: a compiled graph runs SDPA under the mask
-        form = None
     else:
         form = _as_kernel_mask(attention_mask, T, S, window, bool(is_causal))
     packed = None
-    if form is None and attention_mask.dim() == 4 and not compiling:
+    if form is None:
         packed = _packed_cu_seqlens(attention_mask, kwargs.get("position_ids"), window, T, S, bool(is_causal))
-    if form is None and packed is not None and _backend.choose("flash_attention", query, ("torch", "triton")) != "torch":
+    if form is None and packed is not None:
         # a packed batch (position ids restarting at 0): the varlen kernel over the B*T tokens, no (T, T) mask
         B, Hq, _, D = query.shape
 
         def flat(t):
             return t.transpose(0, 1).reshape(1, t.shape[1], B * T, D)
         out = flash_attention(flat(query), flat(key), flat(value), causal=True, softmax_scale=scaling,
-                              dropout_p=dropout if module.training else 0.0, softcap=softcap, cu_seqlens=packed,
-                              max_seqlen=T)
+                              dropout_p=dropout, softcap=softcap, cu_seqlens=packed, max_seqlen=T)
         out = out.reshape(Hq, B, T, D).transpose(0, 1)
     elif form is None:
-        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        if softcap is None and packed is None and not compiling:
+        if softcap is None:
             kind = (tuple(attention_mask.shape[1:2]), str(attention_mask.dtype), window)
             if kind not in _warned:
                 _warned.add(kind)
                 logger.info("fastnlg attention: this %s mask %s is not causal/window + key padding; running SDPA "
                             "under it", attention_mask.dtype, tuple(attention_mask.shape))
-        out = _masked(query, key, value, allowed, scaling, softcap, dropout if module.training else 0.0)
+        out = _masked(query, key, value, attention_mask, scaling, softcap, dropout)
     else:
         causal, kpm = form
         out = flash_attention(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,

@@ -58,7 +58,8 @@ def test_logits_and_grads_match_eager(family, pad, backend, use_backend, monkeyp
     calls = []
     kernel = hf_attention.flash_attention
     monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
-    monkeypatch.setattr(hf_attention, "masked_attention_reference", None)  # the fallback must not be needed here
+    if backend == "triton":  # the fallback must not be needed here
+        monkeypatch.setattr(hf_attention, "masked_attention_reference", None)
     ref, ours = _models(family)
     ids, mask, labels = _batch(pad)
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
@@ -66,9 +67,12 @@ def test_logits_and_grads_match_eager(family, pad, backend, use_backend, monkeyp
     keep = mask.bool()  # logits of padding positions are not compared (kernel: 0-attention rows)
     torch.testing.assert_close(out.logits[keep], out_ref.logits[keep], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-4, atol=1e-5)
-    assert len(calls) == 2  # one per layer, through the kernel
-    if pad:
-        assert calls[0]["key_padding_mask"] is not None
+    if backend == "triton":
+        assert len(calls) == 2  # one per layer, through the kernel
+        if pad:
+            assert calls[0]["key_padding_mask"] is not None
+    else:  # torch: a 4-D mask (padding, a window) runs SDPA under it as given; no mask runs flash_attention
+        assert len(calls) == {"llama": 0 if pad else 2, "mistral": 0, "gemma2": 0 if pad else 1}[family]
     out_ref.loss.backward()
     out.loss.backward()
     for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
@@ -159,3 +163,33 @@ def test_packed_batch_runs_varlen_on_triton(backend, position_ids_batch, use_bac
         assert len(calls) == 1 and calls[0]["cu_seqlens"].tolist() == cu
     else:
         assert calls == []
+
+
+def test_torch_backend_runs_sdpa_under_the_given_mask(use_backend, monkeypatch):
+    """On the torch backend (the CPU default) a 4-D mask is not converted (no host read, no rebuilt mask):
+    SDPA runs under it, with the SDPA mask built once for all layers and freed with the mask; a query row
+    that sees no key outputs 0, as on the kernels."""
+    use_backend("torch")
+    conversions = []
+    monkeypatch.setattr(hf_attention, "visible_mask", lambda *a, **k: conversions.append(1))
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, s, 5, 8, generator=g).requires_grad_() for s in (4, 2, 2))
+    mask = torch.tril(torch.ones(5, 5, dtype=torch.bool)).expand(2, 1, 5, 5).clone()
+    mask[0, :, :, :2] = False  # left padding: rows 0 and 1 of sample 0 see no key
+    outs = [hf_attention.fastnlg_attention_forward(module, q, k, v, mask, scaling=0.3)[0] for _ in range(3)]
+    assert conversions == [] and len(hf_attention._sdpa_cache) == 1
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~mask.any(-1, keepdim=True),
+                                                           scale=0.3, enable_gqa=True).transpose(1, 2)
+    ref = ref.masked_fill(~mask.any(-1)[:, 0, :, None, None], 0.0)
+    for out in outs:
+        torch.testing.assert_close(out, ref)
+    assert outs[0][0, :2].abs().max() == 0 and outs[0][1].abs().min() > 0
+    grads = torch.autograd.grad(outs[0].sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~mask, torch.finfo(torch.float32).min)  # float masks alike
+    torch.testing.assert_close(hf_attention.fastnlg_attention_forward(module, q, k, v, additive, scaling=0.3)[0], ref)
+    del mask, additive
+    assert hf_attention._sdpa_cache == {}

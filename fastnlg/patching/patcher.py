@@ -324,6 +324,8 @@ def _with_signature_of(fn, original):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        if not args and var_kw and var_kw not in kwargs:  # all by keyword (as Trainer and generate call it):
+            return fn(self, **kwargs)  # named ones and the rest go to fn as bind would send them (no bind)
         named = sig.bind(self, *args, **kwargs).arguments
         named.pop(next(iter(sig.parameters)))  # self
         extra = named.pop(var_kw, {}) if var_kw else {}
@@ -338,14 +340,22 @@ def _rope_function(original):
     from ..ops import apply_rope
 
     signature = inspect.signature(original)  # (q, k, cos, sin, [position_ids,] unsqueeze_dim=1) by version
+    params = list(signature.parameters.values())
+    four = [(p.name, p.kind) for p in params[:4]] == [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                                      for n in ("q", "k", "cos", "sin")] and all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[4:])
+    # (four: the four tensors alone are a complete call, binding as q, k, cos, sin)
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         """fastnlg.ops.apply_rope (with the call's unsqueeze_dim 1 or 2, position_ids, partial rotary) where
         the tensors are what it takes (4-D q, k of one dtype, constant cos/sin), else the original function."""
-        try:
-            bound = signature.bind(q, k, cos, sin, *args, **kwargs).arguments
-        except TypeError:
-            bound = None
+        if four and not args and not kwargs:  # how the modelling code calls it: nothing more to bind
+            bound = {}
+        else:
+            try:
+                bound = signature.bind(q, k, cos, sin, *args, **kwargs).arguments
+            except TypeError:
+                bound = None
         extra = set(bound or ()) - {"q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"}
         unsqueeze_dim = (bound or {}).get("unsqueeze_dim", 1)
         standard = (bound is not None and not extra and unsqueeze_dim in (1, 2) and q.dim() == 4 and k.dim() == 4

@@ -190,6 +190,33 @@ def test_patched_rope_function_takes_the_hf_arguments(monkeypatch, fresh_rope):
         fastnlg.unpatch(model)
 
 
+def test_call_wrappers_bind_as_the_original():
+    """The patched forward and rope function skip inspect's binding for the common all-keyword (forward) and
+    four-tensor (rope) calls; every call still binds as the original would: positional and keyword calls
+    reach the body alike, unknown keywords go through **kwargs, and a call the original rejects is
+    rejected."""
+    from fastnlg.patching.patcher import _rope_function, _with_signature_of
+
+    def original(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        pass
+
+    seen = []
+    forward = _with_signature_of(lambda self, **named: seen.append(named), original)
+    forward("m", 1, labels=3, use_cache=False)
+    forward("m", input_ids=1, labels=3, use_cache=False)
+    assert seen[0] == seen[1] == {"input_ids": 1, "labels": 3, "use_cache": False}
+    strict = _with_signature_of(lambda self, **named: named, lambda self, input_ids=None: None)
+    with pytest.raises(TypeError):
+        strict("m", input_ids=1, use_cache=False)
+
+    def needs_positions(q, k, cos, sin, position_ids, unsqueeze_dim=1):
+        raise AssertionError("only reached through the wrapper's fallback")
+
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError, match="position_ids"):  # the four tensors are not a call it takes
+        _rope_function(needs_positions)(q, q, torch.ones(3, 4), torch.zeros(3, 4))
+
+
 def test_rope_function_shared_by_two_models_is_restored_after_both(fresh_rope):
     module = sys.modules["transformers.models.llama.modeling_llama"]
     original = module.apply_rotary_pos_emb

@@ -57,7 +57,8 @@ PYBIND11_MODULE(_C, m) {
                                                   P<const T>(class_weight)));
     }, nogil);
     m.def("set_cpu_isa", [](const std::string& isa) { return std::string(fastnlg::set_cpu_isa(isa.c_str())); },
-          "'auto' or 'baseline': which build of the fp32 cross-entropy row kernel runs; returns the one in use");
+          "'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4': which build of the fp32 cross-entropy row kernel runs "
+          "(one the CPU lacks keeps the current); returns the one in use");
     m.def("nf4_quantize", [](ptr x, ptr packed, ptr absmax, int64_t n, int64_t bs) {
         fastnlg::nf4_quantize(P<const float>(x), P<unsigned char>(packed), P<float>(absmax), n, bs);
     }, nogil);

@@ -33,8 +33,8 @@ template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* d
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
                                             double softcap, double z_loss, const T* class_weight);
-// Which build of the fp32 cross-entropy row kernel runs: "auto" (x86-64-v3 where the CPU has it) or
-// "baseline"; returns the one now in use. For tests and diagnostics.
+// Which build of the fp32 cross-entropy row kernel runs: "auto" (the best the CPU has), "baseline",
+// "x86-64-v3" or "x86-64-v4" (one the CPU lacks keeps the current); returns the one now in use. For tests.
 const char* set_cpu_isa(const char* isa);
 template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
 

@@ -202,6 +202,13 @@ def _valid_rows(op, labels, V, ignore_index, class_weight=None):
     is no host read: the check is a device-side assert, the counts stay tensors, and no row is dropped
     (ignored rows get zero loss and gradient in the kernels)."""
     valid = labels != ignore_index
+    if class_weight is None and labels.numel() and not torch.compiler.is_compiling():
+        # the count and the range of the non-ignored labels in one host read (a third of the ops below)
+        lo, hi = torch.aminmax(torch.where(valid, labels, 0))
+        n_valid, lo, hi = torch.stack([valid.sum(), lo, hi]).tolist()
+        if lo >= 0 and hi < V:
+            idx = torch.nonzero(valid).squeeze(-1) if n_valid < labels.numel() else None
+            return idx, n_valid, None, 0.0
     bad = valid & ((labels < 0) | (labels >= V))
     counts = [valid.sum(), bad.sum()]
     if class_weight is not None:

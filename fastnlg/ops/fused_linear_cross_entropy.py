@@ -42,8 +42,10 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
     grads = scale is not None
     low = weight.dtype in (torch.float16, torch.bfloat16)
     dh = torch.empty_like(h) if grads and need_dh else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32 if low else weight.dtype, device=h.device) if grads and need_dw else None
-    db = torch.zeros(V, dtype=acc, device=h.device) if grads and need_db else None
+    dw = torch.empty(weight.shape, dtype=torch.float32 if low else weight.dtype, device=h.device) if grads and need_dw else None
+    db = torch.empty(V, dtype=acc, device=h.device) if grads and need_db else None
+    if n == 0:  # (the first chunk writes dW and db, later ones add; with no chunk they are 0)
+        dw, db = (None if t is None else t.zero_() for t in (dw, db))
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hc = h[s:e]
@@ -55,16 +57,28 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
             continue
         if dh is not None:
             torch.matmul(logits, weight, out=dh[s:e])
+        beta = 0.0 if s == 0 else 1.0  # (beta 0: the first chunk overwrites, as out=)
         if dw is not None:
             if low and h.device.type == "cpu":  # CPU half-precision matmul is slow: accumulate in fp32
-                dw.addmm_(logits.t().float(), hc.float())
-            elif low:  # CUDA: bf16/fp16 tensor-core matmul (fp32 accumulate), added into the fp32 buffer
+                dw.addmm_(logits.t().float(), hc.float(), beta=beta)
+            elif low and s == 0:  # CUDA: bf16/fp16 tensor-core matmul (fp32 accumulate) into the fp32 buffer
+                dw.copy_(logits.t() @ hc)
+            elif low:
                 dw.add_(logits.t() @ hc)
             else:
-                dw.addmm_(logits.t(), hc)
+                dw.addmm_(logits.t(), hc, beta=beta)
         if db is not None:
-            db += logits.to(acc).sum(0)
+            if s == 0:
+                torch.sum(logits.to(acc), 0, out=db)
+            else:
+                db += logits.to(acc).sum(0)
     return loss, lse, dh, dw, db
+
+
+def _one_on_cpu(grad_out):
+    """grad_out is a CPU 1 (the usual loss.backward()), so the gradients need no scaling: read on the host
+    only on the CPU, where that is free (on a GPU it would be a sync per step) and not under torch.compile."""
+    return grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -90,8 +104,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             loss_rows, lse, *_ = _linear_ce_pass(h, weight, bias, y, None, o, chunk, False, False, False, hits=hits)
             ctx.save_for_backward(idx, hidden, weight, bias, labels)
-        if idx is None:  # no row was dropped (none ignored, or under torch.compile): the z-loss part skips
-            lse = torch.where(y != o.ignore_index, lse, torch.zeros_like(lse))  # the ignored ones
+        if idx is None and want.want_z:  # no row was dropped (none ignored, or under torch.compile): the
+            lse = torch.where(y != o.ignore_index, lse, torch.zeros_like(lse))  # z-loss part skips the ignored
         ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, o, need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = loss_rows.sum() / ce_den if scalar else _scatter_rows(loss_rows, idx, N)
@@ -101,7 +115,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out, _gz, _gacc):
         if ctx.precomputed:
             idx, dh, dw, db = ctx.saved_tensors
-            g = grad_out  # always scaled: testing grad_out == 1 on the host would be a GPU sync per step
+            g = None if _one_on_cpu(grad_out) else grad_out
         else:  # reduction="none": recompute each chunk with the per-row output gradients as scales
             idx, hidden, weight, bias, labels = ctx.saved_tensors
             h = hidden if idx is None else hidden.index_select(0, idx)

@@ -84,3 +84,18 @@ def _break_bnb_on_request():
 
     with bnb_oracle.broken_bnb_dequantize():
         yield
+
+
+@pytest.fixture(params=["auto", "baseline", "x86-64-v3", "x86-64-v4"])
+def cpu_isa(request):
+    """The C++ fp32 hot loops (cross-entropy rows, gated activations) are built for baseline x86-64,
+    x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), and the CPU picks the best it has: each build runs here
+    where the CPU has it, so no verdict depends on which one the CI machine would pick."""
+    from fastnlg import _C
+
+    used = _C.set_cpu_isa(request.param)
+    if request.param != "auto" and used != request.param:
+        _C.set_cpu_isa("auto")
+        pytest.skip(f"this CPU has no {request.param} (it runs {used})")
+    yield used
+    _C.set_cpu_isa("auto")

@@ -9,8 +9,7 @@
 //
 // Three sweeps per row (max + sum z; sum exp; gradient), each a vectorisable loop over V; a row of
 // 32k-256k fp32 logits (128 KB-1 MB) stays in L2 between sweeps. Rows are split over OpenMP threads.
-// fp32 uses exp_f32 below (Cephes' expf polynomial, ~1 ulp) because glibc's expf is not vectorised
-// without -ffast-math, which we do not use (it drops NaN/Inf semantics). The fp32 row kernel is built
+// fp32 uses exp_f32 (fastnlg_cpu.h: Cephes' expf polynomial, ~1 ulp, vectorisable). The fp32 row kernel is built
 // three times (baseline x86-64, x86-64-v3 = AVX2 + FMA, x86-64-v4 = AVX-512: 1.5x v3 on a Zen 4 EPYC); the
 // best build the CPU has runs, and set_cpu_isa() forces one, so a test can run every path the machine has.
 #include "fastnlg_cpu.h"
@@ -19,38 +18,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTNLG_X86_V3 1
-#endif
-
 namespace fastnlg {
-
-// e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for exactness), e^r by the
-// degree-6 Cephes polynomial on |r| <= ln2 / 2. Selects, not branches, so `omp simd` vectorises it (with
-// -fno-trapping-math, which lets GCC if-convert the comparisons). x < -87.3 (e^x below the smallest normal
-// float, and -inf) gives exactly 0; x is capped at 88; NaN propagates (the comparisons keep it).
-static inline float exp_f32(float x) {
-    const bool underflow = x < -87.3365f;
-    x = underflow ? -87.3365f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return underflow ? 0.0f : p * scale;
-}
-
-static inline float vexp(float x) { return exp_f32(x); }
-static inline double vexp(double x) { return std::exp(x); }
 
 template <typename T>
 static inline T capped(T x, T c, bool cap) { return cap ? c * std::tanh(x / c) : x; }
@@ -158,6 +126,14 @@ static int cpu_level() {  // 3: x86-64-v3, 4: x86-64-v4 (AVX-512 F/BW/DQ/VL), el
 }
 static int level = cpu_level();
 #endif
+
+int isa_level() {
+#ifdef FASTNLG_X86_V3
+    return level;
+#else
+    return 0;
+#endif
+}
 
 const char* set_cpu_isa(const char* isa) {
 #ifdef FASTNLG_X86_V3

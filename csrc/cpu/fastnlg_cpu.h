@@ -2,10 +2,46 @@
 // Every kernel is templated on the element type T (float or double); fp16/bf16 inputs are upcast to
 // fp32 by the Python caller. Rows are independent and split over OpenMP threads.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTNLG_X86_V3 1  // the fp32 hot loops are also built for x86-64-v3 (AVX2 + FMA) and -v4 (AVX-512)
+#endif
+
 namespace fastnlg {
+
+// e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (ln 2 split in two for exactness), e^r by the
+// degree-6 Cephes polynomial on |r| <= ln2 / 2 (~1 ulp). Selects, not branches, so `omp simd` vectorises it
+// (with -fno-trapping-math, which lets GCC if-convert the comparisons); glibc's expf is not vectorised
+// without -ffast-math, which we do not use (it drops NaN/Inf semantics). x < -87.3 (e^x below the smallest
+// normal float, and -inf) gives exactly 0; x is capped at 88; NaN propagates (the comparisons keep it).
+static inline float exp_f32(float x) {
+    const bool underflow = x < -87.3365f;
+    x = underflow ? -87.3365f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return underflow ? 0.0f : p * scale;
+}
+static inline float vexp(float x) { return exp_f32(x); }
+static inline double vexp(double x) { return std::exp(x); }
+
+// The x86-64 level whose build of the fp32 hot loops (cross-entropy rows, gated activations) runs: 4
+// (x86-64-v4), 3 (x86-64-v3) or 0 (baseline); the best the CPU has unless set_cpu_isa chose another.
+int isa_level();
 
 // Rounding of an fp32 value to the caller's low-precision dtype and back, for the modes that round an
 // intermediate as the eager module does (round code 0: none, 1: bfloat16, 2: IEEE half).
@@ -33,8 +69,8 @@ template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* d
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
                                             double softcap, double z_loss, const T* class_weight);
-// Which build of the fp32 cross-entropy row kernel runs: "auto" (the best the CPU has), "baseline",
-// "x86-64-v3" or "x86-64-v4" (one the CPU lacks keeps the current); returns the one now in use. For tests.
+// Which build of the fp32 hot loops runs: "auto" (the best the CPU has), "baseline", "x86-64-v3" or
+// "x86-64-v4" (one the CPU lacks keeps the current); returns the one now in use. For tests.
 const char* set_cpu_isa(const char* isa);
 template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
 

@@ -2,9 +2,11 @@
 
 Backward (gradchecked in fp64 in tests/ops/test_glu.py): dgate = dy * up * act'(gate), dup = dy * act(gate),
 with act' written out in kernels/glu.py. Backends: Triton (kernels/glu.py), C++ (csrc/cpu/activations.cpp),
-torch (below). On CPU the default is torch: its SLEEF-vectorised exp beat our C++ loop ~3x (256 x 11008
-fp32 swiglu fwd, 2 cores: 3.1 ms vs 9.6 ms), because glibc's vector exp needs -ffast-math, which we do not
-build with (it drops NaN/Inf semantics). FASTNLG_BACKEND=cpp still selects the C++ kernel.
+torch (below: aten's activation kernels). On CPU the default is C++: one vectorised pass each way (its exp
+is a polynomial, built per x86-64 level), where torch takes 2 ops forward and 4 backward. fwd + bwd, 2
+cores (Zen 4), fp32 swiglu 512 x 2816: 1.35 vs 2.09 ms (eager F.silu(g) * u: 3.7), geglu 1.38 vs 4.12 ms;
+bf16 swiglu 2.4 vs 3.2 ms. The erf GeGLU keeps torch as its CPU default: its C++ loop calls glibc's scalar
+erf (4x slower than aten's vectorised one); FASTNLG_BACKEND=cpp still selects it.
 
 Rounding: by default act(gate) * up is computed in fp32 and rounded once (more accurate than eager). For
 bf16/fp16 inputs eager rounds act(gate) to the input dtype first (F.silu returns bf16), which differs from
@@ -99,13 +101,13 @@ _FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}
 _BWD = {"torch": _bwd_torch, "cpp": _bwd_cpp, "triton": _bwd_triton}
 
 
-def _backend_for(gate):
-    return _backend.choose("glu", gate, BACKENDS, cpu_default_cpp=False)
+def _backend_for(gate, kind):
+    return _backend.choose("glu", gate, BACKENDS, cpu_default_cpp=kind != GEGLU_ERF)  # (see the docstring)
 
 
 @torch.library.custom_op("fastnlg::glu_fwd", mutates_args=())
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool) -> torch.Tensor:
-    return _FWD[_backend_for(gate)](gate, up, kind, round_act).view(gate.shape)
+    return _FWD[_backend_for(gate, kind)](gate, up, kind, round_act).view(gate.shape)
 
 
 @_glu_fwd.register_fake
@@ -115,7 +117,7 @@ def _(gate, up, kind, round_act):
 
 @torch.library.custom_op("fastnlg::glu_bwd", mutates_args=())
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dg, du = _BWD[_backend_for(gate)](dy, gate, up, kind)
+    dg, du = _BWD[_backend_for(gate, kind)](dy, gate, up, kind)
     return dg.view(gate.shape), du.view(up.shape)
 
 

@@ -70,21 +70,6 @@ def test_flce_options(device, backend, kw, use_backend):
     _check_flce(device, torch.float32, 37, 101, 24, kw, chunk=8)
 
 
-@pytest.fixture(params=["auto", "baseline", "x86-64-v3", "x86-64-v4"])
-def cpu_isa(request):
-    """The C++ fp32 row kernel is built for baseline x86-64, x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512),
-    and the CPU picks the best it has: each build runs here where the CPU has it, so no verdict depends on
-    which one the CI machine would pick."""
-    from fastnlg import _C
-
-    used = _C.set_cpu_isa(request.param)
-    if request.param != "auto" and used != request.param:
-        _C.set_cpu_isa("auto")
-        pytest.skip(f"this CPU has no {request.param} (it runs {used})")
-    yield used
-    _C.set_cpu_isa("auto")
-
-
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_flce_cpp_each_isa_build(kw, cpu_isa, use_backend):
     use_backend("cpp")

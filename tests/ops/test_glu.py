@@ -48,6 +48,19 @@ def test_non_contiguous_and_empty(device, backend, name, use_backend):
     _check(op, ref, device, torch.float32, torch.randn(0, 8), torch.randn(0, 8))
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_cpp_each_isa_build(name, cpu_isa, use_backend):
+    """Every x86-64 build of the C++ fp32 loops the machine has (their exp is fastnlg's polynomial): the
+    tolerance rule on odd lengths (vector tails), and eager's rounding bit for bit for SwiGLU."""
+    use_backend("cpp")
+    op, ref = OPS[name]
+    for shape in ((3000,), (2, 5, 301), (4099,)):
+        _check(op, ref, "cpu", torch.float32, torch.randn(shape) * 4, torch.randn(shape))
+    if name == "swiglu":
+        g, u = (torch.randn(64, 1000) * 3).bfloat16(), torch.randn(64, 1000).bfloat16()
+        assert torch.equal(swiglu(g, u, eager_rounding=True), torch.nn.functional.silu(g) * u)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("name", list(OPS))
 def test_gradcheck_fp64(backend, name, use_backend):

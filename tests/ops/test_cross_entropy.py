@@ -333,6 +333,36 @@ def test_no_gradient_work_under_no_grad(fused, monkeypatch):
     torch.testing.assert_close(loss, with_grad.detach())
 
 
+@pytest.mark.parametrize("ignored,dropped", [(8, False), (600, True)])
+def test_ignored_rows_are_dropped_where_that_pays(ignored, dropped, monkeypatch, use_backend):
+    """Ignored rows get no matmul work when dropping them saves COMPACT_MIN_MACS (600 x 500 x 64 here), and
+    are kept, with zero loss and gradient from the kernels, when the gather and scatter would cost more
+    (8 x 500 x 64): the loss, the gradients and the z-loss extra are the same either way."""
+    use_backend("cpp")  # (the rule is the same on every backend)
+    flce_mod = importlib.import_module("fastnlg.ops.fused_linear_cross_entropy")
+    rows = []
+    real = flce_mod._linear_ce_pass
+    monkeypatch.setattr(flce_mod, "_linear_ce_pass", lambda h, *a, **k: rows.append(h.shape[0]) or real(h, *a, **k))
+    N, V, C = 1000, 500, 64
+    h = torch.randn(N, C, requires_grad=True)
+    w = (torch.randn(V, C) / 8).requires_grad_()
+    y = torch.randint(0, V, (N,))
+    y[torch.randperm(N)[:ignored]] = -100
+    out = fused_linear_cross_entropy(h, w, y, z_loss=1e-3, return_z_loss=True)
+    assert rows == [N - ignored if dropped else N]
+    out.loss.backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logits = ref_h @ ref_w.t()
+    keep = y != -100
+    lse = torch.logsumexp(logits[keep], -1)
+    ref = F.cross_entropy(logits, y) + 1e-3 * (lse * lse).mean()
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.z_loss, 1e-3 * (lse * lse).mean().detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("ignored", [0, 3])
 def test_repeated_backward_of_a_retained_graph(ignored):
     """The fused loss's gradients are computed in forward and handed out in backward: three backward passes

@@ -71,33 +71,22 @@ static inline __attribute__((always_inline)) void glu_bwd_block(const T* dy, con
     }
 }
 
-// fp32 blocks, one build per x86-64 level
 using FwdF32 = void (*)(const float*, const float*, float*, int64_t, int, int);
 using BwdF32 = void (*)(const float*, const float*, const float*, float*, float*, int64_t, int);
 
-static void fwd_f32_baseline(const float* g, const float* u, float* y, int64_t n, int kind, int r) {
-    glu_fwd_block<float>(g, u, y, n, kind, r);
-}
-static void bwd_f32_baseline(const float* d, const float* g, const float* u, float* dg, float* du, int64_t n, int kind) {
-    glu_bwd_block<float>(d, g, u, dg, du, n, kind);
-}
+// one build of the fp32 forward and backward blocks per x86-64 level
+#define FASTNLG_GLU_F32_BUILD(SUFFIX, ATTR)                                                                       \
+    ATTR static void fwd_f32_##SUFFIX(const float* g, const float* u, float* y, int64_t n, int kind, int r) {     \
+        glu_fwd_block<float>(g, u, y, n, kind, r);                                                                \
+    }                                                                                                              \
+    ATTR static void bwd_f32_##SUFFIX(const float* d, const float* g, const float* u, float* dg, float* du,       \
+                                      int64_t n, int kind) {                                                      \
+        glu_bwd_block<float>(d, g, u, dg, du, n, kind);                                                           \
+    }
+FASTNLG_GLU_F32_BUILD(baseline, )
 #ifdef FASTNLG_X86_V3
-__attribute__((target("arch=x86-64-v3"))) static void fwd_f32_v3(const float* g, const float* u, float* y, int64_t n,
-                                                                   int kind, int r) {
-    glu_fwd_block<float>(g, u, y, n, kind, r);
-}
-__attribute__((target("arch=x86-64-v3"))) static void bwd_f32_v3(const float* d, const float* g, const float* u,
-                                                                   float* dg, float* du, int64_t n, int kind) {
-    glu_bwd_block<float>(d, g, u, dg, du, n, kind);
-}
-__attribute__((target("arch=x86-64-v4"))) static void fwd_f32_v4(const float* g, const float* u, float* y, int64_t n,
-                                                                   int kind, int r) {
-    glu_fwd_block<float>(g, u, y, n, kind, r);
-}
-__attribute__((target("arch=x86-64-v4"))) static void bwd_f32_v4(const float* d, const float* g, const float* u,
-                                                                   float* dg, float* du, int64_t n, int kind) {
-    glu_bwd_block<float>(d, g, u, dg, du, n, kind);
-}
+FASTNLG_GLU_F32_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
+FASTNLG_GLU_F32_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
 static FwdF32 fwd_f32() {

@@ -93,29 +93,18 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
     }
 }
 
-// The per-row fp32 kernel, built per ISA.
-static void ce_row_f32_baseline(float* xr, int64_t y, const float* scale_i, float* loss, float* lse, int64_t V,
-                                int64_t ignore_index, float eps, float c, bool cap, float zl, const float* w,
-                                float wsum) {
-    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
-}
+// The per-row fp32 kernel, built per x86-64 level.
+#define FASTNLG_CE_ROW_F32_BUILD(SUFFIX, ATTR)                                                                     \
+    ATTR static void ce_row_f32_##SUFFIX(float* xr, int64_t y, const float* scale_i, float* loss, float* lse,     \
+                                         int64_t V, int64_t ignore_index, float eps, float c, bool cap, float zl, \
+                                         const float* w, float wsum) {                                            \
+        ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);                      \
+    }
+FASTNLG_CE_ROW_F32_BUILD(baseline, )
 
 #ifdef FASTNLG_X86_V3
-__attribute__((target("arch=x86-64-v3"))) static void ce_row_f32_v3(float* xr, int64_t y, const float* scale_i,
-                                                                      float* loss, float* lse, int64_t V,
-                                                                      int64_t ignore_index, float eps, float c,
-                                                                      bool cap, float zl, const float* w,
-                                                                      float wsum) {
-    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
-}
-
-__attribute__((target("arch=x86-64-v4"))) static void ce_row_f32_v4(float* xr, int64_t y, const float* scale_i,
-                                                                      float* loss, float* lse, int64_t V,
-                                                                      int64_t ignore_index, float eps, float c,
-                                                                      bool cap, float zl, const float* w,
-                                                                      float wsum) {
-    ce_row<float>(xr, y, scale_i, loss, lse, V, ignore_index, eps, c, cap, zl, w, wsum);
-}
+FASTNLG_CE_ROW_F32_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
+FASTNLG_CE_ROW_F32_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
 
 static int cpu_level() {  // 3: x86-64-v3, 4: x86-64-v4 (AVX-512 F/BW/DQ/VL), else 0
     __builtin_cpu_init();

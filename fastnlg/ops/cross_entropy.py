@@ -197,7 +197,7 @@ def _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in
 
 
 def _valid_rows(op, labels, V, ignore_index, class_weight=None):
-    """(indices of non-ignored rows or None when all are, their count, their summed class weight, the sum
+    """(the non-ignored rows' bool mask or None when all are, their count, their summed class weight, the sum
     of all class weights); checks the label range in the same single host read. Under torch.compile there
     is no host read: the check is a device-side assert, the counts stay tensors, and no row is dropped
     (ignored rows get zero loss and gradient in the kernels)."""
@@ -207,8 +207,7 @@ def _valid_rows(op, labels, V, ignore_index, class_weight=None):
         lo, hi = torch.aminmax(torch.where(valid, labels, 0))
         n_valid, lo, hi = torch.stack([valid.sum(), lo, hi]).tolist()
         if lo >= 0 and hi < V:
-            idx = torch.nonzero(valid).squeeze(-1) if n_valid < labels.numel() else None
-            return idx, n_valid, None, 0.0
+            return (valid if n_valid < labels.numel() else None), n_valid, None, 0.0
     bad = valid & ((labels < 0) | (labels >= V))
     counts = [valid.sum(), bad.sum()]
     if class_weight is not None:
@@ -223,8 +222,8 @@ def _valid_rows(op, labels, V, ignore_index, class_weight=None):
         raise ValueError(f"{op}: {int(n_bad)} label(s) outside [0, {V}) and not ignore_index={ignore_index}; "
                          f"first at row {first}: {int(labels[first])}")
     n_valid = int(n_valid)
-    idx = torch.nonzero(valid).squeeze(-1) if n_valid < labels.numel() else None
-    return idx, n_valid, (sums[0] if sums else None), (sums[1] if sums else 0.0)
+    return (valid if n_valid < labels.numel() else None), n_valid, (sums[0] if sums else None), \
+        (sums[1] if sums else 0.0)
 
 
 def _scatter_rows(rows, idx, N):
@@ -243,10 +242,10 @@ class _Extras(NamedTuple):
 def _prepare(op, labels, V, o: _Opts, reduction, num_items, acc):
     """Host read of the label statistics; the denominators; the options the kernels run with."""
     cw = None if o.class_weight is None else o.class_weight.detach().to(acc).contiguous()
-    idx, n_valid, w_valid, w_sum = _valid_rows(op, labels, V, o.ignore_index, cw)
+    valid, n_valid, w_valid, w_sum = _valid_rows(op, labels, V, o.ignore_index, cw)
     ce_den, z_den = _denominators(reduction, num_items, n_valid, w_valid)
     z_kernel = o.z_loss * ce_den / z_den if o.z_loss and num_items is None else o.z_loss  # one denominator
-    return idx, n_valid, ce_den, z_den, o._replace(z_loss=z_kernel, class_weight=cw, weight_sum=w_sum)
+    return valid, n_valid, ce_den, z_den, o._replace(z_loss=z_kernel, class_weight=cw, weight_sum=w_sum)
 
 
 def _row_scale(n, denominator, dtype, device):

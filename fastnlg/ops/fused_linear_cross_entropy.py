@@ -90,10 +90,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want, grad_mode):
         N, V = hidden.shape[0], weight.shape[0]
-        idx, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
-                                                 num_items, native_dtype(hidden))
-        if idx is not None and (N - n_valid) * V * hidden.shape[1] < COMPACT_MIN_MACS:
-            idx = None  # the kernels give ignored rows zero loss and gradient
+        valid, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
+                                                   num_items, native_dtype(hidden))
+        idx = None  # (no row dropped: the kernels give ignored rows zero loss and gradient)
+        if valid is not None and (N - n_valid) * V * hidden.shape[1] >= COMPACT_MIN_MACS:
+            idx = torch.nonzero(valid).squeeze(-1)
         h = hidden if idx is None else hidden.index_select(0, idx)
         y = labels if idx is None else labels.index_select(0, idx)
         h = h if h.stride(-1) == 1 else h.contiguous()

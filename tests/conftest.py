@@ -88,7 +88,7 @@ def _break_bnb_on_request():
 
 @pytest.fixture(params=["auto", "baseline", "x86-64-v3", "x86-64-v4"])
 def cpu_isa(request):
-    """The C++ fp32 hot loops (cross-entropy rows, gated activations) are built for baseline x86-64,
+    """The C++ fp32 hot loops (cross-entropy rows, activations) are built for baseline x86-64,
     x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512), and the CPU picks the best it has: each build runs here
     where the CPU has it, so no verdict depends on which one the CI machine would pick."""
     from fastnlg import _C

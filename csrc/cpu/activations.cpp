@@ -1,15 +1,17 @@
-// Gated activations y = act(gate) * up, elementwise over n values.
+// Gated activations y = act(gate) * up, elementwise over n values, and the plain GELU y = gelu(x + bias)
+// over rows (GPT-2's MLP activation with c_fc's bias fused).
 //
 // SwiGLU: act = silu(g) = g * s, s = sigmoid(g);  d act/dg = s * (1 + g * (1 - s))
-// GeGLU (tanh): act = g * sigmoid(2z), z = k (g + 0.044715 g^3), k = sqrt(2/pi)
+// GELU (tanh): act = g * sigmoid(2z), z = k (g + 0.044715 g^3), k = sqrt(2/pi)
 //   (0.5 (1 + tanh z) == sigmoid(2z), so no cancellation near 0);
 //   d act/dg = S + 2 g S (1 - S) k (1 + 3 * 0.044715 g^2), S = sigmoid(2z)
-// GeGLU (erf): act = 0.5 g (1 + erf(g / sqrt 2));  d act/dg = 0.5 (1 + erf(g / sqrt 2)) + g phi(g)
-// Backward: dgate = dy * up * act'(g),  dup = dy * act(g): one pass over the three inputs.
+// GELU (erf): act = 0.5 g (1 + erf(g / sqrt 2));  d act/dg = 0.5 (1 + erf(g / sqrt 2)) + g phi(g)
+// GLU backward: dgate = dy * up * act'(g),  dup = dy * act(g): one pass over the three inputs.
+// GELU backward: dx = dy * act'(x + bias) (the bias gradient, a column sum of dx, is the caller's).
 // round_act (eager's rounding): act(g) is rounded to the input's bf16 / fp16 before the multiply.
 //
 // The exp of the sigmoids is vexp (fastnlg_cpu.h: a vectorisable polynomial in fp32), so the SwiGLU and
-// tanh-GeGLU loops vectorise; erf stays glibc's (scalar). Blocks of values are split over OpenMP threads,
+// tanh-GELU loops vectorise; erf stays glibc's (scalar). Blocks of values are split over OpenMP threads,
 // and in fp32 each block runs the build for the CPU's x86-64 level (baseline, v3 = AVX2, v4 = AVX-512).
 #include "fastnlg_cpu.h"
 
@@ -18,16 +20,33 @@
 
 namespace fastnlg {
 
+// the activations and their derivatives, shared by the GLU and GELU loops
+template <typename T>
+static inline __attribute__((always_inline)) T gelu_tanh_e(T g) {  // e^(-2z): act = g / (1 + e), S = 1 / (1 + e)
+    return vexp(T(-2) * T(0.7978845608028654) * (g + T(0.044715) * g * g * g));
+}
+template <typename T>
+static inline __attribute__((always_inline)) T gelu_tanh_grad(T g, T S) {
+    return S + T(2) * g * S * (T(1) - S) * T(0.7978845608028654) * (T(1) + T(3) * T(0.044715) * g * g);
+}
+template <typename T>
+static inline __attribute__((always_inline)) T gelu_erf_cdf(T g) {
+    return T(0.5) * (T(1) + std::erf(g * T(0.7071067811865476)));
+}
+template <typename T>
+static inline __attribute__((always_inline)) T gelu_erf_grad(T g, T cdf) {
+    return cdf + g * T(0.3989422804014327) * vexp(T(-0.5) * g * g);
+}
+
 template <typename T>
 static inline __attribute__((always_inline)) void glu_fwd_block(const T* gate, const T* up, T* y, int64_t n, int kind,
                                                                  int round_act) {
-    const T k = T(0.7978845608028654), c3 = T(0.044715), r2 = T(0.7071067811865476);
     if (round_act) {
         for (int64_t i = 0; i < n; ++i) {
             const T g = gate[i];
             const T act = kind == GLU_SWIGLU        ? g / (T(1) + vexp(-g))
-                          : kind == GLU_GEGLU_TANH ? g / (T(1) + vexp(T(-2) * k * (g + c3 * g * g * g)))
-                                                   : g * T(0.5) * (T(1) + std::erf(g * r2));
+                          : kind == GLU_GEGLU_TANH ? g / (T(1) + gelu_tanh_e(g))
+                                                   : g * gelu_erf_cdf(g);
             y[i] = round_to(act, round_act) * up[i];
         }
     } else if (kind == GLU_SWIGLU) {
@@ -37,17 +56,16 @@ static inline __attribute__((always_inline)) void glu_fwd_block(const T* gate, c
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
             const T g = gate[i];
-            y[i] = g / (T(1) + vexp(T(-2) * k * (g + c3 * g * g * g))) * up[i];
+            y[i] = g / (T(1) + gelu_tanh_e(g)) * up[i];
         }
     } else {
-        for (int64_t i = 0; i < n; ++i) y[i] = gate[i] * T(0.5) * (T(1) + std::erf(gate[i] * r2)) * up[i];
+        for (int64_t i = 0; i < n; ++i) y[i] = gate[i] * gelu_erf_cdf(gate[i]) * up[i];
     }
 }
 
 template <typename T>
 static inline __attribute__((always_inline)) void glu_bwd_block(const T* dy, const T* gate, const T* up, T* dgate,
                                                                  T* dup, int64_t n, int kind) {
-    const T k = T(0.7978845608028654), c3 = T(0.044715), r2 = T(0.7071067811865476), ip = T(0.3989422804014327);
     if (kind == GLU_SWIGLU) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
@@ -58,56 +76,120 @@ static inline __attribute__((always_inline)) void glu_bwd_block(const T* dy, con
     } else if (kind == GLU_GEGLU_TANH) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i], S = T(1) / (T(1) + vexp(T(-2) * k * (g + c3 * g * g * g)));
-            dgate[i] = dy[i] * up[i] * (S + T(2) * g * S * (T(1) - S) * k * (T(1) + T(3) * c3 * g * g));
+            const T g = gate[i], S = T(1) / (T(1) + gelu_tanh_e(g));
+            dgate[i] = dy[i] * up[i] * gelu_tanh_grad(g, S);
             dup[i] = dy[i] * g * S;
         }
     } else {
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i], cdf = T(0.5) * (T(1) + std::erf(g * r2));
-            dgate[i] = dy[i] * up[i] * (cdf + g * ip * vexp(T(-0.5) * g * g));
+            const T g = gate[i], cdf = gelu_erf_cdf(g);
+            dgate[i] = dy[i] * up[i] * gelu_erf_grad(g, cdf);
             dup[i] = dy[i] * g * cdf;
         }
     }
 }
 
-using FwdF32 = void (*)(const float*, const float*, float*, int64_t, int, int);
-using BwdF32 = void (*)(const float*, const float*, const float*, float*, float*, int64_t, int);
+// GELU over `rows` rows of C values: y = act(x + bias) (HasBias false: no bias), dx = dy * act'(x + bias)
+template <bool HasBias, typename T>
+static inline __attribute__((always_inline)) void gelu_fwd_rows(const T* x, const T* b, T* y, int64_t rows,
+                                                                 int64_t C, bool tanh) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * C;
+        T* yr = y + r * C;
+        if (tanh) {
+#pragma omp simd
+            for (int64_t j = 0; j < C; ++j) {
+                const T z = HasBias ? xr[j] + b[j] : xr[j];
+                yr[j] = z / (T(1) + gelu_tanh_e(z));
+            }
+        } else {
+            for (int64_t j = 0; j < C; ++j) {
+                const T z = HasBias ? xr[j] + b[j] : xr[j];
+                yr[j] = z * gelu_erf_cdf(z);
+            }
+        }
+    }
+}
 
-// one build of the fp32 forward and backward blocks per x86-64 level
-#define FASTNLG_GLU_F32_BUILD(SUFFIX, ATTR)                                                                       \
-    ATTR static void fwd_f32_##SUFFIX(const float* g, const float* u, float* y, int64_t n, int kind, int r) {     \
+template <bool HasBias, typename T>
+static inline __attribute__((always_inline)) void gelu_bwd_rows(const T* dy, const T* x, const T* b, T* dx,
+                                                                 int64_t rows, int64_t C, bool tanh) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * C;
+        const T* dyr = dy + r * C;
+        T* dxr = dx + r * C;
+        if (tanh) {
+#pragma omp simd
+            for (int64_t j = 0; j < C; ++j) {
+                const T z = HasBias ? xr[j] + b[j] : xr[j];
+                dxr[j] = dyr[j] * gelu_tanh_grad(z, T(1) / (T(1) + gelu_tanh_e(z)));
+            }
+        } else {
+            for (int64_t j = 0; j < C; ++j) {
+                const T z = HasBias ? xr[j] + b[j] : xr[j];
+                dxr[j] = dyr[j] * gelu_erf_grad(z, gelu_erf_cdf(z));
+            }
+        }
+    }
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) void gelu_fwd_block(const T* x, const T* b, T* y, int64_t rows,
+                                                                  int64_t C, bool tanh) {
+    if (b) gelu_fwd_rows<true>(x, b, y, rows, C, tanh);
+    else gelu_fwd_rows<false>(x, b, y, rows, C, tanh);
+}
+template <typename T>
+static inline __attribute__((always_inline)) void gelu_bwd_block(const T* dy, const T* x, const T* b, T* dx,
+                                                                  int64_t rows, int64_t C, bool tanh) {
+    if (b) gelu_bwd_rows<true>(dy, x, b, dx, rows, C, tanh);
+    else gelu_bwd_rows<false>(dy, x, b, dx, rows, C, tanh);
+}
+
+// the fp32 blocks, one build per x86-64 level
+struct F32Loops {
+    void (*glu_fwd)(const float*, const float*, float*, int64_t, int, int);
+    void (*glu_bwd)(const float*, const float*, const float*, float*, float*, int64_t, int);
+    void (*gelu_fwd)(const float*, const float*, float*, int64_t, int64_t, bool);
+    void (*gelu_bwd)(const float*, const float*, const float*, float*, int64_t, int64_t, bool);
+};
+#define FASTNLG_ACT_F32_BUILD(SUFFIX, ATTR)                                                                       \
+    ATTR static void glu_fwd_##SUFFIX(const float* g, const float* u, float* y, int64_t n, int kind, int r) {     \
         glu_fwd_block<float>(g, u, y, n, kind, r);                                                                \
     }                                                                                                              \
-    ATTR static void bwd_f32_##SUFFIX(const float* d, const float* g, const float* u, float* dg, float* du,       \
+    ATTR static void glu_bwd_##SUFFIX(const float* d, const float* g, const float* u, float* dg, float* du,       \
                                       int64_t n, int kind) {                                                      \
         glu_bwd_block<float>(d, g, u, dg, du, n, kind);                                                           \
-    }
-FASTNLG_GLU_F32_BUILD(baseline, )
+    }                                                                                                              \
+    ATTR static void gelu_fwd_##SUFFIX(const float* x, const float* b, float* y, int64_t rows, int64_t C,         \
+                                       bool tanh) {                                                               \
+        gelu_fwd_block<float>(x, b, y, rows, C, tanh);                                                            \
+    }                                                                                                              \
+    ATTR static void gelu_bwd_##SUFFIX(const float* d, const float* x, const float* b, float* dx, int64_t rows,   \
+                                       int64_t C, bool tanh) {                                                    \
+        gelu_bwd_block<float>(d, x, b, dx, rows, C, tanh);                                                        \
+    }                                                                                                              \
+    static constexpr F32Loops loops_##SUFFIX = {glu_fwd_##SUFFIX, glu_bwd_##SUFFIX, gelu_fwd_##SUFFIX,            \
+                                                gelu_bwd_##SUFFIX};
+FASTNLG_ACT_F32_BUILD(baseline, )
 #ifdef FASTNLG_X86_V3
-FASTNLG_GLU_F32_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
-FASTNLG_GLU_F32_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
+FASTNLG_ACT_F32_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
+FASTNLG_ACT_F32_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
-static FwdF32 fwd_f32() {
+static const F32Loops& f32_loops() {
 #ifdef FASTNLG_X86_V3
-    if (isa_level() == 4) return fwd_f32_v4;
-    if (isa_level() == 3) return fwd_f32_v3;
+    if (isa_level() == 4) return loops_v4;
+    if (isa_level() == 3) return loops_v3;
 #endif
-    return fwd_f32_baseline;
-}
-static BwdF32 bwd_f32() {
-#ifdef FASTNLG_X86_V3
-    if (isa_level() == 4) return bwd_f32_v4;
-    if (isa_level() == 3) return bwd_f32_v3;
-#endif
-    return bwd_f32_baseline;
+    return loops_baseline;
 }
 
-// f(start, count) over blocks of the n values, split over threads when there is more than one block
+// f(start, count) over blocks of n items of `width` values each (about 4096 values a block), split over
+// threads when there is more than one block
 template <typename F>
-static void blocks(int64_t n, F f) {
-    constexpr int64_t B = 4096;
+static void blocks(int64_t n, F f, int64_t width = 1) {
+    const int64_t B = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, width));
     const int64_t nb = (n + B - 1) / B;
 #pragma omp parallel for schedule(static) if (nb > 1)
     for (int64_t b = 0; b < nb; ++b) f(b * B, std::min(B, n - b * B));
@@ -115,7 +197,7 @@ static void blocks(int64_t n, F f) {
 
 template <>
 void glu_fwd<float>(const float* gate, const float* up, float* y, int64_t n, int kind, int round_act) {
-    const FwdF32 run = fwd_f32();
+    const auto run = f32_loops().glu_fwd;
     blocks(n, [&](int64_t s, int64_t m) { run(gate + s, up + s, y + s, m, kind, round_act); });
 }
 template <>
@@ -125,13 +207,33 @@ void glu_fwd<double>(const double* gate, const double* up, double* y, int64_t n,
 template <>
 void glu_bwd<float>(const float* dy, const float* gate, const float* up, float* dgate, float* dup, int64_t n,
                     int kind) {
-    const BwdF32 run = bwd_f32();
+    const auto run = f32_loops().glu_bwd;
     blocks(n, [&](int64_t s, int64_t m) { run(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
 }
 template <>
 void glu_bwd<double>(const double* dy, const double* gate, const double* up, double* dgate, double* dup, int64_t n,
                      int kind) {
     blocks(n, [&](int64_t s, int64_t m) { glu_bwd_block<double>(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
+}
+
+template <>
+void gelu_fwd<float>(const float* x, const float* bias, float* y, int64_t N, int64_t C, bool tanh) {
+    const auto run = f32_loops().gelu_fwd;
+    blocks(N, [&](int64_t s, int64_t m) { run(x + s * C, bias, y + s * C, m, C, tanh); }, C);
+}
+template <>
+void gelu_fwd<double>(const double* x, const double* bias, double* y, int64_t N, int64_t C, bool tanh) {
+    blocks(N, [&](int64_t s, int64_t m) { gelu_fwd_block<double>(x + s * C, bias, y + s * C, m, C, tanh); }, C);
+}
+template <>
+void gelu_bwd<float>(const float* dy, const float* x, const float* bias, float* dx, int64_t N, int64_t C, bool tanh) {
+    const auto run = f32_loops().gelu_bwd;
+    blocks(N, [&](int64_t s, int64_t m) { run(dy + s * C, x + s * C, bias, dx + s * C, m, C, tanh); }, C);
+}
+template <>
+void gelu_bwd<double>(const double* dy, const double* x, const double* bias, double* dx, int64_t N, int64_t C,
+                      bool tanh) {
+    blocks(N, [&](int64_t s, int64_t m) { gelu_bwd_block<double>(dy + s * C, x + s * C, bias, dx + s * C, m, C, tanh); }, C);
 }
 
 }  // namespace fastnlg

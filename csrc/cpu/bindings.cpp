@@ -46,8 +46,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("glu_bwd", [](ptr dy, ptr gate, ptr up, ptr dgate, ptr dup, int64_t n, int kind, bool d) {
         DISPATCH(d, fastnlg::glu_bwd<T>(P<T>(dy), P<T>(gate), P<T>(up), P<T>(dgate), P<T>(dup), n, kind));
     }, nogil);
-    m.def("rope", [](ptr x, ptr cos, ptr sin, ptr out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward, bool d) {
-        DISPATCH(d, fastnlg::rope<T>(P<T>(x), P<T>(cos), P<T>(sin), P<T>(out), B, H, T_, D, backward));
+    m.def("gelu_fwd", [](ptr x, ptr bias, ptr y, int64_t N, int64_t C, bool tanh, bool d) {
+        DISPATCH(d, fastnlg::gelu_fwd<T>(P<T>(x), P<T>(bias), P<T>(y), N, C, tanh));
+    }, nogil);
+    m.def("gelu_bwd", [](ptr dy, ptr x, ptr bias, ptr dx, int64_t N, int64_t C, bool tanh, bool d) {
+        DISPATCH(d, fastnlg::gelu_bwd<T>(P<T>(dy), P<T>(x), P<T>(bias), P<T>(dx), N, C, tanh));
+    }, nogil);
+    m.def("rope", [](ptr x, int64_t sxb, int64_t sxh, int64_t sxt, ptr cos, ptr sin, int64_t scb, int64_t sct, ptr out,
+                     int64_t B, int64_t H, int64_t T_, int64_t D, bool backward, bool d) {
+        const int64_t sx[3] = {sxb, sxh, sxt}, sc[2] = {scb, sct};
+        DISPATCH(d, fastnlg::rope<T>(P<T>(x), sx, P<T>(cos), P<T>(sin), sc, P<T>(out), B, H, T_, D, backward));
     }, nogil);
     m.def("cross_entropy_fwd", [](ptr x, ptr labels, ptr scale, ptr loss, ptr lse, int64_t N, int64_t V, int64_t stride,
                                   int64_t ignore_index, double eps, double softcap, double z_loss, ptr class_weight,

@@ -39,7 +39,7 @@ static inline float exp_f32(float x) {
 static inline float vexp(float x) { return exp_f32(x); }
 static inline double vexp(double x) { return std::exp(x); }
 
-// The x86-64 level whose build of the fp32 hot loops (cross-entropy rows, gated activations) runs: 4
+// The x86-64 level whose build of the fp32 hot loops (cross-entropy rows, activations) runs: 4
 // (x86-64-v4), 3 (x86-64-v3) or 0 (baseline); the best the CPU has unless set_cpu_isa chose another.
 int isa_level();
 
@@ -66,13 +66,17 @@ template <typename T> void layer_norm_fwd(const T* x, const T* w, const T* b, T*
 template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C);
 template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, int kind, int round_act);
 template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n, int kind);
+// y = gelu(x + bias) over N rows of C (bias (C,) or null); dx = dy * gelu'(x + bias); tanh or erf form
+template <typename T> void gelu_fwd(const T* x, const T* bias, T* y, int64_t N, int64_t C, bool tanh);
+template <typename T> void gelu_bwd(const T* dy, const T* x, const T* bias, T* dx, int64_t N, int64_t C, bool tanh);
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
                                             double softcap, double z_loss, const T* class_weight);
 // Which build of the fp32 hot loops runs: "auto" (the best the CPU has), "baseline", "x86-64-v3" or
 // "x86-64-v4" (one the CPU lacks keeps the current); returns the one now in use. For tests.
 const char* set_cpu_isa(const char* isa);
-template <typename T> void rope(const T* x, const T* cos, const T* sin, T* out, int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
+template <typename T> void rope(const T* x, const int64_t* sx, const T* cos, const T* sin, const int64_t* sc, T* out,
+                                int64_t B, int64_t H, int64_t T_, int64_t D, bool backward);
 
 void nf4_quantize(const float* x, unsigned char* packed, float* absmax, int64_t n, int64_t blocksize);
 void nf4_dequantize(const unsigned char* packed, const float* absmax, float* out, int64_t n, int64_t blocksize);

@@ -5,7 +5,12 @@
 Backward (gradchecked in fp64 in tests/ops/test_gelu.py): dz = dy * gelu'(z);  dx = dz;  dbias = sum_rows(dz).
 z is recomputed from the saved x and bias (nothing else is saved). Computed in fp32 (fp64 for fp64) and
 rounded once: z is never rounded to the input dtype, unlike a bias add followed by F.gelu.
-Backends: Triton (kernels/gelu.py), torch (below: aten's gelu / gelu_backward, vectorised, the CPU default).
+Backends: Triton (kernels/gelu.py), C++ (csrc/cpu/activations.cpp), torch (below: aten's gelu /
+gelu_backward). On CPU the tanh form defaults to C++: one vectorised pass each way with the bias add inside
+(its exp is fastnlg's polynomial, built per x86-64 level). 2 cores (Zen 4), fp32 with bias, 512 x 256 (a
+tiny GPT-2's MLP): forward 22 vs 87 us for the torch backend, backward 38 vs 102 us; 256 x 3072: forward 112
+vs 500 us. The erf form keeps torch as its CPU default (aten's erf is vectorised, the C++ loop calls glibc's
+scalar erf, 20x slower); FASTNLG_BACKEND=cpp still selects it.
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import native_dtype, rows
+from ._native import cast, native_dtype, ptr, rows, shaped, to_native
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 APPROXIMATE = ("tanh", "none")
 
 
@@ -41,6 +46,26 @@ def _bwd_torch(dy2, x2, bias, tanh, compute_db):
     return dz.to(x2.dtype), (dz.sum(0) if compute_db else None)
 
 
+def _fwd_cpp(x2, bias, tanh):
+    from fastnlg import _C
+
+    acc = native_dtype(x2)
+    x, b = to_native(x2, acc), to_native(bias, acc)
+    y = torch.empty_like(x)
+    _C.gelu_fwd(ptr(x), ptr(b), ptr(y), x.shape[0], x.shape[1], tanh, acc == torch.float64)
+    return cast(y, x2.dtype)
+
+
+def _bwd_cpp(dy2, x2, bias, tanh, compute_db):
+    from fastnlg import _C
+
+    acc = native_dtype(x2)
+    d, x, b = to_native(dy2, acc), to_native(x2, acc), to_native(bias, acc)
+    dz = torch.empty_like(x)
+    _C.gelu_bwd(ptr(d), ptr(x), ptr(b), ptr(dz), x.shape[0], x.shape[1], tanh, acc == torch.float64)
+    return cast(dz, x2.dtype), (dz.sum(0) if compute_db else None)
+
+
 def _fwd_triton(x2, bias, tanh):
     from fastnlg.kernels import gelu as k
 
@@ -54,17 +79,17 @@ def _bwd_triton(dy2, x2, bias, tanh, compute_db):
                       compute_db)
 
 
-_FWD = {"torch": _fwd_torch, "triton": _fwd_triton}
-_BWD = {"torch": _bwd_torch, "triton": _bwd_triton}
+_FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}
+_BWD = {"torch": _bwd_torch, "cpp": _bwd_cpp, "triton": _bwd_triton}
 
 
-def _backend_for(x):
-    return _backend.choose("gelu", x, BACKENDS)
+def _backend_for(x, tanh):
+    return _backend.choose("gelu", x, BACKENDS, cpu_default_cpp=tanh)  # (see the docstring)
 
 
 @torch.library.custom_op("fastnlg::gelu_fwd", mutates_args=())
 def _gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
-    return _FWD[_backend_for(x)](rows(x), bias, tanh).view(x.shape)
+    return shaped(_FWD[_backend_for(x, tanh)](rows(x), bias, tanh), x.shape)
 
 
 @_gelu_fwd.register_fake
@@ -75,8 +100,8 @@ def _(x, bias, tanh):
 @torch.library.custom_op("fastnlg::gelu_bwd", mutates_args=())
 def _gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, tanh: bool,
               compute_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, db = _BWD[_backend_for(x)](rows(dy), rows(x), bias, tanh, compute_db)
-    return dx.view(x.shape), (db.to(bias.dtype) if compute_db else x.new_empty(0))
+    dx, db = _BWD[_backend_for(x, tanh)](rows(dy), rows(x), bias, tanh, compute_db)
+    return shaped(dx, x.shape), (cast(db, bias.dtype) if compute_db else x.new_empty(0))
 
 
 @_gelu_bwd.register_fake

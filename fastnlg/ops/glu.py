@@ -26,7 +26,7 @@ from .. import backend as _backend
 from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
 from ._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import native_dtype, ptr, round_code, to_native
+from ._native import cast, native_dtype, ptr, round_code, shaped, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": SWIGLU, "geglu_tanh": GEGLU_TANH, "geglu_none": GEGLU_ERF}
@@ -72,7 +72,7 @@ def _fwd_cpp(gate, up, kind, round_act):
     y = torch.empty_like(g)
     _C.glu_fwd(ptr(g), ptr(u), ptr(y), g.numel(), kind, round_code(gate.dtype) if round_act else 0,
                acc == torch.float64)
-    return y.to(gate.dtype)
+    return cast(y, gate.dtype)
 
 
 def _bwd_cpp(dy, gate, up, kind):
@@ -82,7 +82,7 @@ def _bwd_cpp(dy, gate, up, kind):
     d, g, u = to_native(dy, acc), to_native(gate, acc), to_native(up, acc)
     dg, du = torch.empty_like(g), torch.empty_like(u)
     _C.glu_bwd(ptr(d), ptr(g), ptr(u), ptr(dg), ptr(du), g.numel(), kind, acc == torch.float64)
-    return dg.to(gate.dtype), du.to(up.dtype)
+    return cast(dg, gate.dtype), cast(du, up.dtype)
 
 
 def _fwd_triton(gate, up, kind, round_act):
@@ -107,7 +107,7 @@ def _backend_for(gate, kind):
 
 @torch.library.custom_op("fastnlg::glu_fwd", mutates_args=())
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool) -> torch.Tensor:
-    return _FWD[_backend_for(gate, kind)](gate, up, kind, round_act).view(gate.shape)
+    return shaped(_FWD[_backend_for(gate, kind)](gate, up, kind, round_act), gate.shape)
 
 
 @_glu_fwd.register_fake
@@ -118,7 +118,7 @@ def _(gate, up, kind, round_act):
 @torch.library.custom_op("fastnlg::glu_bwd", mutates_args=())
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
     dg, du = _BWD[_backend_for(gate, kind)](dy, gate, up, kind)
-    return dg.view(gate.shape), du.view(up.shape)
+    return shaped(dg, gate.shape), shaped(du, up.shape)
 
 
 @_glu_bwd.register_fake

@@ -20,7 +20,7 @@ import torch
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import native_dtype, ptr, round_code, rows, to_native
+from ._native import cast, native_dtype, ptr, round_code, rows, shaped, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 CASTING_MODES = ("gemma", "llama")
@@ -83,7 +83,7 @@ def _bwd_cpp(dy2, x2, weight, rstd, offset, compute_dw):
     dw = torch.empty(xn.shape[1], dtype=acc) if compute_dw else None
     _C.rms_norm_bwd(ptr(dyn), ptr(xn), ptr(wn), ptr(rstd), ptr(dx), ptr(dw), xn.shape[0], xn.shape[1], offset,
                     acc == torch.float64)
-    return dx.to(x2.dtype), dw
+    return cast(dx, x2.dtype), dw
 
 
 def _fwd_triton(x2, weight, eps, offset, cast_xhat, out):
@@ -127,8 +127,8 @@ def _(x, weight, eps, offset, cast_xhat):
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                   compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = _BWD[_backend.choose("rms_norm", x, BACKENDS)](rows(dy), rows(x), weight, rstd, offset, compute_dw)
-    dw = dw.to(weight.dtype) if compute_dw else weight.new_empty(0)
-    return dx.view(x.shape), dw
+    dw = cast(dw, weight.dtype) if compute_dw else weight.new_empty(0)
+    return shaped(dx, x.shape), dw
 
 
 @_rms_norm_bwd.register_fake

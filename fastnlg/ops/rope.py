@@ -19,7 +19,7 @@ import torch
 from .. import backend as _backend
 from ._checks import check_same_device, check_same_dtype, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import native_dtype, ptr, to_native
+from ._native import cast, native_dtype, ptr
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -59,19 +59,29 @@ def _rope_torch(x, cos, sin, backward):
     return out.to(x.dtype).contiguous()
 
 
+def _unit_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _native_strided(t, acc):
+    """t in the kernel dtype with a unit stride along D, other strides as they come (no copy of a transposed
+    q/k or of a batch-broadcast cos/sin)."""
+    return _unit_stride(cast(t, acc))
+
+
 def _rope_cpp(x, cos, sin, backward):
     from fastnlg import _C
 
     acc = native_dtype(x)
-    xn, cn, sn = to_native(x, acc), to_native(cos, acc), to_native(sin, acc)
-    out = torch.empty_like(xn)
+    xn, cn, sn = _native_strided(x, acc), _native_strided(cos, acc), _native_strided(sin, acc)
+    if cn.stride() != sn.stride():  # (the kernel reads both with one set of strides)
+        cn, sn = cn.contiguous(), sn.contiguous()
     B, H, T, D = xn.shape
-    _C.rope(ptr(xn), ptr(cn), ptr(sn), ptr(out), B, H, T, D, backward, acc == torch.float64)
-    return out.to(x.dtype)
-
-
-def _unit_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+    out = torch.empty((B, H, T, D), dtype=acc, device=x.device)
+    sx, sc = xn.stride(), cn.stride()
+    _C.rope(ptr(xn), sx[0], sx[1], sx[2], ptr(cn), ptr(sn), sc[0], sc[1], ptr(out), B, H, T, D, backward,
+            acc == torch.float64)
+    return cast(out, x.dtype)
 
 
 def _run_triton(q, k, cos, sin, backward):

@@ -9,7 +9,7 @@ from tests.conftest import backend_params, skip_interpreter_bf16
 from tests.tolerance import assert_by_rule, grads_of, leaf
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = [p for p in backend_params() if p.values[1] != "cpp"]  # (no C++ kernel: aten's is the CPU default)
+BACKENDS = backend_params()
 
 
 def _check(device, dtype, x, bias, approximate):
@@ -51,8 +51,41 @@ def test_non_contiguous_and_empty(device, backend, use_backend):
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_gradcheck_fp64(approximate, use_backend):
-    use_backend("torch")
+def test_cpp_each_isa_build(approximate, cpu_isa, use_backend):
+    """Every x86-64 build of the C++ fp32 loops the machine has (the tanh form's exp is fastnlg's polynomial):
+    the tolerance rule on row lengths that leave vector tails, with and without bias, and rows split over
+    threads (more than one 4096-value block)."""
+    use_backend("cpp")
+    for shape in ((3000,), (2, 5, 301), (40, 333), (3, 4099)):
+        _check("cpu", torch.float32, torch.randn(shape) * 4, torch.randn(shape[-1]), approximate)
+        _check("cpu", torch.float32, torch.randn(shape) * 4, None, approximate)
+
+
+def test_cpp_is_the_cpu_default_for_tanh_only(monkeypatch):
+    from fastnlg.ops.gelu import _backend_for
+
+    monkeypatch.delenv("FASTNLG_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8)
+    assert _backend_for(x, True) == "cpp"
+    assert _backend_for(x, False) == "torch"  # (aten's erf is vectorised, glibc's is not)
+
+
+def test_cpp_large_and_non_finite_inputs(use_backend):
+    """Far in the tails the polynomial exp saturates: gelu(z) is 0 or z there and the derivative 0 or 1,
+    within the tolerance rule; inf and NaN follow F.gelu."""
+    use_backend("cpp")
+    z = torch.tensor([-1e4, -200.0, -30.0, -9.0, 0.0, 9.0, 30.0, 200.0, 1e4])
+    _check("cpu", torch.float32, z, None, "tanh")
+    special = torch.tensor([float("nan"), float("inf")])
+    assert torch.equal(gelu(special).isnan(), torch.nn.functional.gelu(special, approximate="tanh").isnan())
+    assert gelu(special)[1] == float("inf")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gradcheck_fp64(backend, approximate, use_backend):
+    use_backend(backend)
     x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
     b = torch.randn(17, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, b: gelu(x, b, approximate=approximate), (x, b))

@@ -49,6 +49,13 @@ def test_strided_q_k_and_shared_cos(device, backend, use_backend):
     q = torch.randn(B, T, H, D).transpose(1, 2)
     k = torch.randn(B, T, 2, D).transpose(1, 2)
     _check(device, torch.float32, q, k, torch.randn(T, D), torch.randn(T, D))
+    # cos per batch row, sin one row broadcast over the batch (other strides than cos's), a q of rows wider
+    # than D (a slice of a fused projection): outputs stay contiguous, as the fake implementation says
+    cos, sin = torch.randn(B, T, D), torch.randn(1, T, D).expand(B, T, D)
+    wide = torch.randn(B, T, H, D + 8)[..., 3:3 + D].transpose(1, 2)
+    _check(device, torch.float32, wide, k, cos, sin)
+    for out in apply_rope(wide.to(device), k.to(device), cos.to(device), sin.to(device)):
+        assert out.is_contiguous()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -7,8 +7,9 @@
 //   dx_v = scale * [softmax(z)_v ((1 - eps) w_y + eps W / V + 2 zl lse) - eps w_v / V - (1 - eps) w_y [v == y]]
 //          * (1 - (z_v / c)^2)
 //
-// Three sweeps per row (max + sum z; sum exp; gradient), each a vectorisable loop over V; a row of
-// 32k-256k fp32 logits (128 KB-1 MB) stays in L2 between sweeps. Rows are split over OpenMP threads.
+// Three sweeps per row (max + sum z; sum exp; gradient), each a vectorisable loop over V, with one exp per
+// logit (the sum sweep keeps exp(z - m) in the row for the gradient sweep); a row of 32k-256k fp32 logits
+// (128 KB-1 MB) stays in L2 between sweeps. Rows are split over OpenMP threads.
 // fp32 uses exp_f32 (fastnlg_cpu.h: Cephes' expf polynomial, ~1 ulp, vectorisable). The fp32 row kernel is built
 // three times (baseline x86-64, x86-64-v3 = AVX2 + FMA, x86-64-v4 = AVX-512: 1.5x v3 on a Zen 4 EPYC); the
 // best build the CPU has runs, and set_cpu_isa() forces one, so a test can run every path the machine has.
@@ -54,17 +55,27 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
         }
     }
     if (sz != sz) m = sz;  // a NaN logit (max ignores it) makes the row NaN, as in torch
+    const T zy = valid ? capped(xr[y], c, cap) : T(0);
+    // with a gradient to write (and no softcap), the sum sweep leaves e_v = exp(z_v - m) in the row and the
+    // gradient sweep scales it (softmax_v = e_v / s): one exp per logit instead of two
+    const bool keep_exp = scale_i != nullptr && !cap;
     T s = 0;
     if (cap) {
         double sd = 0;
         for (int64_t v = 0; v < V; ++v) sd += vexp(c * std::tanh(xr[v] / c) - m);
         s = T(sd);
+    } else if (keep_exp) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t v = 0; v < V; ++v) {
+            const T e = vexp(xr[v] - m);
+            xr[v] = e;
+            s += e;
+        }
     } else {
 #pragma omp simd reduction(+ : s)
         for (int64_t v = 0; v < V; ++v) s += vexp(xr[v] - m);
     }
     const T l = m + std::log(s);
-    const T zy = valid ? capped(xr[y], c, cap) : T(0);
     const T wy = (w && valid) ? w[y] : T(1), W = w ? wsum : T(V);
     // no 0 * inf from -inf logits when eps == 0
     const T smooth = eps > 0 ? (w ? eps / T(V) * (W * l - swz) : eps * (l - sz / T(V))) : T(0);
@@ -82,13 +93,15 @@ static inline __attribute__((always_inline)) void ce_row(T* xr, int64_t y, const
             const T t = zy / c;
             xr[y] -= hit * (1 - t * t);
         }
-    } else if (w) {
+    } else if (w) {  // (xr holds e_v: see keep_exp)
+        const T as = a / s;
 #pragma omp simd
-        for (int64_t v = 0; v < V; ++v) xr[v] = vexp(xr[v] - l) * a - b * w[v];
+        for (int64_t v = 0; v < V; ++v) xr[v] = xr[v] * as - b * w[v];
         if (valid) xr[y] -= hit;
     } else {
+        const T as = a / s;
 #pragma omp simd
-        for (int64_t v = 0; v < V; ++v) xr[v] = vexp(xr[v] - l) * a - b;
+        for (int64_t v = 0; v < V; ++v) xr[v] = xr[v] * as - b;
         if (valid) xr[y] -= hit;
     }
 }
@@ -161,7 +174,7 @@ static void ce_rows(Row row, T* x, const int64_t* labels, const T* scale, T* los
     T wsum = 0;
     if (w)
         for (int64_t v = 0; v < V; ++v) wsum += w[v];
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; ++i)
         row(x + i * stride, labels[i], scale ? scale + i : nullptr, loss + i, lse + i, V, ignore_index, T(eps), c, cap,
             T(z_loss), w, wsum);

@@ -30,7 +30,7 @@ import torch
 from .. import backend as _backend
 from . import _amp
 from ._checks import check_same_device, check_tensor
-from ._native import native_dtype, ptr, to_native
+from ._native import cast, native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 REDUCTIONS = ("mean", "sum", "none")
@@ -276,7 +276,7 @@ def _outputs(ctx, loss, lse_valid, hits_valid, n_valid, z_loss, z_den, scalar, i
 
 def _finish(loss, zpart, acc, dtype, want: _Extras):
     """The public return: the loss in `dtype` alone, or a CrossEntropyOutput when extras were asked for."""
-    loss = loss.to(dtype)
+    loss = cast(loss, dtype)
     if not (want.want_z or want.want_acc):
         return loss
     return CrossEntropyOutput(loss, zpart.to(dtype) if want.want_z else None, acc if want.want_acc else None)

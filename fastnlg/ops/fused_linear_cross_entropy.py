@@ -16,7 +16,7 @@ import torch
 
 from . import _amp
 from ._checks import check_same_device, check_same_dtype, check_tensor
-from ._native import native_dtype
+from ._native import cast, native_dtype
 from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _finish, _outputs,
                             _prepare, _row_scale, _scatter_rows)
 
@@ -42,8 +42,10 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
     gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
     n, V = h.shape[0], weight.shape[0]
     acc = native_dtype(h)
-    loss = torch.empty(n, dtype=acc, device=h.device)
-    lse = torch.empty(n, dtype=acc, device=h.device)
+    loss = lse = None  # (n,) each: the one chunk's own, or filled chunk by chunk
+    if chunk < n or n == 0:
+        loss = torch.empty(n, dtype=acc, device=h.device)
+        lse = torch.empty(n, dtype=acc, device=h.device)
     grads = scale is not None
     low = weight.dtype in (torch.float16, torch.bfloat16)
     dh = torch.empty_like(h) if grads and need_dh else None
@@ -51,17 +53,21 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
     db = torch.empty(V, dtype=acc, device=h.device) if grads and need_db else None
     if n == 0:  # (the first chunk writes dW and db, later ones add; with no chunk they are 0)
         dw, db = (None if t is None else t.zero_() for t in (dw, db))
+    whole = chunk >= n  # one chunk: no slicing (a few us per slice and copy at small sizes)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        hc = h[s:e]
+        hc = h if whole else h[s:e]
         logits = torch.nn.functional.linear(hc, weight, bias)  # (chunk, V)
         if hits is not None:
             torch.eq(logits.argmax(-1), y[s:e], out=hits[s:e])
-        loss[s:e], lse[s:e] = _ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
+        if whole:
+            loss, lse = _ce_chunk(logits, y, scale, o)
+        else:
+            loss[s:e], lse[s:e] = _ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
         if not grads:
             continue
         if dh is not None:
-            torch.matmul(logits, weight, out=dh[s:e])
+            torch.matmul(logits, weight, out=dh if whole else dh[s:e])
         beta = 0.0 if s == 0 else 1.0  # (beta 0: the first chunk overwrites, as out=)
         if dw is not None:
             if low and h.device.type == "cpu":  # CPU half-precision matmul is slow: accumulate in fp32
@@ -135,11 +141,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g = None
         dtype_h, dtype_w, dtype_b = ctx.dtypes
         if dh is not None:
-            dh = _scatter_rows(dh if g is None else dh * g.to(dh.dtype), idx, ctx.N).to(dtype_h)
+            dh = cast(_scatter_rows(dh if g is None else dh * g.to(dh.dtype), idx, ctx.N), dtype_h)
         if dw is not None:
-            dw = (dw if g is None else dw * g).to(dtype_w)
+            dw = cast(dw if g is None else dw * g, dtype_w)
         if db is not None:
-            db = (db if g is None else db * g).to(dtype_b)
+            db = cast(db if g is None else db * g, dtype_b)
         return dh, dw, db, None, None, None, None, None, None, None
 
 

@@ -216,24 +216,37 @@ void glu_bwd<double>(const double* dy, const double* gate, const double* up, dou
     blocks(n, [&](int64_t s, int64_t m) { glu_bwd_block<double>(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
 }
 
+// GELU: blocks of whole rows with a bias; without one, blocks of the N x C values as one flat row
+template <typename T, typename Run>
+static void gelu_blocks(int64_t N, int64_t C, const T* bias, Run run) {
+    if (bias)
+        blocks(N, [&](int64_t s, int64_t m) { run(s * C, m, C); }, C);
+    else
+        blocks(N * C, [&](int64_t s, int64_t m) { run(s, int64_t(1), m); });
+}
+
 template <>
 void gelu_fwd<float>(const float* x, const float* bias, float* y, int64_t N, int64_t C, bool tanh) {
     const auto run = f32_loops().gelu_fwd;
-    blocks(N, [&](int64_t s, int64_t m) { run(x + s * C, bias, y + s * C, m, C, tanh); }, C);
+    gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) { run(x + s, bias, y + s, rows, c, tanh); });
 }
 template <>
 void gelu_fwd<double>(const double* x, const double* bias, double* y, int64_t N, int64_t C, bool tanh) {
-    blocks(N, [&](int64_t s, int64_t m) { gelu_fwd_block<double>(x + s * C, bias, y + s * C, m, C, tanh); }, C);
+    gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) {
+        gelu_fwd_block<double>(x + s, bias, y + s, rows, c, tanh);
+    });
 }
 template <>
 void gelu_bwd<float>(const float* dy, const float* x, const float* bias, float* dx, int64_t N, int64_t C, bool tanh) {
     const auto run = f32_loops().gelu_bwd;
-    blocks(N, [&](int64_t s, int64_t m) { run(dy + s * C, x + s * C, bias, dx + s * C, m, C, tanh); }, C);
+    gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) { run(dy + s, x + s, bias, dx + s, rows, c, tanh); });
 }
 template <>
 void gelu_bwd<double>(const double* dy, const double* x, const double* bias, double* dx, int64_t N, int64_t C,
                       bool tanh) {
-    blocks(N, [&](int64_t s, int64_t m) { gelu_bwd_block<double>(dy + s * C, x + s * C, bias, dx + s * C, m, C, tanh); }, C);
+    gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) {
+        gelu_bwd_block<double>(dy + s, x + s, bias, dx + s, rows, c, tanh);
+    });
 }
 
 }  // namespace fastnlg

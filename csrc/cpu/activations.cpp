@@ -89,61 +89,35 @@ static inline __attribute__((always_inline)) void glu_bwd_block(const T* dy, con
     }
 }
 
-// GELU over `rows` rows of C values: y = act(x + bias) (HasBias false: no bias), dx = dy * act'(x + bias)
-template <bool HasBias, typename T>
-static inline __attribute__((always_inline)) void gelu_fwd_rows(const T* x, const T* b, T* y, int64_t rows,
-                                                                 int64_t C, bool tanh) {
+// GELU over `rows` rows of C values, z = x + bias (HasBias false: z = x): forward out = act(z), backward
+// out = dy * act'(z)
+template <bool HasBias, bool Backward, typename T>
+static inline __attribute__((always_inline)) void gelu_rows(const T* dy, const T* x, const T* b, T* out,
+                                                             int64_t rows, int64_t C, bool tanh) {
     for (int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * C;
-        T* yr = y + r * C;
+        const T* dyr = Backward ? dy + r * C : nullptr;
+        T* o = out + r * C;
         if (tanh) {
 #pragma omp simd
             for (int64_t j = 0; j < C; ++j) {
-                const T z = HasBias ? xr[j] + b[j] : xr[j];
-                yr[j] = z / (T(1) + gelu_tanh_e(z));
+                const T z = HasBias ? xr[j] + b[j] : xr[j], e = gelu_tanh_e(z);
+                o[j] = Backward ? dyr[j] * gelu_tanh_grad(z, T(1) / (T(1) + e)) : z / (T(1) + e);
             }
         } else {
             for (int64_t j = 0; j < C; ++j) {
-                const T z = HasBias ? xr[j] + b[j] : xr[j];
-                yr[j] = z * gelu_erf_cdf(z);
+                const T z = HasBias ? xr[j] + b[j] : xr[j], cdf = gelu_erf_cdf(z);
+                o[j] = Backward ? dyr[j] * gelu_erf_grad(z, cdf) : z * cdf;
             }
         }
     }
 }
 
-template <bool HasBias, typename T>
-static inline __attribute__((always_inline)) void gelu_bwd_rows(const T* dy, const T* x, const T* b, T* dx,
-                                                                 int64_t rows, int64_t C, bool tanh) {
-    for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * C;
-        const T* dyr = dy + r * C;
-        T* dxr = dx + r * C;
-        if (tanh) {
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) {
-                const T z = HasBias ? xr[j] + b[j] : xr[j];
-                dxr[j] = dyr[j] * gelu_tanh_grad(z, T(1) / (T(1) + gelu_tanh_e(z)));
-            }
-        } else {
-            for (int64_t j = 0; j < C; ++j) {
-                const T z = HasBias ? xr[j] + b[j] : xr[j];
-                dxr[j] = dyr[j] * gelu_erf_grad(z, gelu_erf_cdf(z));
-            }
-        }
-    }
-}
-
-template <typename T>
-static inline __attribute__((always_inline)) void gelu_fwd_block(const T* x, const T* b, T* y, int64_t rows,
-                                                                  int64_t C, bool tanh) {
-    if (b) gelu_fwd_rows<true>(x, b, y, rows, C, tanh);
-    else gelu_fwd_rows<false>(x, b, y, rows, C, tanh);
-}
-template <typename T>
-static inline __attribute__((always_inline)) void gelu_bwd_block(const T* dy, const T* x, const T* b, T* dx,
-                                                                  int64_t rows, int64_t C, bool tanh) {
-    if (b) gelu_bwd_rows<true>(dy, x, b, dx, rows, C, tanh);
-    else gelu_bwd_rows<false>(dy, x, b, dx, rows, C, tanh);
+template <bool Backward, typename T>
+static inline __attribute__((always_inline)) void gelu_block(const T* dy, const T* x, const T* b, T* out,
+                                                              int64_t rows, int64_t C, bool tanh) {
+    if (b) gelu_rows<true, Backward>(dy, x, b, out, rows, C, tanh);
+    else gelu_rows<false, Backward>(dy, x, b, out, rows, C, tanh);
 }
 
 // the fp32 blocks, one build per x86-64 level
@@ -163,11 +137,11 @@ struct F32Loops {
     }                                                                                                              \
     ATTR static void gelu_fwd_##SUFFIX(const float* x, const float* b, float* y, int64_t rows, int64_t C,         \
                                        bool tanh) {                                                               \
-        gelu_fwd_block<float>(x, b, y, rows, C, tanh);                                                            \
+        gelu_block<false, float>(nullptr, x, b, y, rows, C, tanh);                                                 \
     }                                                                                                              \
     ATTR static void gelu_bwd_##SUFFIX(const float* d, const float* x, const float* b, float* dx, int64_t rows,   \
                                        int64_t C, bool tanh) {                                                    \
-        gelu_bwd_block<float>(d, x, b, dx, rows, C, tanh);                                                        \
+        gelu_block<true, float>(d, x, b, dx, rows, C, tanh);                                                       \
     }                                                                                                              \
     static constexpr F32Loops loops_##SUFFIX = {glu_fwd_##SUFFIX, glu_bwd_##SUFFIX, gelu_fwd_##SUFFIX,            \
                                                 gelu_bwd_##SUFFIX};
@@ -233,7 +207,7 @@ void gelu_fwd<float>(const float* x, const float* bias, float* y, int64_t N, int
 template <>
 void gelu_fwd<double>(const double* x, const double* bias, double* y, int64_t N, int64_t C, bool tanh) {
     gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) {
-        gelu_fwd_block<double>(x + s, bias, y + s, rows, c, tanh);
+        gelu_block<false, double>(nullptr, x + s, bias, y + s, rows, c, tanh);
     });
 }
 template <>
@@ -245,7 +219,7 @@ template <>
 void gelu_bwd<double>(const double* dy, const double* x, const double* bias, double* dx, int64_t N, int64_t C,
                       bool tanh) {
     gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) {
-        gelu_bwd_block<double>(dy + s, x + s, bias, dx + s, rows, c, tanh);
+        gelu_block<true, double>(dy + s, x + s, bias, dx + s, rows, c, tanh);
     });
 }
 

@@ -1,6 +1,7 @@
 """The benchmark harness runs on CPU and writes its report (CSV, JSON, markdown, plot)."""
 import csv
 import json
+import os
 
 import torch
 
@@ -168,3 +169,28 @@ def test_report_keeps_the_latest_run_per_device_and_op(tmp_path):
     text = report.render(str(tmp_path))
     assert "## H100 (cuda)" in text and "## H200 (cuda)" in text
     assert "| N=1 | bfloat16 | fwd | 1.000 | 2.000 | 2.00x |" in text and "9.000" not in text
+
+
+def test_cpu_peak_memory_counts_blocks_reused_from_the_heap():
+    """A large block freed inside glibc's heap before the measurement (earlier tests, another arena) is
+    already resident: reused, it would not raise the resident-set peak. The CPU peak releases free heap
+    memory first, so the eager loss's (N, V) logits and their gradients still count (2048 x 16000 fp32 =
+    125 MB each). Run in a fresh interpreter: the allocator settings it changes are process-wide."""
+    import subprocess
+    import sys
+
+    script = """
+import ctypes, sys, torch
+import torch.nn.functional as F
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 1 << 30); libc.mallopt(-1, 1 << 30)  # keep big blocks in the heap, never trimmed
+a = torch.empty(400 * 2**20 // 4); a.fill_(1); pin = torch.empty(1000); del a
+from benchmarks.harness import peak_memory_mb
+h = torch.randn(2048, 64, requires_grad=True); w = torch.randn(16000, 64, requires_grad=True)
+y = torch.randint(0, 16000, (2048,))
+print(peak_memory_mb(lambda: F.cross_entropy(F.linear(h, w), y).backward(), "cpu"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) > 1.5 * 125, out.stdout

@@ -92,6 +92,20 @@ def test_flce_low_precision(device, backend, dtype, use_backend):
     _check_flce(device, dtype, 32, 257, 64, {"label_smoothing": 0.1}, chunk=8)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["matmul-in-dtype", "matmul-in-fp32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [8, None], ids=["chunks", "one-chunk"])
+def test_flce_low_precision_weight_gradient_on_cpu(fast, dtype, chunk, monkeypatch, use_backend):
+    """On CPU, dW of an fp16/bf16 weight is a matmul in that dtype where oneDNN has native kernels for it (as
+    eager's under autocast), else one in fp32: both paths, whichever this CPU takes, by the tolerance rule."""
+    import importlib
+
+    module = importlib.import_module("fastnlg.ops.fused_linear_cross_entropy")
+    monkeypatch.setattr(module, "_fast_matmul", lambda dtype, device: fast)
+    use_backend("cpp")
+    _check_flce("cpu", dtype, 32, 257, 64, {"label_smoothing": 0.1}, chunk=chunk)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_flce_all_ignored_and_frozen_weight(device, backend, use_backend):
     use_backend(backend)

@@ -14,9 +14,13 @@ from __future__ import annotations
 import torch
 
 
-def _plain(args) -> bool:
-    return all(type(a) in (torch.Tensor, torch.nn.Parameter) and a.device.type in ("cpu", "cuda")
-               for a in args if isinstance(a, torch.Tensor))
+def _plain(args, _types=(torch.Tensor, torch.nn.Parameter)) -> bool:
+    """Every tensor argument a plain tensor (or Parameter) on the CPU or a CUDA device (a loop, not all() over a
+    generator: this runs on every op call)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _types or not (a.is_cpu or a.is_cuda)):
+            return False
+    return True
 
 
 def eager_call(op):

@@ -14,7 +14,7 @@ import torch
 from .. import backend as _backend
 from ._checks import check_last_dim, check_same_device, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import native_dtype, ptr, rows, to_native
+from ._native import cast, native_dtype, ptr, rows, shaped, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -28,17 +28,18 @@ def layer_norm_reference(x, weight, bias=None, eps=1e-5):
 def _fwd_torch(x2, weight, bias, eps):
     """aten's native_layer_norm (vectorised, one pass) in the accumulation dtype, rounded once."""
     acc = native_dtype(x2)
-    b = None if bias is None else bias.to(acc)
-    y, mean, rstd = torch.ops.aten.native_layer_norm(x2.to(acc), [x2.shape[1]], weight.to(acc), b, eps)
-    return y.to(x2.dtype), mean.view(-1), rstd.view(-1)
+    b = None if bias is None else cast(bias, acc)
+    y, mean, rstd = torch.ops.aten.native_layer_norm(cast(x2, acc), [x2.shape[1]], cast(weight, acc), b, eps)
+    return cast(y, x2.dtype), mean.view(-1), rstd.view(-1)
 
 
 def _bwd_torch(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
     acc = rstd.dtype
+    w = cast(weight, acc)
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        dy2.to(acc), x2.to(acc), [x2.shape[1]], mean[:, None], rstd[:, None], weight.to(acc),
-        weight.to(acc) if compute_db else None, [True, compute_dw, compute_db])
-    return dx.to(x2.dtype), dw, db
+        cast(dy2, acc), cast(x2, acc), [x2.shape[1]], mean[:, None], rstd[:, None], w, w if compute_db else None,
+        [True, compute_dw, compute_db])
+    return cast(dx, x2.dtype), dw, db
 
 
 def _fwd_cpp(x2, weight, bias, eps):
@@ -50,7 +51,7 @@ def _fwd_cpp(x2, weight, bias, eps):
     mean, rstd = torch.empty(xn.shape[0], dtype=acc), torch.empty(xn.shape[0], dtype=acc)
     _C.layer_norm_fwd(ptr(xn), ptr(wn), ptr(bn), ptr(y), ptr(mean), ptr(rstd), xn.shape[0], xn.shape[1], eps,
                       acc == torch.float64)
-    return y.to(x2.dtype), mean, rstd
+    return cast(y, x2.dtype), mean, rstd
 
 
 def _bwd_cpp(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
@@ -63,7 +64,7 @@ def _bwd_cpp(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
     db = torch.empty(xn.shape[1], dtype=acc) if compute_db else None
     _C.layer_norm_bwd(ptr(dyn), ptr(xn), ptr(wn), ptr(mean), ptr(rstd), ptr(dx), ptr(dw), ptr(db), xn.shape[0],
                       xn.shape[1], acc == torch.float64)
-    return dx.to(x2.dtype), dw, db
+    return cast(dx, x2.dtype), dw, db
 
 
 def _fwd_triton(x2, weight, bias, eps):
@@ -90,7 +91,7 @@ def _backend_for(x):
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = _FWD[_backend_for(x)](rows(x), weight, bias, eps)
-    return y.view(x.shape), mean, rstd
+    return shaped(y, x.shape), mean, rstd
 
 
 @_layer_norm_fwd.register_fake
@@ -104,9 +105,9 @@ def _(x, weight, bias, eps):
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     compute_dw: bool, compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = _BWD[_backend_for(x)](rows(dy), rows(x), weight, mean, rstd, compute_dw, compute_db)
-    dw = dw.to(weight.dtype) if compute_dw else weight.new_empty(0)
-    db = db.to(weight.dtype) if compute_db else weight.new_empty(0)
-    return dx.view(x.shape), dw, db
+    dw = cast(dw, weight.dtype) if compute_dw else weight.new_empty(0)
+    db = cast(db, weight.dtype) if compute_db else weight.new_empty(0)
+    return shaped(dx, x.shape), dw, db
 
 
 @_layer_norm_bwd.register_fake
@@ -128,7 +129,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     compute_dw, compute_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx, dw, db = _LAYER_NORM_BWD(dy, x, weight, mean, rstd, compute_dw, compute_db)
-    return dx, (dw if compute_dw else None), (db.to(ctx.bias_dtype) if compute_db else None), None
+    return dx, (dw if compute_dw else None), (cast(db, ctx.bias_dtype) if compute_db else None), None
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
@@ -144,9 +145,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         check_tensor("layer_norm", "bias", bias)
         check_last_dim("layer_norm", "bias", bias, x.shape[-1], f"x {tuple(x.shape)}")
     check_same_device("layer_norm", x=x, weight=weight, bias=bias)
-    if (x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-            and not torch.compiler.is_compiling() and _backend_for(x) == "torch"):
-        # the torch backend computes in x's own dtype here, i.e. is aten's layer norm: called as it is, its
-        # autograd stays in C++ (no Python Function around it: half the time of a small call)
-        return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if not torch.compiler.is_compiling() and _backend_for(x) == "torch":
+        # the torch backend is aten's layer norm in the accumulation dtype, rounded once: called as it is (with
+        # the casts around it for fp16/bf16), its autograd stays in C++, no Python Function around it (half
+        # the time of a small call), with the same values and gradients bit for bit
+        acc = native_dtype(x)
+        y = torch.nn.functional.layer_norm(cast(x, acc), x.shape[-1:], cast(weight, acc),
+                                           None if bias is None else cast(bias, acc), eps)
+        return cast(y, x.dtype)
     return _LAYER_NORM_FWD(x, weight, bias, float(eps))[0]

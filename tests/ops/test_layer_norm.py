@@ -71,30 +71,31 @@ def test_bad_input():
         layer_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_torch_backend_in_the_input_dtype_is_atens_layer_norm(dtype, use_backend, monkeypatch):
-    """On the torch backend (the CPU default) a layer norm computed in x's own dtype is aten's: called
-    directly (C++ autograd, no Python Function), bit for bit what the custom op's torch backend gives."""
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, None), (torch.float64, None), (torch.float16, None),
+                                                (torch.bfloat16, None), (torch.float32, torch.bfloat16)], ids=str)
+def test_torch_backend_is_atens_layer_norm_called_directly(dtype, weight_dtype, use_backend, monkeypatch):
+    """On the torch backend (the CPU default) the op is aten's layer norm in the accumulation dtype (casts
+    around it for fp16/bf16, and for a weight of another dtype): called directly (C++ autograd, no Python
+    Function), bit for bit what the custom op's torch backend gives, values and gradients."""
     from fastnlg.ops import _eager
 
     use_backend("torch")
     g = torch.Generator().manual_seed(0)
-    ins = [torch.randn(s, generator=g, dtype=dtype) for s in ((6, 5, 48), (48,), (48,))]
+    ins = [(torch.randn(s, generator=g) * 3 + 1).to(d or dtype)
+           for s, d in (((6, 5, 48), None), ((48,), weight_dtype), ((48,), weight_dtype))]
+    dy = torch.randn(6, 5, 48, generator=g).to(dtype)
 
     def run():
         xs = [t.clone().requires_grad_() for t in ins]
         out = layer_norm(*xs, 1e-5)
-        out.square().sum().backward()
+        out.backward(dy)
         return out, [t.grad for t in xs]
     out, grads = run()
-    assert type(out.grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert out.dtype == dtype and [t.dtype for t in grads] == [t.dtype for t in ins]
+    assert type(out.grad_fn).__name__ in ("NativeLayerNormBackward0", "ToCopyBackward0")
     monkeypatch.setattr(_eager, "_plain", lambda args: False)  # the registered custom op (torch backend)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # (what keeps compile on the custom op)
     ref, ref_grads = run()
     assert "fastnlg" in type(ref.grad_fn).__name__
     for a, b in zip([out, *grads], [ref, *ref_grads]):
         assert torch.equal(a, b)
-    monkeypatch.undo()
-    use_backend("torch")
-    half = layer_norm(*[t.half().requires_grad_() for t in ins])  # computed in fp32, rounded once: fastnlg's
-    assert half.dtype == torch.float16 and type(half.grad_fn).__name__.endswith("_eagerBackward")

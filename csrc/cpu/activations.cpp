@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace fastnlg {
 
@@ -38,53 +39,65 @@ static inline __attribute__((always_inline)) T gelu_erf_grad(T g, T cdf) {
     return cdf + g * T(0.3989422804014327) * vexp(T(-0.5) * g * g);
 }
 
-template <typename T>
-static inline __attribute__((always_inline)) void glu_fwd_block(const T* gate, const T* up, T* y, int64_t n, int kind,
+// the compute type of a storage type: fp64 for fp64, fp32 for fp32, bf16 and fp16
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename S>
+static inline __attribute__((always_inline)) void glu_fwd_block(const S* gate, const S* up, S* y, int64_t n, int kind,
                                                                  int round_act) {
+    using T = acc_t<S>;
     if (round_act) {
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i];
+            const T g = load(gate[i]);
             const T act = kind == GLU_SWIGLU        ? g / (T(1) + vexp(-g))
                           : kind == GLU_GEGLU_TANH ? g / (T(1) + gelu_tanh_e(g))
                                                    : g * gelu_erf_cdf(g);
-            y[i] = round_to(act, round_act) * up[i];
+            y[i] = store<S>(round_to(act, round_act) * load(up[i]));
         }
     } else if (kind == GLU_SWIGLU) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) y[i] = gate[i] / (T(1) + vexp(-gate[i])) * up[i];
+        for (int64_t i = 0; i < n; ++i) {
+            const T g = load(gate[i]);
+            y[i] = store<S>(g / (T(1) + vexp(-g)) * load(up[i]));
+        }
     } else if (kind == GLU_GEGLU_TANH) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i];
-            y[i] = g / (T(1) + gelu_tanh_e(g)) * up[i];
+            const T g = load(gate[i]);
+            y[i] = store<S>(g / (T(1) + gelu_tanh_e(g)) * load(up[i]));
         }
     } else {
-        for (int64_t i = 0; i < n; ++i) y[i] = gate[i] * gelu_erf_cdf(gate[i]) * up[i];
+        for (int64_t i = 0; i < n; ++i) {
+            const T g = load(gate[i]);
+            y[i] = store<S>(g * gelu_erf_cdf(g) * load(up[i]));
+        }
     }
 }
 
-template <typename T>
-static inline __attribute__((always_inline)) void glu_bwd_block(const T* dy, const T* gate, const T* up, T* dgate,
-                                                                 T* dup, int64_t n, int kind) {
+template <typename S>
+static inline __attribute__((always_inline)) void glu_bwd_block(const S* dy, const S* gate, const S* up, S* dgate,
+                                                                 S* dup, int64_t n, int kind) {
+    using T = acc_t<S>;
     if (kind == GLU_SWIGLU) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i], s = T(1) / (T(1) + vexp(-g));
-            dgate[i] = dy[i] * up[i] * s * (T(1) + g * (T(1) - s));
-            dup[i] = dy[i] * g * s;
+            const T g = load(gate[i]), d = load(dy[i]), s = T(1) / (T(1) + vexp(-g));
+            dgate[i] = store<S>(d * load(up[i]) * s * (T(1) + g * (T(1) - s)));
+            dup[i] = store<S>(d * g * s);
         }
     } else if (kind == GLU_GEGLU_TANH) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i], S = T(1) / (T(1) + gelu_tanh_e(g));
-            dgate[i] = dy[i] * up[i] * gelu_tanh_grad(g, S);
-            dup[i] = dy[i] * g * S;
+            const T g = load(gate[i]), d = load(dy[i]), S_ = T(1) / (T(1) + gelu_tanh_e(g));
+            dgate[i] = store<S>(d * load(up[i]) * gelu_tanh_grad(g, S_));
+            dup[i] = store<S>(d * g * S_);
         }
     } else {
         for (int64_t i = 0; i < n; ++i) {
-            const T g = gate[i], cdf = gelu_erf_cdf(g);
-            dgate[i] = dy[i] * up[i] * gelu_erf_grad(g, cdf);
-            dup[i] = dy[i] * g * cdf;
+            const T g = load(gate[i]), d = load(dy[i]), cdf = gelu_erf_cdf(g);
+            dgate[i] = store<S>(d * load(up[i]) * gelu_erf_grad(g, cdf));
+            dup[i] = store<S>(d * g * cdf);
         }
     }
 }
@@ -120,43 +133,63 @@ static inline __attribute__((always_inline)) void gelu_block(const T* dy, const 
     else gelu_rows<false, Backward>(dy, x, b, out, rows, C, tanh);
 }
 
-// the fp32 blocks, one build per x86-64 level
-struct F32Loops {
-    void (*glu_fwd)(const float*, const float*, float*, int64_t, int, int);
-    void (*glu_bwd)(const float*, const float*, const float*, float*, float*, int64_t, int);
+// the fp32 / bf16 / fp16 blocks, one build per x86-64 level
+template <typename S>
+struct GluLoops {
+    void (*fwd)(const S*, const S*, S*, int64_t, int, int);
+    void (*bwd)(const S*, const S*, const S*, S*, S*, int64_t, int);
+};
+struct IsaLoops {
+    GluLoops<float> glu_f32;
+    GluLoops<bf16> glu_bf16;
+    GluLoops<half> glu_f16;
     void (*gelu_fwd)(const float*, const float*, float*, int64_t, int64_t, bool);
     void (*gelu_bwd)(const float*, const float*, const float*, float*, int64_t, int64_t, bool);
 };
-#define FASTNLG_ACT_F32_BUILD(SUFFIX, ATTR)                                                                       \
-    ATTR static void glu_fwd_##SUFFIX(const float* g, const float* u, float* y, int64_t n, int kind, int r) {     \
-        glu_fwd_block<float>(g, u, y, n, kind, r);                                                                \
+#define FASTNLG_GLU_BUILD(LEVEL, ATTR, S, NAME)                                                                   \
+    ATTR static void glu_fwd_##LEVEL##_##NAME(const S* g, const S* u, S* y, int64_t n, int kind, int r) {         \
+        glu_fwd_block<S>(g, u, y, n, kind, r);                                                                    \
     }                                                                                                              \
-    ATTR static void glu_bwd_##SUFFIX(const float* d, const float* g, const float* u, float* dg, float* du,       \
-                                      int64_t n, int kind) {                                                      \
-        glu_bwd_block<float>(d, g, u, dg, du, n, kind);                                                           \
-    }                                                                                                              \
-    ATTR static void gelu_fwd_##SUFFIX(const float* x, const float* b, float* y, int64_t rows, int64_t C,         \
-                                       bool tanh) {                                                               \
+    ATTR static void glu_bwd_##LEVEL##_##NAME(const S* d, const S* g, const S* u, S* dg, S* du, int64_t n,        \
+                                              int kind) {                                                         \
+        glu_bwd_block<S>(d, g, u, dg, du, n, kind);                                                               \
+    }
+#define FASTNLG_ACT_BUILD(LEVEL, ATTR)                                                                            \
+    FASTNLG_GLU_BUILD(LEVEL, ATTR, float, f32)                                                                     \
+    FASTNLG_GLU_BUILD(LEVEL, ATTR, bf16, bf16)                                                                     \
+    FASTNLG_GLU_BUILD(LEVEL, ATTR, half, f16)                                                                      \
+    ATTR static void gelu_fwd_##LEVEL(const float* x, const float* b, float* y, int64_t rows, int64_t C,          \
+                                      bool tanh) {                                                                \
         gelu_block<false, float>(nullptr, x, b, y, rows, C, tanh);                                                 \
     }                                                                                                              \
-    ATTR static void gelu_bwd_##SUFFIX(const float* d, const float* x, const float* b, float* dx, int64_t rows,   \
-                                       int64_t C, bool tanh) {                                                    \
+    ATTR static void gelu_bwd_##LEVEL(const float* d, const float* x, const float* b, float* dx, int64_t rows,    \
+                                      int64_t C, bool tanh) {                                                     \
         gelu_block<true, float>(d, x, b, dx, rows, C, tanh);                                                       \
     }                                                                                                              \
-    static constexpr F32Loops loops_##SUFFIX = {glu_fwd_##SUFFIX, glu_bwd_##SUFFIX, gelu_fwd_##SUFFIX,            \
-                                                gelu_bwd_##SUFFIX};
-FASTNLG_ACT_F32_BUILD(baseline, )
+    static constexpr IsaLoops loops_##LEVEL = {{glu_fwd_##LEVEL##_f32, glu_bwd_##LEVEL##_f32},                     \
+                                               {glu_fwd_##LEVEL##_bf16, glu_bwd_##LEVEL##_bf16},                   \
+                                               {glu_fwd_##LEVEL##_f16, glu_bwd_##LEVEL##_f16},                     \
+                                               gelu_fwd_##LEVEL, gelu_bwd_##LEVEL};
+FASTNLG_ACT_BUILD(baseline, )
 #ifdef FASTNLG_X86_V3
-FASTNLG_ACT_F32_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
-FASTNLG_ACT_F32_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
+FASTNLG_ACT_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
+FASTNLG_ACT_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
-static const F32Loops& f32_loops() {
+static const IsaLoops& isa_loops() {
 #ifdef FASTNLG_X86_V3
     if (isa_level() == 4) return loops_v4;
     if (isa_level() == 3) return loops_v3;
 #endif
     return loops_baseline;
+}
+
+template <typename S>
+static const GluLoops<S>& glu_loops() {
+    const IsaLoops& l = isa_loops();
+    if constexpr (std::is_same_v<S, float>) return l.glu_f32;
+    else if constexpr (std::is_same_v<S, bf16>) return l.glu_bf16;
+    else return l.glu_f16;
 }
 
 // f(start, count) over blocks of n items of `width` values each (about 4096 values a block), split over
@@ -169,26 +202,31 @@ static void blocks(int64_t n, F f, int64_t width = 1) {
     for (int64_t b = 0; b < nb; ++b) f(b * B, std::min(B, n - b * B));
 }
 
-template <>
-void glu_fwd<float>(const float* gate, const float* up, float* y, int64_t n, int kind, int round_act) {
-    const auto run = f32_loops().glu_fwd;
-    blocks(n, [&](int64_t s, int64_t m) { run(gate + s, up + s, y + s, m, kind, round_act); });
+template <typename S>
+void glu_fwd(const S* gate, const S* up, S* y, int64_t n, int kind, int round_act) {
+    if constexpr (std::is_same_v<S, double>) {
+        blocks(n, [&](int64_t s, int64_t m) { glu_fwd_block<double>(gate + s, up + s, y + s, m, kind, round_act); });
+    } else {
+        const auto run = glu_loops<S>().fwd;
+        blocks(n, [&](int64_t s, int64_t m) { run(gate + s, up + s, y + s, m, kind, round_act); });
+    }
 }
-template <>
-void glu_fwd<double>(const double* gate, const double* up, double* y, int64_t n, int kind, int round_act) {
-    blocks(n, [&](int64_t s, int64_t m) { glu_fwd_block<double>(gate + s, up + s, y + s, m, kind, round_act); });
+template <typename S>
+void glu_bwd(const S* dy, const S* gate, const S* up, S* dgate, S* dup, int64_t n, int kind) {
+    if constexpr (std::is_same_v<S, double>) {
+        blocks(n, [&](int64_t s, int64_t m) { glu_bwd_block<double>(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
+    } else {
+        const auto run = glu_loops<S>().bwd;
+        blocks(n, [&](int64_t s, int64_t m) { run(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
+    }
 }
-template <>
-void glu_bwd<float>(const float* dy, const float* gate, const float* up, float* dgate, float* dup, int64_t n,
-                    int kind) {
-    const auto run = f32_loops().glu_bwd;
-    blocks(n, [&](int64_t s, int64_t m) { run(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
-}
-template <>
-void glu_bwd<double>(const double* dy, const double* gate, const double* up, double* dgate, double* dup, int64_t n,
-                     int kind) {
-    blocks(n, [&](int64_t s, int64_t m) { glu_bwd_block<double>(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
-}
+#define FASTNLG_GLU_ENTRY(S)                                                                 \
+    template void glu_fwd<S>(const S*, const S*, S*, int64_t, int, int);                     \
+    template void glu_bwd<S>(const S*, const S*, const S*, S*, S*, int64_t, int);
+FASTNLG_GLU_ENTRY(float)
+FASTNLG_GLU_ENTRY(double)
+FASTNLG_GLU_ENTRY(bf16)
+FASTNLG_GLU_ENTRY(half)
 
 // GELU: blocks of whole rows with a bias; without one, blocks of the N x C values as one flat row
 template <typename T, typename Run>
@@ -201,7 +239,7 @@ static void gelu_blocks(int64_t N, int64_t C, const T* bias, Run run) {
 
 template <>
 void gelu_fwd<float>(const float* x, const float* bias, float* y, int64_t N, int64_t C, bool tanh) {
-    const auto run = f32_loops().gelu_fwd;
+    const auto run = isa_loops().gelu_fwd;
     gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) { run(x + s, bias, y + s, rows, c, tanh); });
 }
 template <>
@@ -212,7 +250,7 @@ void gelu_fwd<double>(const double* x, const double* bias, double* y, int64_t N,
 }
 template <>
 void gelu_bwd<float>(const float* dy, const float* x, const float* bias, float* dx, int64_t N, int64_t C, bool tanh) {
-    const auto run = f32_loops().gelu_bwd;
+    const auto run = isa_loops().gelu_bwd;
     gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) { run(dy + s, x + s, bias, dx + s, rows, c, tanh); });
 }
 template <>

@@ -24,6 +24,24 @@ template <typename T> static T* P(ptr p) { return reinterpret_cast<T*>(p); }
         }                         \
     } while (0)
 
+// the storage type S of a dtype code (fastnlg_cpu.h: DT_*), for the kernels that read fp16/bf16 in place
+#define DISPATCH_STORAGE(dt, CALL)                                                      \
+    do {                                                                                \
+        if (dt == fastnlg::DT_F64) {                                                    \
+            using S = double;                                                           \
+            CALL;                                                                       \
+        } else if (dt == fastnlg::DT_BF16) {                                            \
+            using S = fastnlg::bf16;                                                    \
+            CALL;                                                                       \
+        } else if (dt == fastnlg::DT_F16) {                                             \
+            using S = fastnlg::half;                                                    \
+            CALL;                                                                       \
+        } else {                                                                        \
+            using S = float;                                                            \
+            CALL;                                                                       \
+        }                                                                               \
+    } while (0)
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastnlg C++ CPU kernels (raw pointers + sizes; inputs are checked in Python)";
     auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -40,11 +58,11 @@ PYBIND11_MODULE(_C, m) {
     m.def("layer_norm_bwd", [](ptr dy, ptr x, ptr w, ptr mean, ptr rstd, ptr dx, ptr dw, ptr db, int64_t N, int64_t C, bool d) {
         DISPATCH(d, fastnlg::layer_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(mean), P<T>(rstd), P<T>(dx), P<T>(dw), P<T>(db), N, C));
     }, nogil);
-    m.def("glu_fwd", [](ptr gate, ptr up, ptr y, int64_t n, int kind, int round_act, bool d) {
-        DISPATCH(d, fastnlg::glu_fwd<T>(P<T>(gate), P<T>(up), P<T>(y), n, kind, round_act));
+    m.def("glu_fwd", [](ptr gate, ptr up, ptr y, int64_t n, int kind, int round_act, int dt) {
+        DISPATCH_STORAGE(dt, fastnlg::glu_fwd<S>(P<S>(gate), P<S>(up), P<S>(y), n, kind, round_act));
     }, nogil);
-    m.def("glu_bwd", [](ptr dy, ptr gate, ptr up, ptr dgate, ptr dup, int64_t n, int kind, bool d) {
-        DISPATCH(d, fastnlg::glu_bwd<T>(P<T>(dy), P<T>(gate), P<T>(up), P<T>(dgate), P<T>(dup), n, kind));
+    m.def("glu_bwd", [](ptr dy, ptr gate, ptr up, ptr dgate, ptr dup, int64_t n, int kind, int dt) {
+        DISPATCH_STORAGE(dt, fastnlg::glu_bwd<S>(P<S>(dy), P<S>(gate), P<S>(up), P<S>(dgate), P<S>(dup), n, kind));
     }, nogil);
     m.def("gelu_fwd", [](ptr x, ptr bias, ptr y, int64_t N, int64_t C, bool tanh, bool d) {
         DISPATCH(d, fastnlg::gelu_fwd<T>(P<T>(x), P<T>(bias), P<T>(y), N, C, tanh));

@@ -1,6 +1,7 @@
 // fastnlg C++ CPU kernels: raw pointers + sizes, no checking (Python checks once, DESIGN.md §4.5).
 // Every kernel is templated on the element type T (float or double); fp16/bf16 inputs are upcast to
-// fp32 by the Python caller. Rows are independent and split over OpenMP threads.
+// fp32 by the Python caller, except for the gated activations, which also read and write bf16 / fp16 in
+// place (storage types below). Rows are independent and split over OpenMP threads.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -59,13 +60,42 @@ inline T round_to(T v, int code) {
     return code == 1 ? T(round_bf16(float(v))) : code == 2 ? T(round_fp16(float(v))) : v;
 }
 
+// Storage types of the kernels that read and write fp16/bf16 tensors in place (no fp32 copy in and out):
+// values load to fp32, are computed in fp32 and round once, to nearest even, on the store (as torch's
+// fp32 -> bf16/fp16 conversion: the same bits as computing into an fp32 tensor and calling .to()).
+struct bf16 {
+    std::uint16_t bits;
+};
+using half = _Float16;
+inline float load(float x) { return x; }
+inline double load(double x) { return x; }
+inline float load(half x) { return static_cast<float>(x); }
+inline float load(bf16 x) {
+    const std::uint32_t u = std::uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+template <typename S, typename T>
+inline S store(T v) { return static_cast<S>(v); }  // float, double, half (round to nearest even)
+template <>
+inline bf16 store<bf16, float>(float v) {
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return bf16{std::uint16_t(nan ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};  // (NaN: torch's 0x7fc0)
+}
+// dtype codes of the bindings: fp32, fp64, bf16, fp16 (fastnlg/ops/_native.py's dtype_code)
+constexpr int DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3;
+
 template <typename T> void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset,
                                        int round_xhat);
 template <typename T> void rms_norm_bwd(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* dw, int64_t N, int64_t C, double offset);
 template <typename T> void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t N, int64_t C, double eps);
 template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C);
-template <typename T> void glu_fwd(const T* gate, const T* up, T* y, int64_t n, int kind, int round_act);
-template <typename T> void glu_bwd(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t n, int kind);
+// gated activations over n values stored as S (float, double, bf16, half)
+template <typename S> void glu_fwd(const S* gate, const S* up, S* y, int64_t n, int kind, int round_act);
+template <typename S> void glu_bwd(const S* dy, const S* gate, const S* up, S* dgate, S* dup, int64_t n, int kind);
 // y = gelu(x + bias) over N rows of C (bias (C,) or null); dx = dy * gelu'(x + bias); tanh or erf form
 template <typename T> void gelu_fwd(const T* x, const T* bias, T* y, int64_t N, int64_t C, bool tanh);
 template <typename T> void gelu_bwd(const T* dy, const T* x, const T* bias, T* dx, int64_t N, int64_t C, bool tanh);

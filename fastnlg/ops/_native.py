@@ -48,3 +48,16 @@ def round_code(dtype: torch.dtype) -> int:
     """How the C++ kernels round an intermediate to `dtype` (csrc/cpu/fastnlg_cpu.h's round_to): 1 bfloat16,
     2 half, 0 none (fp32/fp64 computations keep their values)."""
     return _ROUND_CODES.get(dtype, 0)
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """How the C++ kernels that read fp16/bf16 in place name a storage dtype (csrc/cpu/fastnlg_cpu.h: DT_*)."""
+    return _DTYPE_CODES[dtype]
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t.contiguous(), without the call when it already is."""
+    return t if t.is_contiguous() else t.contiguous()

@@ -61,6 +61,33 @@ def test_cpp_each_isa_build(name, cpu_isa, use_backend):
         assert torch.equal(swiglu(g, u, eager_rounding=True), torch.nn.functional.silu(g) * u)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_low_precision_in_place_is_fp32_then_cast(dtype, cpu_isa):
+    """The C++ loops read and write bf16/fp16 in place: bit for bit computing from fp32 copies and casting
+    the fp32 results with .to() (one rounding, to nearest even), in every mode and x86-64 build, with vector
+    tails, NaN, inf and values past the dtype's range."""
+    from fastnlg import _C
+    from fastnlg.kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
+    from fastnlg.ops._native import ptr, round_code
+    from fastnlg.ops.glu import _bwd_cpp, _fwd_cpp
+
+    g = (torch.randn(4099) * 4).to(dtype)
+    g[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    u, d = torch.randn(4099).to(dtype), torch.randn(4099).to(dtype)
+    u[4], d[5], g[6] = torch.finfo(dtype).max, torch.finfo(dtype).max, 30.0  # products past the range
+    for kind in (SWIGLU, GEGLU_TANH, GEGLU_ERF):
+        for round_act in (False, True):
+            ours = _fwd_cpp(g, u, kind, round_act)
+            gf, uf, ref = g.float(), u.float(), torch.empty(4099)  # the fp32 loops, rounding act alike
+            _C.glu_fwd(ptr(gf), ptr(uf), ptr(ref), 4099, kind, round_code(dtype) if round_act else 0, 0)
+            assert ours.dtype == dtype and torch.equal(ours.isnan(), ref.to(dtype).isnan())
+            assert torch.equal(ours.nan_to_num(), ref.to(dtype).nan_to_num()), (kind, round_act)
+        dg, du = _bwd_cpp(d, g, u, kind)
+        dg32, du32 = _bwd_cpp(d.float(), g.float(), u.float(), kind)
+        for a, b in ((dg, dg32.to(dtype)), (du, du32.to(dtype))):
+            assert a.dtype == dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("name", list(OPS))
 def test_gradcheck_fp64(backend, name, use_backend):

@@ -39,10 +39,6 @@ static inline __attribute__((always_inline)) T gelu_erf_grad(T g, T cdf) {
     return cdf + g * T(0.3989422804014327) * vexp(T(-0.5) * g * g);
 }
 
-// the compute type of a storage type: fp64 for fp64, fp32 for fp32, bf16 and fp16
-template <typename S>
-using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
 template <typename S>
 static inline __attribute__((always_inline)) void glu_fwd_block(const S* gate, const S* up, S* y, int64_t n, int kind,
                                                                  int round_act) {
@@ -102,32 +98,34 @@ static inline __attribute__((always_inline)) void glu_bwd_block(const S* dy, con
     }
 }
 
-// GELU over `rows` rows of C values, z = x + bias (HasBias false: z = x): forward out = act(z), backward
-// out = dy * act'(z)
-template <bool HasBias, bool Backward, typename T>
-static inline __attribute__((always_inline)) void gelu_rows(const T* dy, const T* x, const T* b, T* out,
+// GELU over `rows` rows of C values stored as S, z = x + bias (HasBias false: z = x): forward out = act(z)
+// (stored as S), backward out = dy * act'(z) (O: the compute type, the caller sums it for the bias gradient
+// and casts it)
+template <bool HasBias, bool Backward, typename S, typename O>
+static inline __attribute__((always_inline)) void gelu_rows(const S* dy, const S* x, const S* b, O* out,
                                                              int64_t rows, int64_t C, bool tanh) {
+    using T = acc_t<S>;
     for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * C;
-        const T* dyr = Backward ? dy + r * C : nullptr;
-        T* o = out + r * C;
+        const S* xr = x + r * C;
+        const S* dyr = Backward ? dy + r * C : nullptr;
+        O* o = out + r * C;
         if (tanh) {
 #pragma omp simd
             for (int64_t j = 0; j < C; ++j) {
-                const T z = HasBias ? xr[j] + b[j] : xr[j], e = gelu_tanh_e(z);
-                o[j] = Backward ? dyr[j] * gelu_tanh_grad(z, T(1) / (T(1) + e)) : z / (T(1) + e);
+                const T z = HasBias ? load(xr[j]) + load(b[j]) : load(xr[j]), e = gelu_tanh_e(z);
+                o[j] = store<O>(Backward ? load(dyr[j]) * gelu_tanh_grad(z, T(1) / (T(1) + e)) : z / (T(1) + e));
             }
         } else {
             for (int64_t j = 0; j < C; ++j) {
-                const T z = HasBias ? xr[j] + b[j] : xr[j], cdf = gelu_erf_cdf(z);
-                o[j] = Backward ? dyr[j] * gelu_erf_grad(z, cdf) : z * cdf;
+                const T z = HasBias ? load(xr[j]) + load(b[j]) : load(xr[j]), cdf = gelu_erf_cdf(z);
+                o[j] = store<O>(Backward ? load(dyr[j]) * gelu_erf_grad(z, cdf) : z * cdf);
             }
         }
     }
 }
 
-template <bool Backward, typename T>
-static inline __attribute__((always_inline)) void gelu_block(const T* dy, const T* x, const T* b, T* out,
+template <bool Backward, typename S, typename O>
+static inline __attribute__((always_inline)) void gelu_block(const S* dy, const S* x, const S* b, O* out,
                                                               int64_t rows, int64_t C, bool tanh) {
     if (b) gelu_rows<true, Backward>(dy, x, b, out, rows, C, tanh);
     else gelu_rows<false, Backward>(dy, x, b, out, rows, C, tanh);
@@ -135,61 +133,57 @@ static inline __attribute__((always_inline)) void gelu_block(const T* dy, const 
 
 // the fp32 / bf16 / fp16 blocks, one build per x86-64 level
 template <typename S>
-struct GluLoops {
-    void (*fwd)(const S*, const S*, S*, int64_t, int, int);
-    void (*bwd)(const S*, const S*, const S*, S*, S*, int64_t, int);
+struct ActLoops {
+    void (*glu_fwd)(const S*, const S*, S*, int64_t, int, int);
+    void (*glu_bwd)(const S*, const S*, const S*, S*, S*, int64_t, int);
+    void (*gelu_fwd)(const S*, const S*, S*, int64_t, int64_t, bool);
+    void (*gelu_bwd)(const S*, const S*, const S*, float*, int64_t, int64_t, bool);
 };
 struct IsaLoops {
-    GluLoops<float> glu_f32;
-    GluLoops<bf16> glu_bf16;
-    GluLoops<half> glu_f16;
-    void (*gelu_fwd)(const float*, const float*, float*, int64_t, int64_t, bool);
-    void (*gelu_bwd)(const float*, const float*, const float*, float*, int64_t, int64_t, bool);
+    ActLoops<float> f32;
+    ActLoops<bf16> bf16_;
+    ActLoops<half> f16;
 };
-#define FASTNLG_GLU_BUILD(LEVEL, ATTR, S, NAME)                                                                   \
+#define FASTNLG_ACT_BUILD_TYPE(LEVEL, ATTR, S, NAME)                                                              \
     ATTR static void glu_fwd_##LEVEL##_##NAME(const S* g, const S* u, S* y, int64_t n, int kind, int r) {         \
         glu_fwd_block<S>(g, u, y, n, kind, r);                                                                    \
     }                                                                                                              \
     ATTR static void glu_bwd_##LEVEL##_##NAME(const S* d, const S* g, const S* u, S* dg, S* du, int64_t n,        \
                                               int kind) {                                                         \
         glu_bwd_block<S>(d, g, u, dg, du, n, kind);                                                               \
+    }                                                                                                              \
+    ATTR static void gelu_fwd_##LEVEL##_##NAME(const S* x, const S* b, S* y, int64_t rows, int64_t C, bool tanh) { \
+        gelu_block<false, S, S>(nullptr, x, b, y, rows, C, tanh);                                                  \
+    }                                                                                                              \
+    ATTR static void gelu_bwd_##LEVEL##_##NAME(const S* d, const S* x, const S* b, float* dx, int64_t rows,        \
+                                               int64_t C, bool tanh) {                                            \
+        gelu_block<true, S, float>(d, x, b, dx, rows, C, tanh);                                                    \
     }
 #define FASTNLG_ACT_BUILD(LEVEL, ATTR)                                                                            \
-    FASTNLG_GLU_BUILD(LEVEL, ATTR, float, f32)                                                                     \
-    FASTNLG_GLU_BUILD(LEVEL, ATTR, bf16, bf16)                                                                     \
-    FASTNLG_GLU_BUILD(LEVEL, ATTR, half, f16)                                                                      \
-    ATTR static void gelu_fwd_##LEVEL(const float* x, const float* b, float* y, int64_t rows, int64_t C,          \
-                                      bool tanh) {                                                                \
-        gelu_block<false, float>(nullptr, x, b, y, rows, C, tanh);                                                 \
-    }                                                                                                              \
-    ATTR static void gelu_bwd_##LEVEL(const float* d, const float* x, const float* b, float* dx, int64_t rows,    \
-                                      int64_t C, bool tanh) {                                                     \
-        gelu_block<true, float>(d, x, b, dx, rows, C, tanh);                                                       \
-    }                                                                                                              \
-    static constexpr IsaLoops loops_##LEVEL = {{glu_fwd_##LEVEL##_f32, glu_bwd_##LEVEL##_f32},                     \
-                                               {glu_fwd_##LEVEL##_bf16, glu_bwd_##LEVEL##_bf16},                   \
-                                               {glu_fwd_##LEVEL##_f16, glu_bwd_##LEVEL##_f16},                     \
-                                               gelu_fwd_##LEVEL, gelu_bwd_##LEVEL};
+    FASTNLG_ACT_BUILD_TYPE(LEVEL, ATTR, float, f32)                                                                \
+    FASTNLG_ACT_BUILD_TYPE(LEVEL, ATTR, bf16, bf16)                                                                \
+    FASTNLG_ACT_BUILD_TYPE(LEVEL, ATTR, half, f16)                                                                 \
+    static constexpr IsaLoops loops_##LEVEL = {                                                                    \
+        {glu_fwd_##LEVEL##_f32, glu_bwd_##LEVEL##_f32, gelu_fwd_##LEVEL##_f32, gelu_bwd_##LEVEL##_f32},           \
+        {glu_fwd_##LEVEL##_bf16, glu_bwd_##LEVEL##_bf16, gelu_fwd_##LEVEL##_bf16, gelu_bwd_##LEVEL##_bf16},       \
+        {glu_fwd_##LEVEL##_f16, glu_bwd_##LEVEL##_f16, gelu_fwd_##LEVEL##_f16, gelu_bwd_##LEVEL##_f16}};
 FASTNLG_ACT_BUILD(baseline, )
 #ifdef FASTNLG_X86_V3
 FASTNLG_ACT_BUILD(v3, __attribute__((target("arch=x86-64-v3"))))
 FASTNLG_ACT_BUILD(v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
-static const IsaLoops& isa_loops() {
-#ifdef FASTNLG_X86_V3
-    if (isa_level() == 4) return loops_v4;
-    if (isa_level() == 3) return loops_v3;
-#endif
-    return loops_baseline;
-}
-
+// the loops of storage type S (not double: fp64 runs the generic blocks) for the CPU's x86-64 level
 template <typename S>
-static const GluLoops<S>& glu_loops() {
-    const IsaLoops& l = isa_loops();
-    if constexpr (std::is_same_v<S, float>) return l.glu_f32;
-    else if constexpr (std::is_same_v<S, bf16>) return l.glu_bf16;
-    else return l.glu_f16;
+static const ActLoops<S>& act_loops() {
+#ifdef FASTNLG_X86_V3
+    const IsaLoops& l = isa_level() == 4 ? loops_v4 : isa_level() == 3 ? loops_v3 : loops_baseline;
+#else
+    const IsaLoops& l = loops_baseline;
+#endif
+    if constexpr (std::is_same_v<S, float>) return l.f32;
+    else if constexpr (std::is_same_v<S, bf16>) return l.bf16_;
+    else return l.f16;
 }
 
 // f(start, count) over blocks of n items of `width` values each (about 4096 values a block), split over
@@ -207,7 +201,7 @@ void glu_fwd(const S* gate, const S* up, S* y, int64_t n, int kind, int round_ac
     if constexpr (std::is_same_v<S, double>) {
         blocks(n, [&](int64_t s, int64_t m) { glu_fwd_block<double>(gate + s, up + s, y + s, m, kind, round_act); });
     } else {
-        const auto run = glu_loops<S>().fwd;
+        const auto run = act_loops<S>().glu_fwd;
         blocks(n, [&](int64_t s, int64_t m) { run(gate + s, up + s, y + s, m, kind, round_act); });
     }
 }
@@ -216,18 +210,10 @@ void glu_bwd(const S* dy, const S* gate, const S* up, S* dgate, S* dup, int64_t 
     if constexpr (std::is_same_v<S, double>) {
         blocks(n, [&](int64_t s, int64_t m) { glu_bwd_block<double>(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
     } else {
-        const auto run = glu_loops<S>().bwd;
+        const auto run = act_loops<S>().glu_bwd;
         blocks(n, [&](int64_t s, int64_t m) { run(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
     }
 }
-#define FASTNLG_GLU_ENTRY(S)                                                                 \
-    template void glu_fwd<S>(const S*, const S*, S*, int64_t, int, int);                     \
-    template void glu_bwd<S>(const S*, const S*, const S*, S*, S*, int64_t, int);
-FASTNLG_GLU_ENTRY(float)
-FASTNLG_GLU_ENTRY(double)
-FASTNLG_GLU_ENTRY(bf16)
-FASTNLG_GLU_ENTRY(half)
-
 // GELU: blocks of whole rows with a bias; without one, blocks of the N x C values as one flat row
 template <typename T, typename Run>
 static void gelu_blocks(int64_t N, int64_t C, const T* bias, Run run) {
@@ -237,28 +223,28 @@ static void gelu_blocks(int64_t N, int64_t C, const T* bias, Run run) {
         blocks(N * C, [&](int64_t s, int64_t m) { run(s, int64_t(1), m); });
 }
 
-template <>
-void gelu_fwd<float>(const float* x, const float* bias, float* y, int64_t N, int64_t C, bool tanh) {
-    const auto run = isa_loops().gelu_fwd;
-    gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) { run(x + s, bias, y + s, rows, c, tanh); });
-}
-template <>
-void gelu_fwd<double>(const double* x, const double* bias, double* y, int64_t N, int64_t C, bool tanh) {
+template <typename S>
+void gelu_fwd(const S* x, const S* bias, S* y, int64_t N, int64_t C, bool tanh) {
     gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) {
-        gelu_block<false, double>(nullptr, x + s, bias, y + s, rows, c, tanh);
+        if constexpr (std::is_same_v<S, double>) gelu_block<false, S, S>(nullptr, x + s, bias, y + s, rows, c, tanh);
+        else act_loops<S>().gelu_fwd(x + s, bias, y + s, rows, c, tanh);
     });
 }
-template <>
-void gelu_bwd<float>(const float* dy, const float* x, const float* bias, float* dx, int64_t N, int64_t C, bool tanh) {
-    const auto run = isa_loops().gelu_bwd;
-    gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) { run(dy + s, x + s, bias, dx + s, rows, c, tanh); });
-}
-template <>
-void gelu_bwd<double>(const double* dy, const double* x, const double* bias, double* dx, int64_t N, int64_t C,
-                      bool tanh) {
+template <typename S>
+void gelu_bwd(const S* dy, const S* x, const S* bias, acc_t<S>* dx, int64_t N, int64_t C, bool tanh) {
     gelu_blocks(N, C, bias, [&](int64_t s, int64_t rows, int64_t c) {
-        gelu_block<true, double>(dy + s, x + s, bias, dx + s, rows, c, tanh);
+        if constexpr (std::is_same_v<S, double>) gelu_block<true, S, S>(dy + s, x + s, bias, dx + s, rows, c, tanh);
+        else act_loops<S>().gelu_bwd(dy + s, x + s, bias, dx + s, rows, c, tanh);
     });
 }
+#define FASTNLG_ACT_ENTRY(S)                                                                 \
+    template void glu_fwd<S>(const S*, const S*, S*, int64_t, int, int);                     \
+    template void glu_bwd<S>(const S*, const S*, const S*, S*, S*, int64_t, int);            \
+    template void gelu_fwd<S>(const S*, const S*, S*, int64_t, int64_t, bool);               \
+    template void gelu_bwd<S>(const S*, const S*, const S*, acc_t<S>*, int64_t, int64_t, bool);
+FASTNLG_ACT_ENTRY(float)
+FASTNLG_ACT_ENTRY(double)
+FASTNLG_ACT_ENTRY(bf16)
+FASTNLG_ACT_ENTRY(half)
 
 }  // namespace fastnlg

@@ -64,11 +64,11 @@ PYBIND11_MODULE(_C, m) {
     m.def("glu_bwd", [](ptr dy, ptr gate, ptr up, ptr dgate, ptr dup, int64_t n, int kind, int dt) {
         DISPATCH_STORAGE(dt, fastnlg::glu_bwd<S>(P<S>(dy), P<S>(gate), P<S>(up), P<S>(dgate), P<S>(dup), n, kind));
     }, nogil);
-    m.def("gelu_fwd", [](ptr x, ptr bias, ptr y, int64_t N, int64_t C, bool tanh, bool d) {
-        DISPATCH(d, fastnlg::gelu_fwd<T>(P<T>(x), P<T>(bias), P<T>(y), N, C, tanh));
+    m.def("gelu_fwd", [](ptr x, ptr bias, ptr y, int64_t N, int64_t C, bool tanh, int dt) {
+        DISPATCH_STORAGE(dt, fastnlg::gelu_fwd<S>(P<S>(x), P<S>(bias), P<S>(y), N, C, tanh));
     }, nogil);
-    m.def("gelu_bwd", [](ptr dy, ptr x, ptr bias, ptr dx, int64_t N, int64_t C, bool tanh, bool d) {
-        DISPATCH(d, fastnlg::gelu_bwd<T>(P<T>(dy), P<T>(x), P<T>(bias), P<T>(dx), N, C, tanh));
+    m.def("gelu_bwd", [](ptr dy, ptr x, ptr bias, ptr dz, int64_t N, int64_t C, bool tanh, int dt) {
+        DISPATCH_STORAGE(dt, fastnlg::gelu_bwd<S>(P<S>(dy), P<S>(x), P<S>(bias), P<fastnlg::acc_t<S>>(dz), N, C, tanh));
     }, nogil);
     m.def("rope", [](ptr x, int64_t sxb, int64_t sxh, int64_t sxt, ptr cos, ptr sin, int64_t scb, int64_t sct, ptr out,
                      int64_t B, int64_t H, int64_t T_, int64_t D, bool backward, bool d) {

@@ -1,11 +1,12 @@
 // fastnlg C++ CPU kernels: raw pointers + sizes, no checking (Python checks once, DESIGN.md §4.5).
 // Every kernel is templated on the element type T (float or double); fp16/bf16 inputs are upcast to
-// fp32 by the Python caller, except for the gated activations, which also read and write bf16 / fp16 in
-// place (storage types below). Rows are independent and split over OpenMP threads.
+// fp32 by the Python caller, except for the activations (GLU, GELU), which also read and write bf16 / fp16
+// in place (storage types below). Rows are independent and split over OpenMP threads.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FASTNLG_X86_V3 1  // the fp32 hot loops are also built for x86-64-v3 (AVX2 + FMA) and -v4 (AVX-512)
@@ -85,6 +86,9 @@ inline bf16 store<bf16, float>(float v) {
     const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
     return bf16{std::uint16_t(nan ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};  // (NaN: torch's 0x7fc0)
 }
+// the compute type of a storage type: fp64 for fp64, fp32 for fp32, bf16 and fp16
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 // dtype codes of the bindings: fp32, fp64, bf16, fp16 (fastnlg/ops/_native.py's dtype_code)
 constexpr int DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3;
 
@@ -96,9 +100,10 @@ template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, c
 // gated activations over n values stored as S (float, double, bf16, half)
 template <typename S> void glu_fwd(const S* gate, const S* up, S* y, int64_t n, int kind, int round_act);
 template <typename S> void glu_bwd(const S* dy, const S* gate, const S* up, S* dgate, S* dup, int64_t n, int kind);
-// y = gelu(x + bias) over N rows of C (bias (C,) or null); dx = dy * gelu'(x + bias); tanh or erf form
-template <typename T> void gelu_fwd(const T* x, const T* bias, T* y, int64_t N, int64_t C, bool tanh);
-template <typename T> void gelu_bwd(const T* dy, const T* x, const T* bias, T* dx, int64_t N, int64_t C, bool tanh);
+// y = gelu(x + bias) over N rows of C stored as S (bias (C,) or null); dz = dy * gelu'(x + bias) in the compute
+// type (the caller sums it for the bias gradient before casting it); tanh or erf form
+template <typename S> void gelu_fwd(const S* x, const S* bias, S* y, int64_t N, int64_t C, bool tanh);
+template <typename S> void gelu_bwd(const S* dy, const S* x, const S* bias, acc_t<S>* dz, int64_t N, int64_t C, bool tanh);
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
                                             double softcap, double z_loss, const T* class_weight);

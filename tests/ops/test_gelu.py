@@ -61,6 +61,29 @@ def test_cpp_each_isa_build(approximate, cpu_isa, use_backend):
         _check("cpu", torch.float32, torch.randn(shape) * 4, None, approximate)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_low_precision_in_place_is_fp32_then_cast(dtype, cpu_isa):
+    """The C++ loops read bf16/fp16 x, bias and dy in place and write y in that dtype: bit for bit the fp32
+    computation on upcast copies cast with .to() (the bias gradient sums the fp32 dz), in every x86-64
+    build, with and without a bias, NaN, inf and vector tails."""
+    from fastnlg.ops.gelu import _bwd_cpp, _fwd_cpp
+
+    x = (torch.randn(37, 301) * 4).to(dtype)
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -30.0])
+    b, dy = torch.randn(301).to(dtype), torch.randn(37, 301).to(dtype)
+    for tanh in (True, False):
+        for bias in (b, None):
+            y, y32 = _fwd_cpp(x, bias, tanh), _fwd_cpp(x.float(), None if bias is None else bias.float(), tanh)
+            assert y.dtype == dtype and torch.equal(y.isnan(), y32.isnan())
+            assert torch.equal(y.nan_to_num(), y32.to(dtype).nan_to_num())
+            (dx, db), (dx32, db32) = (_bwd_cpp(dy, x, bias, tanh, bias is not None),
+                                      _bwd_cpp(dy.float(), x.float(), None if bias is None else bias.float(), tanh,
+                                               bias is not None))
+            assert torch.equal(dx.nan_to_num(), dx32.to(dtype).nan_to_num())
+            if bias is not None:
+                assert db.dtype == torch.float32 and torch.equal(db.nan_to_num(), db32.nan_to_num())
+
+
 def test_cpp_is_the_cpu_default_for_tanh_only(monkeypatch):
     from fastnlg.ops.gelu import _backend_for
 

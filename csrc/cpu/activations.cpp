@@ -214,6 +214,7 @@ void glu_bwd(const S* dy, const S* gate, const S* up, S* dgate, S* dup, int64_t 
         blocks(n, [&](int64_t s, int64_t m) { run(dy + s, gate + s, up + s, dgate + s, dup + s, m, kind); });
     }
 }
+
 // GELU: blocks of whole rows with a bias; without one, blocks of the N x C values as one flat row
 template <typename T, typename Run>
 static void gelu_blocks(int64_t N, int64_t C, const T* bias, Run run) {

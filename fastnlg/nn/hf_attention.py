@@ -52,12 +52,17 @@ def _window(sliding_window):
     return (int(sliding_window) - 1, -1)
 
 
+def _allowed(mask):
+    """The bool form (True = attend) of a 4-D mask, bool or additive (0 = attend)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
 def _as_kernel_mask(mask, T, S, window, is_causal):
     """(causal, key_padding_mask or None) expressing the 4-D bool mask, or None if it cannot be expressed."""
     for ref, version, w, c, result in _cache:  # the same live tensor object (not just the same address)
         if ref() is mask and version == mask._version and w == window and c == is_causal:
             return result
-    allowed = mask if mask.dtype == torch.bool else mask == 0  # additive float masks: 0 = attend
+    allowed = _allowed(mask)
     if allowed.shape[1] != 1:
         result = None
     else:
@@ -80,15 +85,14 @@ def _sdpa_mask(mask, compiling):
     a row that sees no key gets an all-true row (no NaN in forward or backward) and a zeroed output, as the
     spec says. Cached per mask tensor (all layers share it) until the mask is freed; on CPU, where the read
     costs no GPU sync, a mask without such rows is read once and skips the zeroing."""
-    if compiling:
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        empty = ~allowed.any(-1, keepdim=True)
-        return allowed | empty, empty
-    entry = _sdpa_cache.get(id(mask))
-    if entry is not None and entry[0]() is mask and entry[1] == mask._version:
-        return entry[2]
-    allowed = mask if mask.dtype == torch.bool else mask == 0
+    if not compiling:
+        entry = _sdpa_cache.get(id(mask))
+        if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+            return entry[2]
+    allowed = _allowed(mask)
     empty = ~allowed.any(-1, keepdim=True)
+    if compiling:
+        return allowed | empty, empty
     result = (allowed | empty, empty if mask.device.type != "cpu" or bool(empty.any()) else None)
     key = id(mask)
     _sdpa_cache[key] = (weakref.ref(mask, lambda _ref: _sdpa_cache.pop(key, None)), mask._version, result)
@@ -99,8 +103,8 @@ def _masked(q, k, v, mask, scale, softcap, dropout_p, compiling=False):
     """Attention under a 4-D mask (B or 1, 1 or H, T, S), bool or additive: SDPA, as the unpatched model runs
     it (rows that see no key output 0), or the spec's attention where SDPA cannot (softcap)."""
     if softcap is not None:
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        return masked_attention_reference(q, k, v, allowed, softmax_scale=scale, softcap=softcap, dropout_p=dropout_p)
+        return masked_attention_reference(q, k, v, _allowed(mask), softmax_scale=scale, softcap=softcap,
+                                          dropout_p=dropout_p)
     attn_mask, empty = _sdpa_mask(mask, compiling)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -119,7 +123,7 @@ def _packed_cu_seqlens(mask, position_ids, window, T, S, is_causal):
     for ref, version, pid, result in _packed_cache:
         if ref() is mask and version == mask._version and pid() is position_ids:
             return result
-    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    allowed = _allowed(mask)[:, 0]
     starts = position_ids == 0
     starts[:, 0] = True
     doc = starts.cumsum(-1)  # (B, T) sample number within the row

@@ -13,10 +13,7 @@ def native_dtype(t: torch.Tensor) -> torch.dtype:
 
 def to_native(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Contiguous copy (only if needed) of `t` in the native kernel dtype."""
-    if t is None:
-        return None
-    t = cast(t, dtype)
-    return t if t.is_contiguous() else t.contiguous()
+    return None if t is None else contiguous(cast(t, dtype))
 
 
 # The two helpers below skip calls that would return `t` itself: an op's Python runs on every call, a few

@@ -44,8 +44,9 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
     gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
     n, V = h.shape[0], weight.shape[0]
     acc = native_dtype(h)
+    whole = chunk >= n  # one chunk: no slicing (a few us per slice and copy at small sizes)
     loss = lse = None  # (n,) each: the one chunk's own, or filled chunk by chunk
-    if chunk < n or n == 0:
+    if not whole or n == 0:
         loss = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
     grads = scale is not None
@@ -55,7 +56,6 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
     db = torch.empty(V, dtype=acc, device=h.device) if grads and need_db else None
     if n == 0:  # (the first chunk writes dW and db, later ones add; with no chunk they are 0)
         dw, db = (None if t is None else t.zero_() for t in (dw, db))
-    whole = chunk >= n  # one chunk: no slicing (a few us per slice and copy at small sizes)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hc = h if whole else h[s:e]

@@ -10,8 +10,8 @@ gelu_backward). On CPU the tanh form defaults to C++: one vectorised pass each w
 (its exp is fastnlg's polynomial, built per x86-64 level), bf16/fp16 read and written in place. 2 cores
 (Zen 4), fp32 with bias, 512 x 256 (a tiny GPT-2's MLP): forward 22 vs 87 us for the torch backend, backward
 38 vs 102 us; 256 x 3072: forward 112 vs 500 us; bf16 fwd + bwd against eager F.gelu(x + b): 160 vs 232 us
-at 512 x 256, 0.60 vs 1.16 ms at 256 x 3072. The erf form keeps torch as its CPU default (aten's erf is vectorised, the C++ loop calls glibc's
-scalar erf, 20x slower); FASTNLG_BACKEND=cpp still selects it.
+at 512 x 256, 0.60 vs 1.16 ms at 256 x 3072. The erf form keeps torch as its CPU default (aten's erf is
+vectorised, the C++ loop calls glibc's scalar erf, 20x slower); FASTNLG_BACKEND=cpp still selects it.
 """
 from __future__ import annotations
 

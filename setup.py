@@ -14,10 +14,16 @@ import os
 import shutil
 import subprocess
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, naive_recompile
 from setuptools import setup
 
-CUDA_ARCHS = ("80", "86", "89", "90")
+# The C++ sources compile in parallel (FASTNLG_BUILD_JOBS, default: every core), and a rebuild in the same
+# build folder recompiles only the sources newer than their objects.
+ParallelCompile("FASTNLG_BUILD_JOBS", needs_recompile=naive_recompile).install()
+
+# The GPUs we target, T4 / RTX 20 (sm_75) to RTX 50 (sm_120); FASTNLG_CUDA_ARCHS="90" builds for fewer (the
+# GPU smoke run builds for the GPU at hand only). scripts/check_nvcc.sh compiles the same list in CI.
+CUDA_ARCHS = tuple(os.environ.get("FASTNLG_CUDA_ARCHS", "75 80 86 89 90 120").split())
 
 
 def cpu_extension():

@@ -6,7 +6,7 @@
     fastnlg generate --model DIR [--adapter DIR] --prompt "..."     (or --prompts-file F, or stdin)
     fastnlg merge --model DIR --adapter DIR --out DIR               LoRA merged into the base, safetensors
     fastnlg bench [--suite ops|e2e|all] [--compare DIR] ...   the benchmark suite (fastnlg bench --help)
-    fastnlg aot                   the ahead-of-time compile check of every Triton kernel for sm_80/86/89/90
+    fastnlg aot                   the ahead-of-time compile check of every Triton kernel for sm_75 to sm_120
 
 User errors (bad config, bad data with file and line, missing path) exit with status 2 and one line.
 """

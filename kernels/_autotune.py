@@ -8,9 +8,11 @@ candidate once (compile + warm-up), then times REPS launches of each with CUDA e
 for that key and device for the rest of the process. The outputs of those launches are overwritten by the
 caller's own launch with the winner, so the kernels must not accumulate into their outputs (ours store).
 
-No measurement (the first candidate, the file's default) under TRITON_INTERPRET, on CPU tensors, during CUDA
-graph capture, with FASTNLG_AUTOTUNE=0, or with a single candidate. `chosen()` lists what was picked (the
-benchmark reports record it).
+On a CUDA device the candidates are first narrowed to those of its architecture (`launch_candidates`: no
+config that spills or overflows shared memory there, kernels/_arch.py). No measurement (the first candidate:
+the untuned default) under TRITON_INTERPRET, on CPU tensors, during CUDA graph capture, with
+FASTNLG_AUTOTUNE=0, or with a single candidate. `chosen()` lists what was picked (the benchmark reports
+record it).
 """
 from __future__ import annotations
 
@@ -18,8 +20,37 @@ import os
 
 import torch
 
+from ._arch import candidates as arch_candidates, table_arch
+
 REPS = 3
 _BEST: dict = {}
+_ARCH: dict = {}
+
+
+def device_arch(device: torch.device) -> int:
+    """The compile target whose candidate table a CUDA device uses (kernels/_arch.table_arch)."""
+    arch = _ARCH.get(device)
+    if arch is None:
+        arch = _ARCH[device] = table_arch(torch.cuda.get_device_capability(device))
+    return arch
+
+
+def has_candidate(group: str, configs, device: torch.device) -> bool:
+    """Whether launch `group` has a config that compiles cleanly on `device`'s architecture (always off CUDA).
+    Where it has none, the caller runs another path (AOT_FALLBACK in the kernel file says which)."""
+    return device.type != "cuda" or bool(arch_candidates(group, list(configs), device_arch(device)))
+
+
+def launch_candidates(group: str | None, configs, device: torch.device) -> list:
+    """`configs` less those excluded on `device`'s architecture (all of them off CUDA)."""
+    configs = list(configs)
+    if group is None or device.type != "cuda":
+        return configs
+    arch = device_arch(device)
+    kept = arch_candidates(group, configs, arch)
+    if not kept:  # callers check has_candidate where a group may have none (the AOT tier checks the rest)
+        raise RuntimeError(f"{group}: no candidate config compiles cleanly for sm_{arch} (kernels/_excluded.py)")
+    return kept
 
 
 def _measure_allowed(device: torch.device) -> bool:
@@ -67,13 +98,15 @@ def chosen() -> dict:
     return dict(_BEST)
 
 
-def tuned_launch(kernel, configs, fields, interpret_config, grid, key: tuple, args: tuple, meta: dict, device):
+def tuned_launch(kernel, configs, fields, interpret_config, grid, key: tuple, args: tuple, meta: dict, device,
+                 group: str | None = None):
     """kernel[grid(cfg)](*args, **meta, **cfg) with cfg the config of `configs` (tuples, named by `fields`:
-    block sizes, num_warps, num_stages) measured fastest for `key` on `device` (see `pick`); under
-    TRITON_INTERPRET, `interpret_config` (small tiles, so CPU tests cross several blocks)."""
+    block sizes, num_warps, num_stages) that are candidates of launch `group` on `device`'s architecture,
+    measured fastest for `key` on `device` (see `pick`); under TRITON_INTERPRET, `interpret_config` (small
+    tiles, so CPU tests cross several blocks)."""
     from fastnlg.backend import triton_interpret
 
-    candidates = [interpret_config] if triton_interpret() else list(configs)
+    candidates = [interpret_config] if triton_interpret() else launch_candidates(group, configs, device)
 
     def launch(cfg):
         named = dict(zip(fields, cfg))

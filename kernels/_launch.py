@@ -1,7 +1,7 @@
 """Launch heuristics shared by the row-wise Triton kernels, and the AOT-spec helpers.
 
 Every kernel file exports ``AOT_SPECS``: the (signature, constexprs, num_warps) combinations its
-launchers can pick. The ahead-of-time check (fastnlg/aot.py) compiles exactly these for sm_80/86/89/90,
+launchers can pick. The ahead-of-time check (fastnlg/aot.py) compiles exactly these for sm_75 to sm_120,
 so a config a launcher can choose is a config CI has compiled.
 """
 import torch

@@ -21,30 +21,39 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import tuned_launch
-from ._launch import declared_signature
+from ._arch import group_name
+from ._autotune import device_arch, has_candidate, tuned_launch
+from ._launch import TRITON_DTYPE, declared_signature
 
-# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, the first the default: the
-# launchers time them on the GPU at hand and keep the fastest per problem shape (kernels/_autotune.py).
-# Every entry fits the 99 KB shared memory of sm_86/sm_89 (the AOT tier compiles all of them), so consumer
-# GPUs can run each one; D = 256 backward has room for 32 x 32 tiles only. D = 32 (tiny models) gets one
-# config, to spend CI's compile time where tuning pays. The backward table serves the dK/dV and the dQ
-# kernel, tuned separately. fp32 inputs (rare on a GPU, but supported) take one config of half the tile
-# size: twice the bytes per element.
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, in order of preference: the
+# launchers time the candidates of the GPU at hand and keep the fastest per problem shape (kernels/_autotune.py);
+# the untuned default is the first candidate there. A config that spills registers or overflows shared memory
+# on an architecture is no candidate on it (kernels/_arch.py, kernels/_excluded.py): the large tiles serve the
+# big GPUs, the small ones the consumer GPUs (sm_75's 64 KB, sm_86/89/120's 99 KB of shared memory) and every
+# group has a candidate that compiles cleanly everywhere (the AOT tier checks it). The backward table serves the
+# dK/dV and the dQ kernel, tuned separately. fp32 inputs (rare on a GPU, but supported) take smaller tiles:
+# twice the bytes per element.
 FWD_CONFIGS = {
-    32: [(128, 64, 8, 3)],
-    64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
-    128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+    32: [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+    64: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2),
+         (32, 32, 4, 1)],
+    128: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2),
+          (32, 32, 8, 1), (16, 32, 4, 1)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
 }
 BWD_CONFIGS = {
-    32: [(64, 64, 4, 2)],
-    64: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
-    128: [(64, 64, 8, 1), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
-    256: [(32, 32, 8, 1), (32, 32, 4, 2)],
+    32: [(64, 64, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1), (16, 16, 4, 1)],
+    64: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
+         (16, 32, 4, 1)],
+    128: [(64, 64, 8, 1), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 4, 1),
+          (16, 16, 4, 1), (16, 32, 8, 1), (16, 16, 8, 1)],
+    256: [(32, 32, 8, 1), (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1), (16, 32, 8, 1), (16, 16, 8, 1)],
 }
-FWD_CONFIGS_FP32 = {32: [(64, 32, 4, 2)], 64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 16, 4, 1)]}
-BWD_CONFIGS_FP32 = {32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(32, 32, 4, 1)], 256: [(16, 16, 4, 1)]}
+FWD_CONFIGS_FP32 = {32: [(64, 32, 4, 2), (32, 32, 4, 1)], 64: [(64, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)],
+                    128: [(32, 32, 4, 2), (32, 32, 8, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1), (16, 16, 2, 1)]}
+BWD_CONFIGS_FP32 = {32: [(32, 32, 4, 1), (16, 16, 4, 1)], 64: [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+                    128: [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+                    256: [(16, 16, 4, 1), (16, 16, 2, 1), (16, 16, 8, 1)]}
 INTERPRET_BLOCK = 16  # small blocks under TRITON_INTERPRET so CPU tests cross several blocks quickly
 INTERPRET_CONFIG = (INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1)  # tests set other tile shapes here
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -329,6 +338,27 @@ def _config_table(backward, dtype):
     return BWD_CONFIGS if backward else FWD_CONFIGS
 
 
+# Launch groups that may have no candidate on some architecture, and what runs instead (the AOT tier accepts a
+# group without a candidate there only when it is named here).
+AOT_FALLBACK = {"attn_fwd_kernel": "flash_attention runs on its torch backend (SDPA)",
+                "attn_bwd_dkdv_kernel": "flash_attention runs on its torch backend (SDPA)",
+                "attn_bwd_dq_kernel": "flash_attention runs on its torch backend (SDPA)"}
+
+
+def unsupported(dtype, D: int, device, backward: bool) -> str | None:
+    """Why the kernels cannot run attention of head dim D in `dtype` (with its backward when `backward`) on
+    `device`: a launch group without a config that compiles cleanly for its architecture; None when they can."""
+    block_d = max(32, triton.next_power_of_2(D))
+    kernels = [(attn_fwd_kernel, False)] + ([(attn_bwd_dkdv_kernel, True), (attn_bwd_dq_kernel, True)]
+                                            if backward else [])
+    for kernel, bwd in kernels:
+        table = _config_table(bwd, dtype)
+        group = group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d)
+        if block_d in table and not has_candidate(group, table[block_d], device):
+            return f"{group} has no config that compiles without spills for sm_{device_arch(device)}"
+    return None
+
+
 def _tuned_launch(name, kernel, grid_rows, n_heads_prog, args, flags, D, backward, dtype, sizes, device):
     """Launch `kernel` with the config measured fastest for this problem (kernels/_autotune.py): grid
     (cdiv(grid_rows, BLOCK_M or BLOCK_N), n_heads_prog), the rows' block being BLOCK_N for the dK/dV kernel."""
@@ -337,7 +367,8 @@ def _tuned_launch(name, kernel, grid_rows, n_heads_prog, args, flags, D, backwar
     key = (name, dtype, block_d, *flags.values(), *(triton.next_power_of_2(max(1, n)) for n in sizes))
     tuned_launch(kernel, _config_table(backward, dtype)[block_d], CONFIG_FIELDS, INTERPRET_CONFIG,
                  lambda cfg: (triton.cdiv(grid_rows, cfg[rows_block]), n_heads_prog), key, args,
-                 {**flags, "BLOCK_D": block_d}, device)
+                 {**flags, "BLOCK_D": block_d}, device,
+                 group=group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d))
 
 
 def _common(q, k, cu_seqlens, max_seqlen, key_padding_mask):
@@ -397,15 +428,18 @@ def backward(do, q, k, v, o, lse, *, causal, scale, softcap, window, key_padding
 
 def _specs():
     """Every (kernel, head-dim config, dtype table) with all features on: the most registers and the same
-    tiles (shared memory) as the plain variant, which is left out to keep CI's compile time down."""
+    tiles (shared memory) as the plain variant, which is left out to keep CI's compile time down. Each
+    spec names its launch group and config (kernels/_arch.py)."""
     specs = []
     flags = {"CAUSAL": True, "HAS_SOFTCAP": True, "HAS_KPM": True, "IS_VARLEN": True, "DROPOUT": True}
     for kernel, backward in ((attn_fwd_kernel, False), (attn_bwd_dkdv_kernel, True), (attn_bwd_dq_kernel, True)):
         for dtype in (torch.bfloat16, torch.float32):
             for block_d, configs in _config_table(backward, dtype).items():
+                group = group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d)
                 for bm, bn, warps, stages in configs:
                     specs.append({"kernel": kernel, "signature": declared_signature(kernel, dtype),
-                                  "num_warps": warps, "num_stages": stages,
+                                  "num_warps": warps, "num_stages": stages, "group": group,
+                                  "config": (bm, bn, warps, stages),
                                   "constexprs": {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}})
     return specs
 

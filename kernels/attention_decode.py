@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import declared_signature
+from ._arch import group_name
+from ._autotune import has_candidate, launch_candidates
+from ._launch import TRITON_DTYPE, declared_signature
 from .attention import INTERPRET_BLOCK, _head, _online_softmax, _rows, _scores, _visible
 
 
@@ -68,14 +70,28 @@ def attn_decode_kernel(Q, K, V, O_PART: "*fp32", LSE_PART: "*fp32", KPM: "*u8",
 
 
 DECODE_MAX_ROWS = 32  # GROUP * T query rows per program (Llama-3 70B: GROUP 8 x T up to 4)
-DECODE_BLOCK_N = {torch.bfloat16: {32: 64, 64: 64, 128: 64, 256: 32},  # keys per tile, per padded head dim
-                  torch.float32: {32: 64, 64: 32, 128: 32, 256: 16}}
+# Candidate (BLOCK_N keys per tile, num_warps) per padded head dim, in order of preference: the first that is
+# a candidate on the GPU at hand runs (kernels/_arch.py: no config that spills or overflows shared memory there).
+DECODE_CONFIGS = {torch.bfloat16: {32: [(64, 4), (32, 4)], 64: [(64, 4), (32, 4), (16, 4)],
+                                   128: [(64, 4), (32, 4), (32, 8), (16, 4), (16, 8)],
+                                   256: [(32, 4), (16, 4), (16, 8), (16, 16)]},
+                  torch.float32: {32: [(64, 4), (32, 4)], 64: [(32, 4), (16, 4)], 128: [(32, 4), (16, 4), (16, 8)],
+                                  256: [(16, 4), (16, 8), (16, 16)]}}
+
+
+AOT_FALLBACK = {"attn_decode_kernel": "the FlashAttention-2 forward kernel runs the decode step"}
 
 
 def decode_eligible(q, k, dropout_p, cu_seqlens):
-    """Flash-decoding applies to inference with few query rows per kv head against a longer KV cache."""
+    """Flash-decoding applies to inference with few query rows per kv head against a longer KV cache, where
+    the GPU's architecture has a decode config (else the FlashAttention-2 forward runs it: AOT_FALLBACK)."""
     group_rows = q.shape[1] // k.shape[1] * q.shape[2]
-    return dropout_p == 0 and cu_seqlens is None and group_rows <= DECODE_MAX_ROWS and k.shape[2] >= 4 * q.shape[2]
+    if not (dropout_p == 0 and cu_seqlens is None and group_rows <= DECODE_MAX_ROWS and k.shape[2] >= 4 * q.shape[2]):
+        return False
+    table = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    block_d = max(32, triton.next_power_of_2(q.shape[-1]))
+    return block_d not in DECODE_CONFIGS[table] or has_candidate(_group(table, block_d), DECODE_CONFIGS[table][block_d],
+                                                                 q.device)
 
 
 def decode(q, k, v, *, causal, scale, softcap, window, key_padding_mask, n_splits=None):
@@ -86,8 +102,11 @@ def decode(q, k, v, *, causal, scale, softcap, window, key_padding_mask, n_split
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     block_d = max(32, triton.next_power_of_2(D))
-    table = DECODE_BLOCK_N[torch.float32 if q.dtype == torch.float32 else torch.bfloat16]
-    block_n = INTERPRET_BLOCK if triton_interpret() else table[block_d]
+    table = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    if triton_interpret():
+        block_n, warps = INTERPRET_BLOCK, 4
+    else:
+        block_n, warps = launch_candidates(_group(table, block_d), DECODE_CONFIGS[table][block_d], q.device)[0]
     block_m = max(16, triton.next_power_of_2(group * T))
     if n_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -103,18 +122,23 @@ def decode(q, k, v, *, causal, scale, softcap, window, key_padding_mask, n_split
         *lse_part.stride()[:3], key_padding_mask.stride(0) if key_padding_mask is not None else 0,
         T, S, Hkv, group, D, split_len, scale, softcap or 1.0, left, right,
         CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_KPM=key_padding_mask is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2)
     lse = torch.logsumexp(lse_part, dim=0)  # (B, Hq, T); -inf where no split saw a key
     weight = torch.exp(lse_part - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
     return (weight[..., None] * o_part).sum(0).to(q.dtype)
 
 
+def _group(dtype, block_d):
+    return group_name("attn_decode_kernel", TRITON_DTYPE[dtype], D=block_d)
+
+
 def _specs():
     return [{"kernel": attn_decode_kernel, "signature": declared_signature(attn_decode_kernel, dtype),
-             "num_warps": 4, "num_stages": 2,
+             "num_warps": warps, "num_stages": 2, "group": _group(dtype, block_d), "config": (block_n, warps),
              "constexprs": {"CAUSAL": True, "HAS_SOFTCAP": True, "HAS_KPM": True, "BLOCK_M": DECODE_MAX_ROWS,
                             "BLOCK_N": block_n, "BLOCK_D": block_d}}
-            for dtype, table in DECODE_BLOCK_N.items() for block_d, block_n in table.items()]
+            for dtype, table in DECODE_CONFIGS.items() for block_d, configs in table.items()
+            for block_n, warps in configs]
 
 
 AOT_SPECS = _specs()

@@ -11,20 +11,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import tuned_launch
-from ._launch import declared_signature
+from ._arch import group_name
+from ._autotune import has_candidate, tuned_launch
+from ._launch import TRITON_DTYPE, declared_signature
 
-# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the first the default; the launchers measure
-# them per problem shape on the GPU at hand (kernels/_autotune.py) and the AOT tier compiles every one. The
-# LoRA epilogue holds U (BLOCK_M x r) and B (BLOCK_N x r) tiles: above LORA_TUNED_RANK only the default
-# config is used (larger tiles would not fit 99 KB of shared memory at r = 256).
+# Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in order of preference; the launchers measure
+# the candidates of the GPU at hand per problem shape (kernels/_autotune.py), the first one there is the
+# untuned default, and the AOT tier compiles every one (a config that spills or overflows shared memory on an
+# architecture is no candidate there: kernels/_arch.py). The LoRA epilogue holds U (BLOCK_M x r) and B
+# (BLOCK_N x r) tiles: ranks above LORA_TUNED_RANK choose among HIGH_RANK_CONFIGS (larger tiles would not
+# fit 99 KB of shared memory at r = 256). The small tiles are for the consumer GPUs.
 CONFIGS = {
     torch.bfloat16: [(64, 64, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (16, 128, 32, 4, 3),
-                     (128, 128, 32, 8, 3)],
-    torch.float32: [(32, 32, 32, 4, 2)],
+                     (128, 128, 32, 8, 3), (32, 64, 32, 4, 2), (16, 64, 32, 4, 2), (32, 32, 32, 4, 2),
+                     (16, 32, 32, 4, 2)],
+    torch.float32: [(32, 32, 32, 4, 2), (16, 32, 32, 4, 2)],
 }
-CONFIGS[torch.float16] = CONFIGS[torch.bfloat16]
+HIGH_RANK_CONFIGS = {torch.bfloat16: [(64, 64, 64, 8, 3), (32, 64, 32, 4, 2), (16, 64, 32, 4, 2),
+                                      (16, 32, 32, 4, 2), (16, 32, 32, 8, 2)],
+                     torch.float32: [(32, 32, 32, 4, 2), (16, 32, 32, 4, 2)]}
+CONFIGS[torch.float16], HIGH_RANK_CONFIGS[torch.float16] = CONFIGS[torch.bfloat16], HIGH_RANK_CONFIGS[torch.bfloat16]
 LORA_TUNED_RANK = 64
+RANK_BUCKETS = (16, LORA_TUNED_RANK, 256)  # BLOCK_R compiled per group: a launch uses the bucket >= its BLOCK_R
 INTERPRET_BLOCK = 16
 INTERPRET_CONFIG = (INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1)  # tests set other tile shapes here
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -86,11 +94,25 @@ def nf4_matmul_nn_kernel(DY, PACKED: "*u8", ABSMAX: "*fp32", CODE: "*fp32", DX, 
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in))
 
 
-def _tuned_launch(name, kernel, grid, args, meta, dtype, sizes, device, rank=0):
-    """Launch with the config measured fastest for (name, dtype, rank, power-of-2 sizes); grid(cfg)."""
-    key = (name, dtype, rank, *(triton.next_power_of_2(max(1, n)) for n in sizes))
-    configs = CONFIGS[dtype] if rank <= LORA_TUNED_RANK else CONFIGS[dtype][:1]
-    tuned_launch(kernel, configs, CONFIG_FIELDS, INTERPRET_CONFIG, grid, key, args, meta, device)
+def rank_bucket(block_r: int) -> int:
+    return next(b for b in RANK_BUCKETS if block_r <= b)
+
+
+def candidate_configs(dtype, block_r: int | None) -> list:
+    """The nt kernel's candidates at LoRA tile width block_r (None: the nn kernel, no LoRA)."""
+    return CONFIGS[dtype] if block_r is None or block_r <= LORA_TUNED_RANK else HIGH_RANK_CONFIGS[dtype]
+
+
+def launch_group(kernel, dtype, block_r: int | None) -> str:
+    extra = {} if block_r is None else {"R": rank_bucket(block_r)}
+    return group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], **extra)
+
+
+def _tuned_launch(name, kernel, grid, args, meta, dtype, sizes, device, block_r=None):
+    """Launch with the config measured fastest for (name, dtype, LoRA tile, power-of-2 sizes); grid(cfg)."""
+    key = (name, dtype, block_r, *(triton.next_power_of_2(max(1, n)) for n in sizes))
+    tuned_launch(kernel, candidate_configs(dtype, block_r), CONFIG_FIELDS, INTERPRET_CONFIG, grid, key, args, meta,
+                 device, group=launch_group(kernel, dtype, block_r))
 
 
 def _tables(w):
@@ -102,7 +124,18 @@ def _tables(w):
     return w.packed.contiguous(), w.absmax_fp32().float().contiguous(), NF4_CODE.to(w.device)
 
 
-MAX_RANK = 256  # LoRA ranks the epilogue holds in registers (BLOCK_R = next power of 2 >= r, >= 16)
+MAX_RANK = RANK_BUCKETS[-1]  # LoRA ranks the epilogue holds in registers (BLOCK_R = next power of 2 >= r, >= 16)
+AOT_FALLBACK = {"nf4_matmul_nt_kernel": "the LoRA term is added after the NF4 matmul (addmm) instead of in its "
+                                        "epilogue"}
+
+
+def epilogue_fits(rank: int, dtype, device) -> bool:
+    """Whether the nt kernel can add a rank-`rank` LoRA term in its epilogue on `device` (a rank within MAX_RANK
+    whose launch group has a clean config on the GPU's architecture; else AOT_FALLBACK)."""
+    if rank > MAX_RANK:
+        return False
+    block_r = max(16, triton.next_power_of_2(rank))
+    return has_candidate(launch_group(nf4_matmul_nt_kernel, dtype, block_r), candidate_configs(dtype, block_r), device)
 
 
 def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=0.0) -> torch.Tensor:
@@ -121,7 +154,7 @@ def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=
                    y.stride(0), u.stride(0), lb.stride(0), float(scaling)),
                   dict(HAS_BIAS=bias is not None, HAS_LORA=lora, BS=w.blocksize,
                        BLOCK_R=max(16, triton.next_power_of_2(r))),
-                  x2.dtype, (M, n_out, n_in), x2.device, rank=r if lora else 0)
+                  x2.dtype, (M, n_out, n_in), x2.device, block_r=max(16, triton.next_power_of_2(r)))
     return y
 
 
@@ -141,15 +174,15 @@ def matmul_nn(dy2: torch.Tensor, w) -> torch.Tensor:
 def _specs():
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
-        for i, (bm, bn, bk, warps, stages) in enumerate(CONFIGS[dtype]):
-            blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            # the LoRA epilogue at the ranks people use, and (default config only) the largest
-            for rank in (16, LORA_TUNED_RANK) + ((MAX_RANK,) if i == 0 else ()):
-                specs.append({"kernel": nf4_matmul_nt_kernel, "num_warps": warps, "num_stages": stages,
-                              "signature": declared_signature(nf4_matmul_nt_kernel, dtype),
-                              "constexprs": {"HAS_BIAS": True, "HAS_LORA": True, "BLOCK_R": rank, **blocks}})
-            specs.append({"kernel": nf4_matmul_nn_kernel, "num_warps": warps, "num_stages": stages,
-                          "signature": declared_signature(nf4_matmul_nn_kernel, dtype), "constexprs": blocks})
+        for kernel, block_r in ((nf4_matmul_nt_kernel, 16), (nf4_matmul_nt_kernel, LORA_TUNED_RANK),
+                                (nf4_matmul_nt_kernel, RANK_BUCKETS[-1]), (nf4_matmul_nn_kernel, None)):
+            group = launch_group(kernel, dtype, block_r)
+            for bm, bn, bk, warps, stages in candidate_configs(dtype, block_r):
+                blocks = {"BS": 64, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                lora = {} if block_r is None else {"HAS_BIAS": True, "HAS_LORA": True, "BLOCK_R": block_r}
+                specs.append({"kernel": kernel, "num_warps": warps, "num_stages": stages, "group": group,
+                              "config": (bm, bn, bk, warps, stages), "signature": declared_signature(kernel, dtype),
+                              "constexprs": {**lora, **blocks}})
     return specs
 
 

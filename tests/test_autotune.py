@@ -61,7 +61,7 @@ def test_disabled_by_environment(monkeypatch):
 
 
 def test_every_attention_candidate_is_aot_compiled():
-    """The tuner only picks configs the AOT tier compiled for sm_80/86/89/90."""
+    """The tuner only picks configs the AOT tier compiled for every target."""
     from fastnlg.kernels import attention as kern
 
     compiled = {(s["kernel"].fn.__name__, s["constexprs"]["BLOCK_D"], s["constexprs"]["BLOCK_M"],
@@ -82,11 +82,33 @@ def test_every_nf4_matmul_candidate_is_aot_compiled():
                  s["constexprs"]["BLOCK_N"], s["constexprs"]["BLOCK_K"], s["num_warps"], s["num_stages"])
                 for s in kern.AOT_SPECS}
     for dtype in (torch.bfloat16, torch.float32):
-        for rank in (16, kern.LORA_TUNED_RANK, kern.MAX_RANK):
-            for cfg in kern.CONFIGS[dtype][:1] if rank > kern.LORA_TUNED_RANK else kern.CONFIGS[dtype]:
+        for rank in kern.RANK_BUCKETS:
+            for cfg in kern.candidate_configs(dtype, rank):
                 assert ("nf4_matmul_nt_kernel", rank, *cfg) in compiled
-        for cfg in kern.CONFIGS[dtype]:
+        for cfg in kern.candidate_configs(dtype, None):
             assert ("nf4_matmul_nn_kernel", None, *cfg) in compiled
+    assert [kern.rank_bucket(r) for r in (16, 32, 64, 128, 256)] == [16, 64, 64, 256, 256]
+
+
+def test_each_gpu_tunes_among_its_own_candidates(monkeypatch):
+    """On a GPU the candidates are the group's configs less those excluded on its architecture (the table
+    of the newest compile target not newer than it); off CUDA nothing is filtered."""
+    from fastnlg.kernels import _arch
+
+    monkeypatch.setattr(_arch, "EXCLUDED", {"k/half/D64": {75: [(2,)], 90: [(1,)]}})
+    monkeypatch.setattr(_autotune, "_ARCH", {})
+    caps = {0: (7, 5), 1: (9, 0), 2: (8, 7), 3: (10, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: caps[d.index])
+    configs = [(1,), (2,), (3,)]
+    assert _autotune.launch_candidates("k/half/D64", configs, torch.device("cuda", 0)) == [(1,), (3,)]
+    assert _autotune.launch_candidates("k/half/D64", configs, torch.device("cuda", 1)) == [(2,), (3,)]
+    assert _autotune.launch_candidates("k/half/D64", configs, torch.device("cuda", 2)) == configs  # sm_87 -> 86
+    assert _autotune.launch_candidates("k/half/D64", configs, torch.device("cuda", 3)) == [(2,), (3,)]  # -> 90
+    assert _autotune.launch_candidates("k/half/D64", configs, torch.device("cpu")) == configs
+    monkeypatch.setattr(_arch, "EXCLUDED", {"k/half/D64": {75: [(1,), (2,), (3,)]}})
+    with pytest.raises(RuntimeError, match="no candidate config compiles cleanly for sm_75"):
+        _autotune.launch_candidates("k/half/D64", configs, torch.device("cuda", 0))
+    assert [_arch.table_arch(c) for c in ((7, 0), (7, 5), (8, 9), (12, 1))] == [75, 75, 89, 120]
 
 
 @pytest.mark.gpu
@@ -110,3 +132,28 @@ def test_attention_measures_its_tiles_on_the_gpu(monkeypatch):
     grads0 = torch.autograd.grad(out0, (q, k, v), torch.ones_like(out0))
     for a, b in zip((out, *grads), (out0, *grads0)):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_groups_without_a_candidate_take_their_fallback(monkeypatch):
+    """On sm_75 (the real exclusion table) attention's head-dim-256 backward, flash-decoding at head dim 256 and
+    the NF4 LoRA epilogue above rank 64 have no config that compiles cleanly: the launchers say so and take
+    their AOT_FALLBACK (SDPA, the FA2 forward, the LoRA term after the matmul); on sm_90 they run."""
+    import types
+
+    from fastnlg.kernels import attention, attention_decode, nf4_matmul
+
+    t4, h100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    monkeypatch.setattr(_autotune, "_ARCH", {t4: 75, h100: 90})
+    assert "no config that compiles without spills for sm_75" in attention.unsupported(torch.float16, 256, t4, True)
+    assert attention.unsupported(torch.float16, 256, t4, False) is None  # the forward has one
+    assert attention.unsupported(torch.float16, 128, t4, True) is None
+    assert attention.unsupported(torch.bfloat16, 256, h100, True) is None
+    assert not nf4_matmul.epilogue_fits(128, torch.float16, t4) and nf4_matmul.epilogue_fits(64, torch.float16, t4)
+    assert nf4_matmul.epilogue_fits(256, torch.bfloat16, h100) and not nf4_matmul.epilogue_fits(512, torch.bfloat16, h100)
+
+    def q_on(device, D):
+        return types.SimpleNamespace(shape=(1, 8, 1, D), dtype=torch.float16, device=device)
+    k = types.SimpleNamespace(shape=(1, 8, 1024, 256))
+    assert not attention_decode.decode_eligible(q_on(t4, 256), k, 0.0, None)
+    assert attention_decode.decode_eligible(q_on(h100, 256), k, 0.0, None)
+    assert attention_decode.decode_eligible(q_on(t4, 128), types.SimpleNamespace(shape=(1, 8, 1024, 128)), 0.0, None)

@@ -21,6 +21,7 @@ GQA: dK/dV of a kv head sum over the query heads that share it (the kernel loops
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -279,6 +280,14 @@ def _run_triton(q, k, v, *, causal, scale, dropout_p, window, softcap, key_paddi
         raise ValueError("flash_attention: decode=True needs no gradient and a decode-shaped call (no dropout, no "
                          f"cu_seqlens, <= {kern.DECODE_MAX_ROWS} query rows per kv head, S >= 4 T); got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, gradient needed: {needs_grad}")
+    from fastnlg.kernels import attention as fa2
+
+    why = fa2.unsupported(q.dtype, q.shape[-1], q.device, needs_grad) if q.is_cuda else None
+    if why is not None:  # no clean tile config on this GPU (kernels/_arch.py): SDPA runs it, said once
+        _warn_once(f"flash_attention: {why}; the torch backend (SDPA) runs this call")
+        return _run_torch(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, window=window, softcap=softcap,
+                          key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                          decode=decode)
     if decode is not False and not needs_grad and eligible:  # flash-decoding (KV cache)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
@@ -286,6 +295,15 @@ def _run_triton(q, k, v, *, causal, scale, dropout_p, window, softcap, key_paddi
                            key_padding_mask=kpm)
     return _FlashAttention.apply(q, k, v, causal, scale, dropout_p, _window(window), softcap, key_padding_mask,
                                  cu_seqlens, max_seqlen)
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)
 
 
 _RUN = {"torch": _run_torch, "triton": _run_triton}

@@ -75,7 +75,7 @@ def _nt_triton(x2, weight, bias, u=None, lora_B=None, scaling=1.0):
     """The same on Triton: dequantised tile by tile in the matmul, the LoRA term in its epilogue."""
     from fastnlg.kernels import nf4_matmul
 
-    if u is None or u.shape[1] <= nf4_matmul.MAX_RANK:
+    if u is None or nf4_matmul.epilogue_fits(u.shape[1], x2.dtype, x2.device):
         return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
     return nf4_matmul.matmul_nt(x2, weight, bias).addmm_(u, lora_B.t(), alpha=scaling)
 

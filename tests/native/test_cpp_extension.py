@@ -66,7 +66,8 @@ def test_global_override_applies_where_an_op_has_the_backend(monkeypatch):
 
 
 def test_nvcc_compiles_cuda_sources():
-    """csrc/cuda/*.cu compile for sm_80/86/89/90 when nvcc is present (scripts/check_nvcc.sh)."""
+    """csrc/cuda/*.cu compile for every target, sm_75 to sm_120, when nvcc is present (scripts/check_nvcc.sh):
+    the same list as setup.py's CUDA_ARCHS and the Triton AOT tier's."""
     import shutil
     import subprocess
 
@@ -81,6 +82,10 @@ def test_nvcc_compiles_cuda_sources():
     proc = subprocess.run(["bash", os.path.join(root, "scripts", "check_nvcc.sh")], capture_output=True, text=True,
                           env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    from fastnlg import aot
+
+    compiled = {int(line.split("sm_")[1]) for line in proc.stdout.splitlines() if line.startswith("ok:") and ".cu " in line}
+    assert compiled == set(aot.ARCHS), proc.stdout
 
 
 @pytest.mark.slow

@@ -122,11 +122,39 @@ def _unusable_reason(backend: str, tensor: torch.Tensor) -> str | None:
     return None
 
 
+BF16_CAPABILITY = (8, 0)  # bf16 arithmetic: A100 / RTX 30 and newer; T4 and RTX 20 (7.5) have none
+
+
+_CAPABILITY: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, read once per device (a plain dict, which
+    torch.compile traces through)."""
+    cap = _CAPABILITY.get(device)
+    if cap is None:
+        cap = _CAPABILITY[device] = tuple(torch.cuda.get_device_capability(device))
+    return cap
+
+
+def check_bf16_supported(op: str, tensor: torch.Tensor) -> None:
+    """bf16 tensors on a GPU without bf16 arithmetic (sm_75) are refused with one clear error: the kernels
+    would compile to emulated, slow code there (and torch's own ops too); such GPUs train in fp16."""
+    if tensor.dtype is torch.bfloat16 and tensor.device.type == "cuda":
+        major, minor = device_capability(tensor.device)
+        if (major, minor) < BF16_CAPABILITY:
+            raise TypeError(f"{op}: bf16 tensors on {tensor.device} (compute capability {major}.{minor}): this GPU has "
+                            "no bf16 arithmetic; use fp16 (fastnlg train --precision auto picks fp16 with a gradient "
+                            "scaler there)")
+
+
 def choose(op: str, tensor: torch.Tensor, available: tuple[str, ...], cpu_default_cpp: bool = True) -> str:
     """Backend for one call of `op` on `tensor`'s device; `available` lists what `op` implements.
     `cpu_default_cpp=False` keeps an op's C++ kernel opt-in (FASTNLG_BACKEND=cpp) where it measured
-    slower than the torch reference on CPU."""
+    slower than the torch reference on CPU. bf16 on a GPU without bf16 is an error (check_bf16_supported)."""
     device = tensor.device
+    if device.type == "cuda":
+        check_bf16_supported(op, tensor)
     requested, var = requested_backend(op)
     if requested is not None and requested not in available:
         if var != "FASTNLG_BACKEND":

@@ -12,7 +12,8 @@ PROMPT_METHODS = ("prompt-tuning", "prefix")  # virtual tokens in front of each 
 OPTIMIZERS = ("adamw", "adamw8bit")
 DISTRIBUTED = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BF16_CAPABILITY = (8, 0)  # the first GPUs with bf16 arithmetic (A100, RTX 30); T4 / RTX 20 are 7.5
 
 
 class ConfigError(ValueError):
@@ -46,7 +47,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp16 + gradient scaler on one without, fp32 on CPU
     gradient_checkpointing: bool = False
     offload_activations: bool = False  # checkpointed layer inputs kept in (pinned) CPU memory until backward
     distributed: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, one shard group per decoder layer)
@@ -132,6 +133,29 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def resolve_precision(precision: str, device, capability: tuple | None = None, gpu_name: str = "") -> str:
+    """The precision a run trains in on `device` (a torch.device): "auto" is bf16 autocast on a GPU with bf16
+    arithmetic (compute capability 8.0 or newer), fp16 autocast with a gradient scaler on an older one (T4,
+    RTX 20: no bf16 units; bf16 there would be emulated, slow), and fp32 on CPU. An explicit bf16 on a GPU
+    without it is a ConfigError. `capability` / `gpu_name` default to the device's own (tests pass them)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not allowed: one of {PRECISIONS}")
+    if device.type != "cuda":
+        return "fp32" if precision == "auto" else precision
+    if capability is None:
+        import torch
+
+        capability, gpu_name = torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)
+    has_bf16 = tuple(capability) >= BF16_CAPABILITY
+    if precision == "auto":
+        return "bf16" if has_bf16 else "fp16"
+    if precision == "bf16" and not has_bf16:
+        major, minor = capability
+        raise ConfigError(f"precision='bf16' is not allowed: {gpu_name or 'this GPU'} (sm_{major}{minor}) has no bf16 "
+                          "arithmetic; use fp16 or auto (fp16 autocast with a gradient scaler)")
+    return precision
 
 
 def _coerce(key, value, f):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import builtin, checkpoint, data
-from .config import TrainConfig
+from .config import TrainConfig, resolve_precision
 from .distributed import Dist
 from .evaluate import loss_metrics, token_hits
 
@@ -70,7 +70,8 @@ def load_model(cfg: TrainConfig, device):
     from ..loading import enable_checkpointing, load_causal_lm
 
     if _bnb_cuda(cfg, device):
-        model = load_causal_lm(cfg.model, dtype=torch.bfloat16, device=device, bnb_4bit=True)
+        dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16  # no bf16 on sm_75
+        model = load_causal_lm(cfg.model, dtype=dtype, device=device, bnb_4bit=True)
     else:  # the frozen base of an adapter method in the compute dtype (PEFT keeps adapters fp32); else fp32
         frozen_base = cfg.method not in ("full", "bitfit") and cfg.precision != "fp32"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if frozen_base else torch.float32
@@ -194,9 +195,12 @@ def _offload(cfg, device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
+SYNC_DEBUG_MODE = "error"  # what sync_debug sets inside a step ("warn": tests/host_syncs.py names each read)
+
+
 def _sync_debug(cfg, device, on: bool) -> None:
     if cfg.sync_debug and device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("error" if on else "default")
+        torch.cuda.set_sync_debug_mode(SYNC_DEBUG_MODE if on else "default")
 
 
 def make_optimizer(params, cfg: TrainConfig, device):
@@ -257,6 +261,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
     device = dist.device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if precision != cfg.precision:
+        log(f"precision auto: {precision} on {device}")
+        cfg = dataclasses.replace(cfg, precision=precision)
     seed_everything(cfg.seed)
     built_in = builtin.CONFIGS.get(cfg.model) if not os.path.isdir(cfg.model) else None
     base_dir = os.path.join(cfg.output_dir, "base")

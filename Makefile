@@ -9,7 +9,7 @@ $(STAMP): requirements.txt pyproject.toml setup.py scripts/setup_venv.sh $(wildc
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_venv.sh
 	touch $@
 
-.PHONY: install demo test test-all aot bench gpu
+.PHONY: install demo test test-all aot bench gpu gpu-all
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +28,10 @@ aot: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
-# On a GPU machine (device tool): GPU test tier + benchmarks, results under benchmarks/results/.
+# On a GPU machine (device tool): first the smoke run, one command of at most 420 s whose rows stream to
+# smoke.jsonl (scripts/gpu_check.py); gpu-all runs the GPU test tier and the full benchmarks, in parts.
 gpu:
-	bash scripts/gpu_check.sh
+	bash scripts/gpu_check.sh --part smoke --budget 420
+
+gpu-all:
+	bash scripts/gpu_check.sh --part all

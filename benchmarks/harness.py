@@ -64,17 +64,35 @@ class Row:
     check: str = ""  # "ok", "FAIL: ..." or a peer's "not installed (...)" (then no time: NaN), "" (a training step)
 
 
+COMMIT_FILE = ".fastnlg-commit"  # at the repository root: the commit, where the copy has no .git (a device)
+
+
+def source_commit() -> str | None:
+    """The checkout's commit: git's, else $FASTNLG_COMMIT, else the COMMIT_FILE written beside the copy (the
+    device tool sends the working tree without .git: `git rev-parse --short HEAD > .fastnlg-commit` first)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except OSError:
+        pass
+    if os.environ.get("FASTNLG_COMMIT"):
+        return os.environ["FASTNLG_COMMIT"]
+    try:
+        with open(os.path.join(root, COMMIT_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def environment(device: str) -> dict:
     def version(mod):
         try:
             return __import__(mod).__version__
         except Exception:
             return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = source_commit()
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return {"device": device, "device_name": name, "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": version("triton"), "transformers": version("transformers"),

@@ -1,8 +1,17 @@
-"""The GPU run in parts that each fit one 10-minute device command, or all of them in one go.
+"""The GPU run: first `--part smoke`, the evidence that matters most in one device command; then, for a longer
+lease, parts that each fit one 10-minute command.
 
+    python3 scripts/gpu_check.py --part smoke --budget 420 --export "$OUT"   # the first command on a lent GPU
     python3 scripts/gpu_check.py --part tests --export "$OUT"     # one part; its folder packed into $OUT
-    python3 scripts/gpu_check.py --part all                        # every part (make gpu)
-    python3 scripts/gpu_check.py --dry-run                         # on CPU: everything but the GPU itself
+    python3 scripts/gpu_check.py --part all                        # every part (make gpu-all)
+    python3 scripts/gpu_check.py --dry-run [--part smoke --budget 420]   # on CPU: everything but the GPU itself
+
+smoke: the steps of SMOKE below, in order, each under its cap and all within --budget seconds (default 420:
+a device command may run 600 s, and a lease of 15 minutes must leave room for one rerun). Each result is one
+JSON line of smoke.jsonl the moment it exists, with the GPU, the versions, the commit and the date; the log is
+smoke.log; the tuned tile configs tuned_configs.json. With --export DIR they are written there directly (a kill
+at any moment keeps every finished row), and copied to benchmarks/results/<gpu>-<yyyymmdd>/smoke/ at the end.
+Back on the development machine: copy the files into that folder, run `python -m benchmarks.report` and commit.
 
 Parts, each writing benchmarks/results/<gpu>-<yyyymmdd>/<part>/ (and <part>/DONE when it finished):
     tests    the extension built with its CUDA kernels, then `pytest -m gpu` (log + junit XML)
@@ -22,13 +31,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import json
 import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDED = ["pybind11", "pytest", "pytest_benchmark", "matplotlib", "transformers", "peft", "safetensors",
@@ -48,6 +60,21 @@ PARTS = {
                  "--out", "{dir}"]],
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool sends back
+RETURN_LIMITS = {"files": 8, "bytes_each": 16 * 2**20}  # the device tool's limits on what comes back from $OUT
+# --part smoke: (step, cap in seconds, what runs it), in this order; each step's rows stream to smoke.jsonl.
+# A None target runs in this process (run_smoke's functions); the others in a child process each
+# (benchmarks/smoke.py).
+SMOKE = (
+    ("setup", 90, None),                                      # carried wheels; the package and its C++ extension
+    ("correctness", 130, "benchmarks.smoke_checks:correctness"),   # every Triton kernel vs the fp64 spec
+    ("llama", 35, "benchmarks.smoke_checks:llama"),            # patched small Llama vs unpatched; generate; syncs
+    ("timings", 125, "benchmarks.smoke_timings:timings"),      # headline timings, side by side
+    ("tuned_configs", 5, None),                               # the tile configs the timings tuned (a row)
+    ("cuda_ext", 30, "benchmarks.smoke_checks:cuda_ext"),      # the CUDA extension, if the budget allows
+)
+SMOKE_BUDGET = 420
+INLINE_STEPS = ("setup", "tuned_configs")  # run_smoke's own functions
+SMOKE_NEEDED = ["pybind11", "setuptools", "transformers", "peft", "safetensors"]  # what the smoke run imports
 
 
 def missing_modules(names) -> list:
@@ -75,9 +102,11 @@ def wheel_problems(folder: str, python: str = "3.12") -> list:
     return problems
 
 
-def setup(log) -> None:
-    """Carried wheels for what is missing, then the package in place (its CUDA kernels when nvcc is here)."""
-    missing = missing_modules(NEEDED + OPTIONAL)
+def setup(log, needed=None, build_cuda: bool | None = None) -> dict:
+    """Carried wheels for what is missing, then the package in place (its CUDA kernels when nvcc is here, or
+    as build_cuda says). -> what it found and did."""
+    needed = NEEDED if needed is None else needed
+    missing = missing_modules(needed + OPTIONAL)
     wheels = glob.glob(os.path.join(ROOT, ".whl", "*.whl"))
     if missing and wheels:
         site = "/tmp/fastnlg-site"
@@ -87,20 +116,25 @@ def setup(log) -> None:
         sys.path.insert(0, site)
         os.environ["PYTHONPATH"] = site + os.pathsep + os.environ.get("PYTHONPATH", "")
         importlib.invalidate_caches()
-    still = missing_modules(NEEDED)
+    still = missing_modules(needed)
     if still:
         raise SystemExit(f"gpu_check: missing on this machine: {' '.join(still)}; carry their wheels in .whl/ "
                          "(scripts/fetch_gpu_wheels.sh)")
     absent = missing_modules(OPTIONAL)
     if absent:
         log(f"peers not installed (their benchmark rows will say so): {' '.join(absent)}")
-    stamp = os.path.join(ROOT, "build", ".gpu-check-built")
+    build_cuda = _which("nvcc") if build_cuda is None else build_cuda
+    stamp = os.path.join(ROOT, "build", f".gpu-check-built{'-cuda' if build_cuda else ''}")
     if not os.path.exists(stamp):
-        env = dict(os.environ, FASTNLG_BUILD_CUDA="1" if _which("nvcc") else "0")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", ROOT],
-                       check=True, env=env, cwd=ROOT)
+        env = dict(os.environ, FASTNLG_BUILD_CUDA="1" if build_cuda else "0")
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e",
+                            ROOT], env=env, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"pip install -e . failed: {(r.stdout + r.stderr)[-1500:]}")
         os.makedirs(os.path.dirname(stamp), exist_ok=True)
         open(stamp, "w").close()
+    return {"installed_from_wheels": [m for m in missing if m not in missing_modules([m])],
+            "peers_missing": absent, "python": sys.version.split()[0]}
 
 
 def _which(cmd):
@@ -160,7 +194,83 @@ def export(top: str, part: str, dest: str) -> str:
     return os.path.join(dest, name)
 
 
-def dry_run(log) -> int:
+def smoke_plan_problems(budget: float) -> list:
+    """The smoke run's plan, checked without a GPU: every step's target imports, the caps fit the budget, the
+    files that come back fit the device tool's limits."""
+    import importlib
+
+    from benchmarks import smoke
+
+    problems = []
+    total = sum(cap for _, cap, _ in SMOKE)
+    if total > budget:
+        problems.append(f"smoke: the step caps add up to {total} s, over the budget of {budget:g} s")
+    for name, cap, target in SMOKE:
+        if target is None:
+            if name not in INLINE_STEPS:
+                problems.append(f"smoke: step {name} has no target and runs nowhere")
+            continue
+        module, _, fn = target.partition(":")
+        try:
+            if not callable(getattr(importlib.import_module(module), fn, None)):
+                problems.append(f"smoke: step {name}: {target} is not a function")
+        except Exception as exc:  # a step whose module does not import would fail on the GPU
+            problems.append(f"smoke: step {name}: {module} does not import ({type(exc).__name__}: {exc})")
+    names = [n for n, _, _ in SMOKE]
+    if len(set(names)) != len(names):
+        problems.append("smoke: two steps share a name")
+    files = smoke.OUTPUT_FILES
+    if len(files) > RETURN_LIMITS["files"]:
+        problems.append(f"smoke: {len(files)} output files, the device returns {RETURN_LIMITS['files']}")
+    problems += [f"smoke: output file {f} would not come back from the device" for f in files if not SAFE_NAME.match(f)]
+    return problems
+
+
+def run_smoke(budget: float, export: str | None, log, device: str = "cuda", tiny: bool = False) -> int:
+    """--part smoke (see the module docstring); -> the number of steps that did not finish."""
+    from benchmarks import smoke
+
+    start = time.time()
+    if device == "cuda":
+        import torch
+
+        gpu = re.sub(r"[^A-Za-z0-9._-]+", "_", torch.cuda.get_device_name())
+    else:
+        gpu = "cpu"
+    top = results_dir(gpu, datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d"))
+    out = export or os.path.join(top, "smoke")
+
+    def do_setup(limit):
+        if device != "cuda":
+            return {"status": "skipped", "reason": "the CPU rehearsal of the smoke run uses the installed package"}
+        t0 = time.time()
+        found = setup(log, needed=SMOKE_NEEDED, build_cuda=False)  # the CUDA extension is the last step's
+        return {**found, "setup_seconds": round(time.time() - t0, 1)}
+
+    def tuned(limit):
+        path = os.path.join(out, smoke.TUNED)
+        if not os.path.exists(path):
+            return {"status": "skipped", "reason": "no kernel was tuned (the timings step did not run)"}
+        with open(path) as f:
+            return {"keys": len(json.load(f)), "file": smoke.TUNED}
+
+    # the CPU rehearsal runs the kernels under the Triton interpreter where they are checked, and the CPU
+    # backends elsewhere (the interpreter is no GPU arithmetic in bf16, and slow)
+    step_env = {} if device == "cuda" else {n: {"TRITON_INTERPRET": "1" if n == "correctness" else "0"}
+                                            for n, _, _ in SMOKE}
+    left = budget - (time.time() - start)
+    unfinished = smoke.run_steps(SMOKE, left, out, log, device=device, tiny=tiny, step_env=step_env,
+                                 inline={"setup": do_setup, "tuned_configs": tuned}, env=smoke.environment(device))
+    if export and device == "cuda":
+        os.makedirs(os.path.join(top, "smoke"), exist_ok=True)
+        for name in smoke.OUTPUT_FILES:
+            if os.path.exists(os.path.join(export, name)):
+                shutil.copy(os.path.join(export, name), os.path.join(top, "smoke", name))
+    log(f"smoke: {len(SMOKE) - unfinished} of {len(SMOKE)} steps finished in {time.time() - start:.0f} s -> {out}")
+    return unfinished
+
+
+def dry_run(log, part: str = "all", budget: float = SMOKE_BUDGET) -> int:
     """Everything but the GPU: the parts' commands parse, every gpu test is collected, the wheels fit the
     image, the output names fit what the device tool sends back."""
     problems = []
@@ -188,6 +298,8 @@ def dry_run(log) -> int:
     if r.returncode != 0 or not collected:  # 2: collection errors, 5: nothing collected
         problems.append(f"pytest -m gpu does not collect cleanly (exit {r.returncode}): {r.stdout[-500:]}")
     problems += wheel_problems(os.path.join(ROOT, ".whl"))
+    if part in ("smoke", "all"):
+        problems += smoke_plan_problems(budget)
     for p in problems:
         log(f"dry-run problem: {p}")
     log(f"dry-run: {len(collected)} gpu tests collected, parts {', '.join(PARTS)}, "
@@ -198,8 +310,12 @@ def dry_run(log) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    p.add_argument("--part", choices=["smoke", *PARTS, "all"], default="all",
+                   help="smoke: the one-command run for a short lease; all: every other part")
+    p.add_argument("--budget", type=float, default=SMOKE_BUDGET, help="--part smoke: seconds for all its steps")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--rehearse", action="store_true",
+                   help="--part smoke on CPU at tiny sizes, every step's code run once (the test tier does this)")
     p.add_argument("--force", action="store_true", help="run parts that are marked DONE again")
     p.add_argument("--export", metavar="DIR", help="pack each part's folder into DIR/<gpu>-<date>-<part>.tar.gz")
     args = p.parse_args(argv)
@@ -210,12 +326,18 @@ def main(argv=None) -> int:
         print(f"gpu_check: {msg}", flush=True)
 
     if args.dry_run:
-        return dry_run(log)
+        return dry_run(log, args.part, args.budget)
+    if args.rehearse:
+        if args.part != "smoke" or not args.export:
+            p.error("--rehearse runs --part smoke into --export DIR")
+        return 1 if run_smoke(args.budget, args.export, log, device="cpu", tiny=True) else 0
     import torch
 
     if not torch.cuda.is_available():
         log("no CUDA device (use --dry-run on a CPU machine)")
         return 1
+    if args.part == "smoke":
+        return 1 if run_smoke(args.budget, args.export, log) else 0
     setup(log)
     gpu = re.sub(r"[^A-Za-z0-9._-]+", "_", torch.cuda.get_device_name())
     top = results_dir(gpu, datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d"))

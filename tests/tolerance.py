@@ -11,18 +11,27 @@ import torch
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def measure(ours, lowp, ref64, dtype) -> tuple[float, float, float]:
+    """(max|ours - ref64|, the rule's bound, max|lowp - ref64|); the error is inf where ours is not finite.
+    Computed on ours' device (the GPU smoke run compares large tensors there)."""
+    if ref64.numel() == 0:
+        return 0.0, ATOL[dtype], 0.0
+    ref64 = ref64.detach().double().to(ours.device)
+    ours64 = ours.detach().double()
+    lowp_err = (lowp.detach().double().to(ours.device) - ref64).abs().max().item()
+    finite = bool(torch.isfinite(ours64).all())
+    err = (ours64 - ref64).abs().max().item() if finite else float("inf")
+    bound = 2 * lowp_err + ATOL[dtype] * max(1.0, ref64.abs().max().item())
+    return err, bound, lowp_err
+
+
 def assert_by_rule(name: str, ours, lowp, ref64, dtype=None):
     if ours is None and ref64 is None:
         return
     assert ours is not None and ref64 is not None, f"{name}: one side is None"
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
-    dtype = dtype or ours.dtype
-    ours64, ref64 = ours.detach().double().cpu(), ref64.detach().double().cpu()
-    lowp_err = (lowp.detach().double().cpu() - ref64).abs().max().item() if ref64.numel() else 0.0
-    err = (ours64 - ref64).abs().max().item() if ref64.numel() else 0.0
-    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
-    bound = 2 * lowp_err + ATOL[dtype] * scale
-    assert torch.isfinite(ours64).all(), f"{name}: non-finite values"
+    err, bound, lowp_err = measure(ours, lowp, ref64, dtype or ours.dtype)
+    assert err != float("inf"), f"{name}: non-finite values"
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (torch low-precision error {lowp_err:.3e})"
 
 

@@ -20,17 +20,28 @@ _losses = losses
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("patch", [
-    pytest.param(True, marks=pytest.mark.xfail(strict=False, reason=(
-        "issue 15: the fused loss reads the valid-row count and checks the labels on the host, and the mask "
-        "conversion compares masks once per forward; the trainer itself is checked by the unpatched case"))),
-    False], ids=["patched", "unpatched"])
-def test_no_host_sync_inside_a_step(tiny, tmp_path, method, patch):
+def test_no_host_sync_inside_a_step_unpatched(tiny, tmp_path, method):
     """sync_debug=True sets set_sync_debug_mode("error") for every step but the first (kernel tuning) and the
     logging ones: any .item(), .tolist(), bool(tensor) or synchronising copy in the step raises."""
-    cfg = _cfg(tiny, tmp_path, method=method, patch=patch, sync_debug=True, precision="bf16")
+    cfg = _cfg(tiny, tmp_path, method=method, patch=False, sync_debug=True, precision="bf16")
     train(cfg, log=lambda *_: None)
     assert len(_losses(cfg.output_dir)) == 2
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_patched_step_makes_only_the_named_host_reads(tiny, tmp_path, method, monkeypatch):
+    """The same steps patched, with every synchronising call recorded by the fastnlg function that made it:
+    each must be one of tests/host_syncs.ALLOWED (the loss's label check, the mask's form once per mask, ...);
+    any other read fails, naming where it happens."""
+    from fastnlg.train import trainer
+    from tests import host_syncs
+
+    monkeypatch.setattr(trainer, "SYNC_DEBUG_MODE", "warn")
+    cfg = _cfg(tiny, tmp_path, method=method, patch=True, sync_debug=True, precision="bf16")
+    with host_syncs.record(set_mode=False) as seen:
+        train(cfg, log=lambda *_: None)
+    assert len(_losses(cfg.output_dir)) == 2
+    assert not host_syncs.unexpected(seen), f"host reads inside a training step: {dict(seen)}"
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])

@@ -159,19 +159,17 @@ def norms_glu(ctx, with_compile: bool) -> dict:
     N, C, I = (64, 128, 256) if ctx.tiny else (8192, 4096, 14336)
     x = torch.randn(N, C, device=ctx.device, dtype=dtype, requires_grad=True)
     wt = torch.ones(C, device=ctx.device, dtype=dtype, requires_grad=True)
-    impls = {"fastnlg": lambda: rms_norm(x, wt), "eager": lambda: rms_norm_reference(x, wt)}
-    if with_compile:
-        c = _compiled(rms_norm_reference)
-        impls["torch.compile"] = lambda: c(x, wt)
-    out["rms_norm"] = _measure(ctx, {n: _fwd_bwd(f, (x, wt)) for n, f in impls.items()}, "eager",
-                               nbytes=5 * N * C * es, calls=5)
+
+    def op(ours, spec, leaves, nbytes, calls):  # fastnlg, eager (the spec) and, when asked, torch.compile of it
+        impls = {"fastnlg": lambda: ours(*leaves), "eager": lambda: spec(*leaves)}
+        if with_compile:
+            compiled = _compiled(spec)
+            impls["torch.compile"] = lambda: compiled(*leaves)
+        return _measure(ctx, {n: _fwd_bwd(f, leaves) for n, f in impls.items()}, "eager", nbytes=nbytes,
+                        calls=calls)
+    out["rms_norm"] = op(rms_norm, rms_norm_reference, (x, wt), 5 * N * C * es, 5)
     g, u = (torch.randn(N, I, device=ctx.device, dtype=dtype, requires_grad=True) for _ in range(2))
-    impls = {"fastnlg": lambda: swiglu(g, u), "eager": lambda: swiglu_reference(g, u)}
-    if with_compile:
-        c2 = _compiled(swiglu_reference)
-        impls["torch.compile"] = lambda: c2(g, u)
-    out["swiglu"] = _measure(ctx, {n: _fwd_bwd(f, (g, u)) for n, f in impls.items()}, "eager",
-                             nbytes=6 * N * I * es, calls=3)
+    out["swiglu"] = op(swiglu, swiglu_reference, (g, u), 6 * N * I * es, 3)
     return out
 
 

@@ -54,9 +54,7 @@ def launch_candidates(group: str | None, configs, device: torch.device) -> list:
 
 
 def _measure_allowed(device: torch.device) -> bool:
-    from fastnlg.backend import triton_interpret
-
-    return (device.type == "cuda" and not triton_interpret() and os.environ.get("FASTNLG_AUTOTUNE", "1") != "0"
+    return (device.type == "cuda" and os.environ.get("FASTNLG_AUTOTUNE", "1") != "0"
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -103,10 +101,8 @@ def tuned_launch(kernel, configs, fields, interpret_config, grid, key: tuple, ar
     """kernel[grid(cfg)](*args, **meta, **cfg) with cfg the config of `configs` (tuples, named by `fields`:
     block sizes, num_warps, num_stages) that are candidates of launch `group` on `device`'s architecture,
     measured fastest for `key` on `device` (see `pick`); under TRITON_INTERPRET, `interpret_config` (small
-    tiles, so CPU tests cross several blocks)."""
-    from fastnlg.backend import triton_interpret
-
-    candidates = [interpret_config] if triton_interpret() else launch_candidates(group, configs, device)
+    tiles, so CPU tests cross several blocks): Triton launches on CPU tensors only under its interpreter."""
+    candidates = [interpret_config] if device.type != "cuda" else launch_candidates(group, configs, device)
 
     def launch(cfg):
         named = dict(zip(fields, cfg))

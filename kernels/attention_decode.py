@@ -96,14 +96,12 @@ def decode_eligible(q, k, dropout_p, cu_seqlens):
 
 def decode(q, k, v, *, causal, scale, softcap, window, key_padding_mask, n_splits=None):
     """Forward only: splits the keys, runs attn_decode_kernel, merges the splits by their log-sum-exp."""
-    from fastnlg.backend import triton_interpret
-
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     block_d = max(32, triton.next_power_of_2(D))
     table = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
-    if triton_interpret():
+    if q.device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
         block_n, warps = INTERPRET_BLOCK, 4
     else:
         block_n, warps = launch_candidates(_group(table, block_d), DECODE_CONFIGS[table][block_d], q.device)[0]

@@ -1,4 +1,4 @@
-"""NF4 quantise / dequantise on the GPU (the format and its rounding: fastnlg/quant/nf4.py).
+"""NF4 quantise / dequantise on the GPU (the format and its rounding: fastnlg/quant/nf4_reference.py).
 
 quantise: one program per NF4 block of BS elements (a power of 2, <= 4096), read as BS/2 (even, odd) pairs:
     absmax = max |x|;  s = clamp(x * (1 / absmax), -1, 1)  (a short last block: x / absmax), IEEE-rounded
@@ -14,6 +14,7 @@ import triton.language as tl
 from ._launch import AOT_DTYPES, TRITON_DTYPE
 
 DEQUANT_BLOCK = 1024  # bytes per program
+BLOCKSIZES = tuple(2**i for i in range(6, 13))  # 64 .. 4096, the NF4 blocksizes (nf4_reference.BLOCKSIZES)
 
 
 @triton.jit
@@ -73,8 +74,6 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, s
 
 
 def _specs():
-    from fastnlg.quant.nf4 import BLOCKSIZES
-
     specs = []
     for dtype in AOT_DTYPES + (torch.float16,):
         t = "*" + TRITON_DTYPE[dtype]

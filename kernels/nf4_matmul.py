@@ -115,13 +115,9 @@ def _tuned_launch(name, kernel, grid, args, meta, dtype, sizes, device, block_r=
                  device, group=launch_group(kernel, dtype, block_r))
 
 
-def _tables(w):
-    from fastnlg.quant.nf4 import NF4_CODE
-
-    if w.shape[0] * w.shape[1] >= 2**31:
-        raise ValueError(f"nf4 matmul: weight {tuple(w.shape)} has 2^31 or more elements (int32 indexing)")
-
-    return w.packed.contiguous(), w.absmax_fp32().float().contiguous(), NF4_CODE.to(w.device)
+def _check_size(shape):
+    if shape[0] * shape[1] >= 2**31:
+        raise ValueError(f"nf4 matmul: weight {tuple(shape)} has 2^31 or more elements (int32 indexing)")
 
 
 MAX_RANK = RANK_BUCKETS[-1]  # LoRA ranks the epilogue holds in registers (BLOCK_R = next power of 2 >= r, >= 16)
@@ -138,12 +134,14 @@ def epilogue_fits(rank: int, dtype, device) -> bool:
     return has_candidate(launch_group(nf4_matmul_nt_kernel, dtype, block_r), candidate_configs(dtype, block_r), device)
 
 
-def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=0.0) -> torch.Tensor:
-    """x2 (M, in), unit column stride -> (M, out) = x2 W^T (+ bias) (+ scaling lora_u lora_B^T), written once."""
+def matmul_nt(x2: torch.Tensor, packed, absmax, code, shape, blocksize: int, bias=None, lora_u=None, lora_B=None,
+              scaling=0.0) -> torch.Tensor:
+    """x2 (M, in), unit column stride -> (M, out) = x2 W^T (+ bias) (+ scaling lora_u lora_B^T), written once;
+    W (out, in) = `shape` given by its packed bytes, fp32 absmax per `blocksize` block and the 16-entry code."""
+    _check_size(shape)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    M, (n_out, n_in) = x2.shape[0], w.shape
+    M, (n_out, n_in) = x2.shape[0], shape
     y = torch.empty(M, n_out, dtype=x2.dtype, device=x2.device)
-    packed, absmax, code = _tables(w)
     lora = lora_u is not None
     u = lora_u.contiguous() if lora else y
     lb = lora_B.contiguous() if lora else y
@@ -152,21 +150,21 @@ def matmul_nt(x2: torch.Tensor, w, bias=None, lora_u=None, lora_B=None, scaling=
                   lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(n_out, c["BLOCK_N"])),
                   (x2, packed, absmax, code, bias if bias is not None else y, u, lb, y, M, n_out, n_in, r, x2.stride(0),
                    y.stride(0), u.stride(0), lb.stride(0), float(scaling)),
-                  dict(HAS_BIAS=bias is not None, HAS_LORA=lora, BS=w.blocksize,
+                  dict(HAS_BIAS=bias is not None, HAS_LORA=lora, BS=blocksize,
                        BLOCK_R=max(16, triton.next_power_of_2(r))),
                   x2.dtype, (M, n_out, n_in), x2.device, block_r=max(16, triton.next_power_of_2(r)))
     return y
 
 
-def matmul_nn(dy2: torch.Tensor, w) -> torch.Tensor:
-    """dy2 (M, out) -> (M, in) = dy2 W."""
+def matmul_nn(dy2: torch.Tensor, packed, absmax, code, shape, blocksize: int) -> torch.Tensor:
+    """dy2 (M, out) -> (M, in) = dy2 W (W as in matmul_nt)."""
+    _check_size(shape)
     dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-    M, (n_out, n_in) = dy2.shape[0], w.shape
+    M, (n_out, n_in) = dy2.shape[0], shape
     dx = torch.empty(M, n_in, dtype=dy2.dtype, device=dy2.device)
-    packed, absmax, code = _tables(w)
     _tuned_launch("nf4_matmul_nn", nf4_matmul_nn_kernel,
                   lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(n_in, c["BLOCK_K"])),
-                  (dy2, packed, absmax, code, dx, M, n_out, n_in, dy2.stride(0), dx.stride(0)), dict(BS=w.blocksize),
+                  (dy2, packed, absmax, code, dx, M, n_out, n_in, dy2.stride(0), dx.stride(0)), dict(BS=blocksize),
                   dy2.dtype, (M, n_out, n_in), dy2.device)
     return dx
 

@@ -29,8 +29,8 @@ import torch
 
 from .. import backend as _backend
 from . import _amp
-from ._checks import check_same_device, check_tensor
-from ._native import cast, native_dtype, ptr, to_native
+from .._checks import check_same_device, check_tensor
+from .._native import cast, native_dtype, ptr, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 REDUCTIONS = ("mean", "sum", "none")

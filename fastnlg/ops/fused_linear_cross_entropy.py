@@ -17,8 +17,8 @@ import functools
 import torch
 
 from . import _amp
-from ._checks import check_same_device, check_same_dtype, check_tensor
-from ._native import cast, native_dtype
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from .._native import cast, native_dtype
 from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _finish, _outputs,
                             _prepare, _row_scale, _scatter_rows)
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
+from .._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import cast, contiguous, dtype_code, native_dtype, ptr, rows, shaped
+from .._native import cast, contiguous, dtype_code, native_dtype, ptr, rows, shaped
 
 BACKENDS = ("torch", "triton", "cpp")
 APPROXIMATE = ("tanh", "none")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from ._checks import check_last_dim, check_same_device, check_tensor
+from .._checks import check_last_dim, check_same_device, check_tensor
 from ._eager import eager_call, eager_op
-from ._native import cast, native_dtype, ptr, rows, shaped, to_native
+from .._native import cast, native_dtype, ptr, rows, shaped, to_native
 
 BACKENDS = ("torch", "triton", "cpp")
 

@@ -8,11 +8,9 @@ Backward (W frozen; gradchecked in fp64 against autograd of the reference in tes
     dB_i = s_i dy^T u_i;   dA_i = s_i g_i^T d_i(x);   dx = dy W + sum_i s_i (g_i A_i) * m_i / (1 - p_i);   db = sum_N dy
 Saved for backward (and nothing else): x itself (the caller's tensor: q/k/v projections of one input share it;
 PEFT saves a dropout copy per adapter), u = [u_1 .. u_k] (N x sum r_i), one dropout RNG seed per adapter
-(the masks m_i are regenerated, not stored) and the weights. The NF4 base is never dequantised whole: Triton
-dequantises tile by tile inside the matmul (kernels/nf4_matmul.py, on CUDA and under the interpreter) and the
-torch path (CPU) dequantises blocks of output rows of at most DEQUANT_CHUNK_BYTES through the NF4 dequantise
-backend. On Triton the LoRA term [s_1 u_1 .. s_k u_k] [B_1 .. B_k]^T is added in the NF4 matmul's epilogue,
-so y is written once.
+(the masks m_i are regenerated, not stored) and the weights. The NF4 base is never dequantised whole
+(quant/matmul.py); on Triton the LoRA term [s_1 u_1 .. s_k u_k] [B_1 .. B_k]^T is added in the NF4 matmul's
+epilogue, so y is written once.
 """
 from __future__ import annotations
 
@@ -20,74 +18,15 @@ import torch
 
 from .. import backend as _backend
 from . import _amp
-from ._checks import check_same_device, check_tensor
+from .._checks import check_same_device, check_tensor
+from ..quant import NF4Weight
+from ..quant.matmul import MATMUL_NN, MATMUL_NT
 
-BACKENDS = ("torch", "triton")
-DEQUANT_CHUNK_BYTES = 64 * 2**20
+BACKENDS = ("torch", "triton")  # the NF4 products' backends (quant/matmul.py); dense W runs F.linear / matmul
 
 
 def _is_nf4(weight) -> bool:
-    from ..quant import NF4Weight
-
     return isinstance(weight, NF4Weight)
-
-
-def _dequant_rows(weight, absmax, r0: int, r1: int, dtype) -> torch.Tensor:
-    """Rows [r0, r1) of an NF4 weight (out, in) with its fp32 absmax, dequantised through the NF4 backend
-    (C++ on CPU) on the whole quantisation blocks that cover them (rows need not start on a block)."""
-    from ..quant import NF4Weight
-
-    cols, bs, n = weight.shape[1], weight.blocksize, weight.shape[0] * weight.shape[1]
-    e0, e1 = r0 * cols, r1 * cols
-    b0, b1 = e0 // bs, -(-e1 // bs)  # the blocks elements [e0, e1) lie in; block starts are even
-    f0, f1 = b0 * bs, min(n, b1 * bs)
-    part = NF4Weight(weight.packed[f0 // 2: f1 // 2], absmax[b0:b1], (f1 - f0,), dtype, bs)
-    return part.dequantize(dtype)[e0 - f0: e1 - f0].reshape(r1 - r0, cols)
-
-
-def _row_chunks(weight, dtype):
-    """Row blocks of at most DEQUANT_CHUNK_BYTES, with the fp32 absmax decoded once."""
-    rows, cols = weight.shape
-    per = max(1, DEQUANT_CHUNK_BYTES // max(1, cols * (torch.finfo(dtype).bits // 8 + 16)))
-    absmax = weight.absmax_fp32().float()
-    return [(absmax, r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
-
-
-def _nt_torch(x2, weight, bias, u=None, lora_B=None, scaling=1.0):
-    """x2 (N, in) @ W^T (+ b) (+ s u B^T) for an NF4 W, dequantised in row blocks."""
-    y = torch.empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device)
-    for absmax, r0, r1 in _row_chunks(weight, x2.dtype):
-        torch.matmul(x2, _dequant_rows(weight, absmax, r0, r1, x2.dtype).t(), out=y[:, r0:r1])
-    if bias is not None:
-        y += bias
-    return y if u is None else y.addmm_(u, lora_B.t(), alpha=scaling)
-
-
-def _nn_torch(dy2, weight):
-    """dy2 (N, out) @ W (out, in) for an NF4 W, dequantised in row blocks."""
-    dx = torch.zeros(dy2.shape[0], weight.shape[1], dtype=dy2.dtype, device=dy2.device)
-    for absmax, r0, r1 in _row_chunks(weight, dy2.dtype):
-        dx.addmm_(dy2[:, r0:r1], _dequant_rows(weight, absmax, r0, r1, dy2.dtype))
-    return dx
-
-
-def _nt_triton(x2, weight, bias, u=None, lora_B=None, scaling=1.0):
-    """The same on Triton: dequantised tile by tile in the matmul, the LoRA term in its epilogue."""
-    from fastnlg.kernels import nf4_matmul
-
-    if u is None or nf4_matmul.epilogue_fits(u.shape[1], x2.dtype, x2.device):
-        return nf4_matmul.matmul_nt(x2, weight, bias, lora_u=u, lora_B=lora_B, scaling=scaling)
-    return nf4_matmul.matmul_nt(x2, weight, bias).addmm_(u, lora_B.t(), alpha=scaling)
-
-
-def _nn_triton(dy2, weight):
-    from fastnlg.kernels import nf4_matmul
-
-    return nf4_matmul.matmul_nn(dy2, weight)
-
-
-_NF4_NT = {"torch": _nt_torch, "triton": _nt_triton}  # the NF4 base products per backend
-_NF4_NN = {"torch": _nn_torch, "triton": _nn_triton}
 
 
 def _backend_for(x):
@@ -97,7 +36,7 @@ def _backend_for(x):
 def base_matmul(x2, weight, bias=None, u=None, lora_B=None, scaling=1.0, backend=None):
     """x2 W^T + b (+ s u B^T: the LoRA term, added in place into the same y) for dense or NF4 W."""
     if _is_nf4(weight):
-        return _NF4_NT[backend or _backend_for(x2)](x2, weight, bias, u, lora_B, scaling)
+        return MATMUL_NT[backend or _backend_for(x2)](x2, weight, bias, u, lora_B, scaling)
     y = torch.nn.functional.linear(x2, weight, bias)
     return y if u is None else y.addmm_(u, lora_B.t(), alpha=scaling)
 
@@ -105,7 +44,7 @@ def base_matmul(x2, weight, bias=None, u=None, lora_B=None, scaling=1.0, backend
 def base_matmul_t(dy2, weight, backend=None):
     """dy2 (N, out) @ W (out, in) for dense or NF4 W: the base part of dx."""
     if _is_nf4(weight):
-        return _NF4_NN[backend or _backend_for(dy2)](dy2, weight)
+        return MATMUL_NN[backend or _backend_for(dy2)](dy2, weight)
     return dy2 @ weight
 
 

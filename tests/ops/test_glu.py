@@ -68,7 +68,7 @@ def test_cpp_low_precision_in_place_is_fp32_then_cast(dtype, cpu_isa):
     tails, NaN, inf and values past the dtype's range."""
     from fastnlg import _C
     from fastnlg.kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
-    from fastnlg.ops._native import ptr, round_code
+    from fastnlg._native import ptr, round_code
     from fastnlg.ops.glu import _bwd_cpp, _fwd_cpp
 
     g = (torch.randn(4099) * 4).to(dtype)

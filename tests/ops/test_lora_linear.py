@@ -227,7 +227,8 @@ def test_nf4_row_chunks_any_alignment(monkeypatch, use_backend):
     mod = importlib.import_module("fastnlg.ops.lora_linear")  # the module (fastnlg.ops.lora_linear is the function)
 
     use_backend("torch")
-    monkeypatch.setattr(mod, "DEQUANT_CHUNK_BYTES", 3 * 40 * 20)  # ~3 rows per chunk: blocks straddle rows
+    monkeypatch.setattr(importlib.import_module("fastnlg.quant.matmul"), "DEQUANT_CHUNK_BYTES", 3 * 40 * 20)  # ~3 rows
+    # per chunk: blocks straddle rows
     W = torch.randn(10, 40)
     w = quantize_nf4(W, 64, False)
     x = torch.randn(4, 40)

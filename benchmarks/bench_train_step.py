@@ -137,10 +137,10 @@ class Step:
         else built on the device directly in the dtype the trainer would load (an 8B model is never written)."""
         import transformers
 
-        from fastnlg.train.trainer import _bnb_cuda, load_model
+        from fastnlg.train.setup import bnb_4bit, load_model
 
         big = self.device.type == "cuda" and self.p["size"] != "small"
-        if not big or _bnb_cuda(cfg, self.device):
+        if not big or bnb_4bit(cfg, self.device):
             if not os.path.exists(os.path.join(self.dir, "config.json")):
                 torch.manual_seed(0)
                 dtype = torch.bfloat16 if big else torch.float32
@@ -151,15 +151,11 @@ class Step:
         with torch.device(self.device):
             model = transformers.AutoModelForCausalLM.from_config(
                 self._hf_config(), dtype=torch.bfloat16 if frozen else torch.float32)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": cfg.offload_activations})
-            if cfg.offload_activations:
-                model.enable_input_require_grads()
-        return model
+        return model  # (prepare_method enables gradient checkpointing as the trainer does)
 
     def _build(self, impl):
         import fastnlg
-        from fastnlg.train.trainer import make_optimizer, prepare_method
+        from fastnlg.train.setup import make_optimizer, prepare_method
 
         self.free()
         if impl == "liger":

@@ -104,23 +104,17 @@ def _torchrun(nproc: int, argv: list) -> int:
 
 
 def _load(model_dir, adapter, device):
-    import transformers
+    """(model in fp32 with the adapter on top, tokenizer, device) for eval, generate and merge."""
+    import torch
 
-    from .train.trainer import pick_device
+    from .loading import load_causal_lm, load_tokenizer
+    from .train.setup import pick_device
 
     for path in (model_dir, adapter):
         if path and not os.path.isdir(path):
             raise UserError(f"{path}: no such model folder")
     dev = pick_device(device)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(dev)
-    if adapter:
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, adapter).to(dev)
-    return model, tok, dev
+    return load_causal_lm(model_dir, dtype=torch.float32, device=dev, adapter=adapter), load_tokenizer(model_dir), dev
 
 
 def cmd_eval(args) -> int:

@@ -105,17 +105,14 @@ def run_train(out: str, **options) -> dict:
 
 
 def evaluate(model_dir: str, adapter: str | None, paths: dict, size: dict, device) -> tuple[dict, list]:
-    import transformers
+    import torch
 
+    from .loading import load_causal_lm, load_tokenizer
     from .train import data
     from .train.evaluate import generation_metrics, loss_metrics
 
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    if adapter:
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, adapter).to(device)
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dtype=torch.float32, device=device, adapter=adapter)
     samples, _ = data.load_samples(paths["eval"], tok, size["max_length"])
     metrics = loss_metrics(model, data.pad_rows(samples, tok.pad_token_id), tok.pad_token_id, 32, device)
     records = data.read_records(paths["eval"])[:size["eval_records"]]
@@ -149,7 +146,8 @@ def run(out: str, quick: bool = False, device: str = "auto") -> dict:
     import torch
 
     from .train.evaluate import save_examples
-    from .train.trainer import pick_device, plot_metrics
+    from .train.evaluate import plot_metrics
+    from .train.setup import pick_device
 
     dev = pick_device(device)
     size = SIZES["quick" if quick else ("gpu" if dev.type == "cuda" else "default")]

@@ -1,12 +1,13 @@
-"""fastnlg.from_pretrained: load a causal LM, optionally 4-bit and with LoRA, ready to fine-tune, patched.
+"""The one load path: fastnlg.from_pretrained, the trainer (train/setup.py) and the command line (eval,
+generate, merge) load a causal LM, its tokenizer, and the adapters and 4-bit base of QLoRA through these
+functions.
 
     model, report = fastnlg.from_pretrained("path/to/model", load_in_4bit=True,
                                             lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
 
 4-bit is NF4 through bitsandbytes where it runs (CUDA with bitsandbytes installed: QLoRA as PEFT documents
 it, double-quantised, prepared for k-bit training), else fastnlg's own NF4 (`fastnlg.nn.NF4Linear`, the
-same format) on the frozen linear layers, after the adapters are attached. The trainer loads through the
-same functions.
+same format) on the frozen linear layers, after the adapters are attached.
 """
 from __future__ import annotations
 
@@ -20,18 +21,36 @@ def bitsandbytes_4bit_available(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = False, **kwargs):
-    """AutoModelForCausalLM.from_pretrained(path) in `dtype` on `device`; with bnb_4bit, its linear layers
-    in bitsandbytes' NF4 (double-quantised, computing in `dtype`)."""
+def load_tokenizer(path: str):
+    """AutoTokenizer.from_pretrained(path), with EOS as the pad token where the tokenizer has none."""
     import transformers
 
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = False, adapter: str | None = None,
+                   **kwargs):
+    """AutoModelForCausalLM.from_pretrained(path) in `dtype` on `device`; with bnb_4bit, its linear layers
+    in bitsandbytes' NF4 (double-quantised, computing in `dtype`); with `adapter`, the PEFT adapter saved in
+    that folder on top (PeftModel.from_pretrained)."""
+    import transformers
+
+    device = torch.device(device)
     if bnb_4bit:
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q,
-                                                                 device_map={"": torch.device(device)}, dtype=dtype,
-                                                                 **kwargs)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": device},
+                                                                  dtype=dtype, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    if adapter:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter).to(device)
+    return model
 
 
 def enable_checkpointing(model, *, use_reentrant: bool = False) -> None:
@@ -45,6 +64,35 @@ def enable_checkpointing(model, *, use_reentrant: bool = False) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if use_reentrant:
         model.enable_input_require_grads()
+
+
+def prepare_for_training(model, peft_config=None, *, four_bit: bool = False, gradient_checkpointing: bool = False,
+                         use_reentrant: bool = False):
+    """-> (model, names of the layers quantised to fastnlg's NF4). The QLoRA sequence in one place: a model
+    loaded in bitsandbytes' 4 bits is prepared for k-bit training (with checkpointing, when asked, in the
+    same form as below), else checkpointing is enabled directly; the PEFT adapters of `peft_config` are
+    attached; `four_bit` without bitsandbytes quantises the frozen linear layers to NF4Linear after that
+    (all Parameters frozen when there is no adapter: inference)."""
+    bnb = getattr(model, "is_loaded_in_4bit", False)
+    if bnb and peft_config is not None:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    elif gradient_checkpointing:
+        enable_checkpointing(model, use_reentrant=use_reentrant)
+    if peft_config is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft_config)
+    quantised = []
+    if four_bit and not bnb:
+        from .nn import quantize_linears
+
+        if peft_config is None:
+            model.requires_grad_(False)
+        quantised = quantize_linears(model)
+    return model, quantised
 
 
 def lora_config(lora):
@@ -74,24 +122,10 @@ def from_pretrained(path: str, *, load_in_4bit: bool = False, lora=None, dtype: 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bnb = load_in_4bit and bitsandbytes_4bit_available(device)
-    model = load_causal_lm(path, dtype=dtype, device=device, bnb_4bit=bnb, **kwargs)
-    if bnb and lora is not None:
-        import peft
-
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        enable_checkpointing(model)
-    if lora is not None:
-        import peft
-
-        model = peft.get_peft_model(model, lora_config(lora))
-    if load_in_4bit and not bnb:
-        from .nn import quantize_linears
-
-        if lora is None:
-            model.requires_grad_(False)
-        quantize_linears(model)
+    model = load_causal_lm(path, dtype=dtype, device=device,
+                           bnb_4bit=load_in_4bit and bitsandbytes_4bit_available(device), **kwargs)
+    model, _ = prepare_for_training(model, None if lora is None else lora_config(lora), four_bit=load_in_4bit,
+                                    gradient_checkpointing=gradient_checkpointing)
     report = None
     if patch:
         from .patching import patch as _patch

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .errors import ConfigError
 from .distributed import Dist
 
 

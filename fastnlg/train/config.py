@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 METHODS = ("full", "lora", "qlora", "prompt-tuning", "prefix", "ia3", "adalora", "bitfit")
 PROMPT_METHODS = ("prompt-tuning", "prefix")  # virtual tokens in front of each row: no packing
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -14,10 +16,6 @@ DISTRIBUTED = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_CAPABILITY = (8, 0)  # the first GPUs with bf16 arithmetic (A100, RTX 30); T4 / RTX 20 are 7.5
-
-
-class ConfigError(ValueError):
-    """A bad training configuration; the message names the key."""
 
 
 @dataclass
@@ -77,6 +75,12 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    def ensure_valid(self) -> None:
+        """validate() unless this config, with these values, has already passed it (from_dict validates; the
+        trainer calls this, so a config built by from_dict is checked once)."""
+        if self.__dict__.get("_validated") != dataclasses.astuple(self):
+            self.validate()
+
     def validate(self) -> None:
         def need(ok, key, allowed):
             if not ok:
@@ -125,11 +129,7 @@ class TrainConfig:
                  "adamw8bit needs a CUDA device (bitsandbytes' 8-bit optimizer); use adamw")
             need(importlib.util.find_spec("bitsandbytes") is not None, "optimizer",
                  "adamw8bit needs bitsandbytes installed (pip install bitsandbytes)")
-        if self.resume:
-            from .checkpoint import list_checkpoints
-
-            need(bool(list_checkpoints(self.output_dir)), "resume",
-                 f"output_dir {self.output_dir!r} holds no checkpoint to resume from")
+        self.__dict__["_validated"] = dataclasses.astuple(self)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

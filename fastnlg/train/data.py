@@ -25,14 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import DataError
+
 IGNORE = -100
 DATA_TO_TEXT_PROMPT = "Record: {fields}\nText:"  # fields: "key: value | key: value" in the record's order
 FORMATS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
            "data_to_text": ("input", "output")}
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file and line."""
 
 
 @dataclass
@@ -228,5 +226,6 @@ def collate(rows: list, pad_id: int) -> dict:
 
 
 def target_tokens(batch: dict) -> int:
-    """Tokens the loss counts after the causal shift (labels[:, 1:] not ignored)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    """Tokens the loss counts after the causal shift (labels[..., 1:] not ignored) in a batch (B, T) or one
+    row (T,)."""
+    return int((batch["labels"][..., 1:] != IGNORE).sum())

@@ -1,11 +1,13 @@
 """Evaluation of a causal LM on held-out data: loss, perplexity and token accuracy over the target tokens,
 and generation metrics on prompt/reference pairs: corpus BLEU (sacrebleu, 13a tokenisation) and ROUGE-1/2/L
-F1 (rouge-score, with stemming), with a table of examples saved as markdown and JSONL.
+F1 (rouge-score, with stemming), with a table of examples saved as markdown and JSONL; and the plots of a
+run's metrics.jsonl.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import torch
@@ -149,3 +151,32 @@ def save_examples(examples: list, stem: str) -> None:
         f.write("| input | reference | output |\n|---|---|---|\n")
         for e in examples:
             f.write(f"| {cell(e['input'])} | {cell(e['reference'])} | {cell(e['output'])} |\n")
+
+
+def plot_metrics(metrics_path: str, out_dir: str) -> list:
+    """loss.png, lr.png and (when evaluated) eval.png from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.exists(metrics_path):
+        return []
+    rows = [json.loads(line) for line in open(metrics_path)]
+    made = []
+    for name, key, label in (("loss", "loss", "training loss"), ("lr", "lr", "learning rate"),
+                             ("eval", "eval_loss", "eval loss")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made

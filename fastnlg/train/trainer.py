@@ -1,150 +1,34 @@
-"""The fine-tuning loop: a local Transformers causal LM (or a built-in config trained from scratch), full
-fine-tuning, the PEFT methods (LoRA, QLoRA, prompt/prefix tuning, IA3, AdaLoRA) or BitFit, fastnlg.patch'ed
-unless told not to, AdamW (or 8-bit AdamW) with warmup + cosine/linear schedule, clipping, autocast,
-gradient checkpointing with optional activation offload, exact gradient accumulation, a NaN/Inf guard,
-evaluation with early stopping, atomic checkpoints and exact resume, on one process or several (DDP/FSDP2,
-distributed.py).
-
-Host syncs: with fused AdamW (CUDA, no fp16 scaler) a non-finite step is skipped on the device
-(`found_inf`) and the guard's counters are read at log steps only, so a step between logs never waits for
-the GPU; elsewhere the guard reads one flag per step.
+"""The fine-tuning loop, in the shape of a single-device recipe: named set-up steps (setup.py: model,
+method, patch, optimizer, scheduler, scaler, data, state), a short loop, and a guard for non-finite steps.
+A local Transformers causal LM (or a built-in config trained from scratch), full fine-tuning, the PEFT
+methods or BitFit, fastnlg.patch'ed unless told not to, on one process or several (DDP/FSDP2, distributed.py).
 
 Exact accumulation: a step of `grad_accum` micro-batches counts the target tokens of all of them first
 (n_step), and every micro-batch's loss is sum / n_step (`num_items_in_batch`, which the fused loss and HF's
 loss both honour), so the summed gradients are those of one batch holding all the micro-batches.
 
-Everything goes to output_dir: config.json, patch_report.txt, metrics.jsonl (one line per logged step: loss,
-lr, grad_norm, token_accuracy of the training tokens since the last line (counted inside the fused loss, or
-from the logits of an unpatched model), tokens/s, peak memory; and one per evaluation), checkpoint-<step>/
-(checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
+Everything goes to output_dir: config.json, patch_report.txt, metrics.jsonl (records.py: per logged step loss,
+lr, grad_norm, token_accuracy of the training tokens since the last line, tokens/s, peak memory; and one per
+evaluation), checkpoint-<step>/ (checkpoint.py), plots (loss.png, lr.png, eval.png) and the final model
 (model/ for full and BitFit, adapter/ in PEFT's format for the PEFT methods) with the tokenizer; base/ holds a
 built-in config's model as initialised.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
-import math
 import os
 import random
 import time
 
-import numpy as np
 import torch
 
-from . import builtin, checkpoint, data
-from .config import TrainConfig, resolve_precision
+from . import checkpoint, data, setup
+from .config import TrainConfig
 from .distributed import Dist
-from .evaluate import loss_metrics, token_hits
-
-
-def pick_device(name: str) -> torch.device:
-    return Dist.single().device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _bnb_cuda(cfg: TrainConfig, device) -> bool:
-    """QLoRA on bitsandbytes' NF4 (CUDA with bitsandbytes installed); elsewhere on fastnlg's NF4Linear."""
-    from ..loading import bitsandbytes_4bit_available
-
-    return cfg.method == "qlora" and bitsandbytes_4bit_available(device)
-
-
-def load_model_and_tokenizer(cfg: TrainConfig, device):
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return load_model(cfg, device), tok
-
-
-def load_model(cfg: TrainConfig, device):
-    """The causal LM of cfg.model on `device`: 4-bit through bitsandbytes for QLoRA on CUDA, the frozen base
-    of the adapter methods in the compute dtype, fp32 otherwise; gradient checkpointing as configured."""
-    from ..loading import enable_checkpointing, load_causal_lm
-
-    if _bnb_cuda(cfg, device):
-        dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16  # no bf16 on sm_75
-        model = load_causal_lm(cfg.model, dtype=dtype, device=device, bnb_4bit=True)
-    else:  # the frozen base of an adapter method in the compute dtype (PEFT keeps adapters fp32); else fp32
-        frozen_base = cfg.method not in ("full", "bitfit") and cfg.precision != "fp32"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if frozen_base else torch.float32
-        model = load_causal_lm(cfg.model, dtype=dtype, device=device)
-    if cfg.gradient_checkpointing:
-        # offloading needs the reentrant form: its saved inputs go through the saved-tensor hooks
-        enable_checkpointing(model, use_reentrant=cfg.offload_activations)
-    return model
-
-
-def _targets(cfg: TrainConfig):
-    return "all-linear" if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
-
-
-def prepare_method(model, cfg: TrainConfig, log=print):
-    """Which Parameters train: all (full); the biases (bitfit); otherwise PEFT's modules for the method, so
-    the adapter saves and loads in PEFT's format. QLoRA: LoRA over NF4 base layers (bitsandbytes' when the
-    model was loaded 4-bit, else fastnlg's NF4Linear, quantised here after the adapters are attached)."""
-    if cfg.method == "full":
-        return model
-    if cfg.method == "bitfit":
-        biases = 0
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(".bias"))
-            biases += name.endswith(".bias")
-        if not biases:
-            raise ValueError("method=bitfit: this model has no bias Parameters to train")
-        return model
-    import peft
-
-    common = dict(task_type="CAUSAL_LM")
-    if cfg.method in ("lora", "qlora"):
-        config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=_targets(cfg), **common)
-    elif cfg.method == "adalora":
-        config = peft.AdaLoraConfig(init_r=cfg.lora_r, target_r=cfg.adalora_target_r, lora_alpha=cfg.lora_alpha,
-                                    lora_dropout=cfg.lora_dropout, target_modules=_targets(cfg),
-                                    total_step=cfg.max_steps, tinit=min(cfg.warmup_steps, cfg.max_steps // 4),
-                                    tfinal=cfg.max_steps // 4, **common)
-    elif cfg.method == "ia3":
-        targets = None if cfg.lora_targets == ["all-linear"] else cfg.lora_targets  # PEFT's per-model defaults
-        config = peft.IA3Config(target_modules=targets, feedforward_modules=[] if targets else None, **common)
-    elif cfg.method == "prompt-tuning":
-        config = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
-    else:
-        config = peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
-    if cfg.method == "qlora" and getattr(model, "is_loaded_in_4bit", False):
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model = peft.get_peft_model(model, config)
-    if cfg.method == "qlora" and not getattr(model, "is_loaded_in_4bit", False):
-        from ..nn import quantize_linears
-
-        done = quantize_linears(model)
-        log(f"qlora: {len(done)} linear layers quantised to NF4 (fastnlg NF4Linear; bitsandbytes' 4-bit needs CUDA)")
-    return model
-
-
-def lr_lambda(cfg: TrainConfig):
-    def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if cfg.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-    return f
-
-
-def make_rows(samples, cfg: TrainConfig, pad_id: int) -> list:
-    return data.pack(samples, cfg.max_length, pad_id) if cfg.packing else data.pad_rows(samples, pad_id)
-
+from .errors import ConfigError
+from .evaluate import loss_metrics, plot_metrics, token_hits
+from .records import MetricsLog, Progress, peak_mb
 
 class Batches:
     """Global micro-batches (batch_size rows per process) in a seeded order per epoch, the same on every
@@ -176,7 +60,7 @@ class Batches:
             self._order = self._shuffle()
         picked = [self.rows[i] for i in self._order[self.index:self.index + self.global_size]]
         self.index += self.global_size
-        n = sum(int((r["labels"][1:] != data.IGNORE).sum()) for r in picked)
+        n = sum(data.target_tokens(r) for r in picked)
         return data.collate(self.dist.shard(picked, self.batch_size), self.pad_id), n
 
 
@@ -188,8 +72,6 @@ def _autocast(cfg, device):
 
 def _offload(cfg, device):
     """Checkpointed layer inputs (saved by the reentrant checkpoint) go to CPU memory until backward."""
-    import contextlib
-
     if not cfg.offload_activations:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
@@ -201,15 +83,6 @@ SYNC_DEBUG_MODE = "error"  # what sync_debug sets inside a step ("warn": tests/h
 def _sync_debug(cfg, device, on: bool) -> None:
     if cfg.sync_debug and device.type == "cuda":
         torch.cuda.set_sync_debug_mode(SYNC_DEBUG_MODE if on else "default")
-
-
-def make_optimizer(params, cfg: TrainConfig, device):
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                             **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
 def _accuracy_counts(model, device):
@@ -248,10 +121,61 @@ def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | 
     return dist.all_sum(loss_sum)
 
 
+class NonFiniteGuard:
+    """Skips the optimizer step of a non-finite loss or gradient norm and stops after max_bad_steps in a row.
+
+    With fused AdamW (CUDA, no fp16 scaler) the step is skipped on the device (`found_inf`) and the counters
+    are read at log steps only, so a step between logs never waits for the GPU (`lazy`); elsewhere the guard
+    reads one flag per step. Its counters live in the trainer state (saved in checkpoints)."""
+
+    def __init__(self, cfg, optimizer, scaler, device, state: dict, log):
+        self.cfg, self.optimizer, self.scaler, self.state, self.log = cfg, optimizer, scaler, state, log
+        self.lazy = scaler is None and getattr(optimizer, "defaults", {}).get("fused", False)
+        self.bad_run = torch.zeros((), device=device, dtype=torch.int32)  # consecutive skipped steps (lazy)
+        self.skipped = torch.zeros((), device=device, dtype=torch.int32)
+
+    def step(self, step: int, loss_sum, grad_norm) -> None:
+        """The optimizer step of step `step` (0-based), or its skip."""
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        state, scaler = self.state, self.scaler
+        if self.lazy:
+            self.optimizer.found_inf = (~finite).float()  # the fused step is skipped on the device
+            self.optimizer.step()
+            self.bad_run = torch.where(finite, torch.zeros_like(self.bad_run), self.bad_run + 1)
+            self.skipped += (~finite).int()
+        elif bool(finite):  # one host sync per step
+            if scaler:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
+            state["bad_steps"] = 0
+        else:
+            state["bad_steps"] += 1
+            state["skipped_steps"] += 1
+            if scaler:
+                scaler.update()
+            self.log(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped "
+                     f"({state['bad_steps']} in a row)")
+
+    def check(self, step: int, logging: bool) -> None:
+        """After step `step` (1-based): the lazy counters read at log steps; too many bad steps in a row stop."""
+        if self.lazy and logging:
+            self.state["bad_steps"] = int(self.bad_run)
+            self.state["skipped_steps"] += int(self.skipped)
+            self.skipped.zero_()
+        if self.state["bad_steps"] >= self.cfg.max_bad_steps:
+            raise FloatingPointError(f"{self.cfg.max_bad_steps} non-finite steps in a row at step {step}; "
+                                     "lower learning_rate or use fp32 (last good checkpoint kept)")
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Runs the configured fine-tuning (on every process under torchrun); returns the last metrics (and eval
     metrics when evaluated)."""
-    cfg.validate()
+    cfg.ensure_valid()
+    if cfg.resume and not checkpoint.list_checkpoints(cfg.output_dir):
+        raise ConfigError(f"resume={cfg.resume!r} is not allowed: output_dir {cfg.output_dir!r} holds no checkpoint "
+                          "to resume from")
     dist = Dist.from_env(cfg.distributed)
     try:
         return _train(cfg, dist, log if dist.main else (lambda *_: None))
@@ -259,240 +183,170 @@ def train(cfg: TrainConfig, log=print) -> dict:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
-    device = dist.device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    if precision != cfg.precision:
-        log(f"precision auto: {precision} on {device}")
-        cfg = dataclasses.replace(cfg, precision=precision)
-    seed_everything(cfg.seed)
-    built_in = builtin.CONFIGS.get(cfg.model) if not os.path.isdir(cfg.model) else None
-    base_dir = os.path.join(cfg.output_dir, "base")
-    if built_in is None:
-        model, tok = load_model_and_tokenizer(cfg, device)
-    elif os.path.isdir(base_dir):  # --resume (or a re-run): the base this output folder was trained from
-        cfg = dataclasses.replace(cfg, model=base_dir, tokenizer="")
-        model, tok = load_model_and_tokenizer(cfg, device)
-        built_in = None
-    else:  # the tokenizer first (data validation needs it); the model once the data is valid
-        tok = builtin.train_tokenizer(data.corpus(cfg.train_files), built_in["vocab"])
-    samples, fmt = data.load_samples(cfg.train_files, tok, cfg.max_length, cfg.truncate)  # DataError before output
-    if cfg.eval_files:
-        train_samples = samples
-        eval_samples, _ = data.load_samples(cfg.eval_files, tok, cfg.max_length, cfg.truncate)
-    else:
-        train_samples, eval_samples = data.split(samples, cfg.eval_fraction, cfg.seed)
-    train_rows = make_rows(train_samples, cfg, tok.pad_token_id)
-    eval_rows = data.pad_rows(eval_samples, tok.pad_token_id)
-    if len(train_rows) < cfg.batch_size * dist.world:
-        raise data.DataError(f"{cfg.train_files[0]}: {len(train_rows)} training rows, fewer than one global batch "
-                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
+def _patch(model, cfg: TrainConfig, dist: Dist, log):
+    if not cfg.patch:
+        return None
+    from ..patching import patch
 
+    report = patch(model)
+    if dist.main:
+        with open(os.path.join(cfg.output_dir, "patch_report.txt"), "w") as f:
+            f.write(str(report) + "\n")
+    log(str(report))
+    return report
+
+
+@dataclasses.dataclass
+class Run:
+    """What the set-up steps built and the loop works on."""
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    log: object
+    tok: object
+    model: object  # as wrapped for DDP / FSDP
+    core: object  # the unwrapped model: saving, unpatching, AdaLoRA's rank allocation
+    params: list
+    optimizer: object
+    scheduler: object
+    scaler: object
+    batches: Batches
+    eval_rows: list
+    state: dict
+    step: int = 0
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save(self.cfg.output_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                        {"data_position": self.batches.position(), "trainer": self.state}, self.cfg.keep_checkpoints,
+                        self.dist)
+
+    def resume(self) -> None:
+        last = checkpoint.list_checkpoints(self.cfg.output_dir)[-1]
+        saved = checkpoint.load(last, self.model, self.optimizer, self.scheduler, self.scaler, self.dist)
+        self.step = saved["step"]
+        self.batches.restore(saved["data_position"])
+        self.state.update(saved["trainer"])
+        self.log(f"resumed from {last} at step {self.step}")
+
+
+def _setup(cfg: TrainConfig, dist: Dist, log) -> tuple[Run, object, str]:
+    """-> (the run, the patch report or None, the data format): every set-up step, in order."""
+    device = dist.device(cfg.device)
+    cfg = setup.precision(cfg, device, log)
+    setup.seed_everything(cfg.seed)
+    cfg, model, tok, built_in = setup.model_and_tokenizer(cfg, device)
+    train_rows, eval_rows, fmt = setup.rows(cfg, tok, dist)  # DataError before anything is written
     if dist.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             f.write(cfg.to_json())
     if built_in is not None:
-        if dist.main:
-            builtin.save(base_dir, tok, built_in, cfg.max_length, cfg.seed)
-            log(f"built {cfg.model} from scratch (random init, tokenizer trained on the data) in {base_dir}")
-        dist.barrier()
-        cfg = dataclasses.replace(cfg, model=base_dir, tokenizer="")
-        model = load_model(cfg, device)
-        seed_everything(cfg.seed)
-    model = prepare_method(model, cfg, log)
-    report = None
-    if cfg.patch:
-        import fastnlg
-
-        report = fastnlg.patch(model)
-        if dist.main:
-            with open(os.path.join(cfg.output_dir, "patch_report.txt"), "w") as f:
-                f.write(str(report) + "\n")
-        log(str(report))
-    core = model  # the unwrapped model: saving, unpatching, AdaLoRA's rank allocation
-    accuracy = _accuracy_counts(core, device)  # training token accuracy since the last log line
-    model = dist.wrap(model)
+        cfg, model = setup.model_from_scratch(cfg, built_in, tok, device, dist, log)
+    core = setup.prepare_method(model, cfg, log)
+    report = _patch(core, cfg, dist, log)
+    model = dist.wrap(core)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    # no host sync per step where the optimizer can skip a step on the device (fused AdamW reads found_inf):
-    # the NaN guard's counter is then read at log steps only
-    lazy_guard = scaler is None and getattr(optimizer, "defaults", {}).get("fused", False)
-    batches = Batches(train_rows, cfg.batch_size, cfg.seed, tok.pad_token_id, dist)
-    state = {"best_eval_loss": None, "evals_without_improvement": 0, "bad_steps": 0, "skipped_steps": 0}
-    step = 0
+    optimizer = setup.make_optimizer(params, cfg, device)
+    run = Run(cfg, dist, device, log, tok, model, core, params, optimizer, setup.make_scheduler(optimizer, cfg),
+              setup.make_scaler(cfg), Batches(train_rows, cfg.batch_size, cfg.seed, tok.pad_token_id, dist), eval_rows,
+              {"best_eval_loss": None, "evals_without_improvement": 0, "bad_steps": 0, "skipped_steps": 0})
     if cfg.resume:
-        last = checkpoint.list_checkpoints(cfg.output_dir)[-1]
-        saved = checkpoint.load(last, model, optimizer, scheduler, scaler, dist)
-        step = saved["step"]
-        batches.restore(saved["data_position"])
-        state.update(saved["trainer"])
-        log(f"resumed from {last} at step {step}")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if dist.main:
-        _keep_metrics(metrics_path, step if cfg.resume else 0)  # rows after the checkpoint are run again
+        run.resume()
     trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log(f"training {cfg.method}: {trainable:,} trainable parameters, {len(train_rows)} rows of "
         f"{'packed ' if cfg.packing else ''}{fmt} data, {len(eval_rows)} held out, on {device}"
         + (f" x {dist.world} processes ({dist.mode})" if dist.on else ""))
+    return run, report, fmt
 
-    board = _tensorboard(cfg) if dist.main else None
 
-    def write(record):
-        if dist.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if board is not None:
-                for k, v in record.items():
-                    if k != "step" and v is not None:
-                        board.add_scalar(k if k.startswith("eval_") else f"train/{k}", v, record["step"])
+def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
+    run, report, _ = _setup(cfg, dist, log)
+    records = MetricsLog(run.cfg, dist.main, run.step if run.cfg.resume else 0)
+    try:
+        last = _loop(run, records, NonFiniteGuard(run.cfg, run.optimizer, run.scaler, run.device, run.state, log))
+    finally:
+        records.close()
+    save_final(run.model, run.tok, run.cfg, dist)
+    if dist.main:
+        plot_metrics(records.path, run.cfg.output_dir)
+    if report is not None:
+        from ..patching import unpatch
 
-    def save_checkpoint():
-        checkpoint.save(cfg.output_dir, step, model, optimizer, scheduler, scaler,
-                        {"data_position": batches.position(), "trainer": state}, cfg.keep_checkpoints, dist)
+        unpatch(run.core)
+    return last
 
-    progress = _progress(cfg, step, dist.main)
+
+def _evaluate(run: Run, records: MetricsLog) -> tuple[dict, bool]:
+    """-> (eval metrics, whether early stopping ends the run)."""
+    cfg, state, step = run.cfg, run.state, run.step
+    ev = {"step": step, **loss_metrics(run.model, run.eval_rows, run.tok.pad_token_id, cfg.batch_size, run.device,
+                                       run.dist)}
+    records.write(ev)
+    run.log(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.2f}, "
+            f"token accuracy {ev['eval_token_accuracy']:.3f}")
+    best = state["best_eval_loss"]
+    if best is None or ev["eval_loss"] < best:
+        state["best_eval_loss"], state["evals_without_improvement"] = ev["eval_loss"], 0
+    else:
+        state["evals_without_improvement"] += 1
+    patience = cfg.early_stopping_patience
+    stop = bool(patience) and state["evals_without_improvement"] >= patience
+    if stop:
+        run.log(f"early stopping at step {step}: no better eval loss in {patience} evaluations")
+    return ev, stop
+
+
+def _loop(run: Run, records: MetricsLog, guard: NonFiniteGuard) -> dict:
+    """Steps up to cfg.max_steps: forward/backward over grad_accum micro-batches, clip, the guarded optimizer
+    step, log, evaluate, checkpoint. Returns the last logged metrics (with the last evaluation)."""
+    cfg, device, dist = run.cfg, run.device, run.dist
+    accuracy = _accuracy_counts(run.core, device)  # training token accuracy since the last log line
+    progress = Progress(cfg, run.step, dist.main)
     last = {}
-    model.train()
+    run.model.train()
     tokens_seen, t0 = 0, time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bad_run = torch.zeros((), device=device, dtype=torch.int32)  # consecutive skipped steps (lazy guard)
-    skipped = torch.zeros((), device=device, dtype=torch.int32)
-    while step < cfg.max_steps:
-        logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-        _sync_debug(cfg, device, on=step > 0 and not logging)  # the first step tunes kernels
-        micro = [batches.next() for _ in range(cfg.grad_accum)]
-        loss_sum = forward_backward(model, micro, cfg, device, dist, scaler, accuracy)
+    while run.step < cfg.max_steps:
+        logging = (run.step + 1) % cfg.log_every == 0 or run.step + 1 == cfg.max_steps
+        _sync_debug(cfg, device, on=run.step > 0 and not logging)  # the first step tunes kernels
+        micro = [run.batches.next() for _ in range(cfg.grad_accum)]
+        loss_sum = forward_backward(run.model, micro, cfg, device, dist, run.scaler, accuracy)
         tokens_seen += sum(int(b["input_ids"].numel()) for b, _ in micro) * dist.world
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if run.scaler:
+            run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-        if lazy_guard:
-            optimizer.found_inf = (~finite).float()  # the fused step is skipped on the device
-            optimizer.step()
-            bad_run = torch.where(finite, torch.zeros_like(bad_run), bad_run + 1)
-            skipped += (~finite).int()
-        elif bool(finite):  # one host sync per step
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            state["bad_steps"] = 0
-        else:
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
-            if scaler:
-                scaler.update()
-            log(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped "
-                f"({state['bad_steps']} in a row)")
+        guard.step(run.step, loss_sum, grad_norm)
         if cfg.method == "adalora":
-            dist.unwrap(model).base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
+            run.core.base_model.update_and_allocate(run.step)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        run.step += 1
         _sync_debug(cfg, device, on=False)
-        if lazy_guard and logging:
-            state["bad_steps"], state["skipped_steps"] = int(bad_run), state["skipped_steps"] + int(skipped)
-            skipped.zero_()
-        if state["bad_steps"] >= cfg.max_bad_steps:
-            raise FloatingPointError(f"{cfg.max_bad_steps} non-finite steps in a row at step {step}; "
-                                     "lower learning_rate or use fp32 (last good checkpoint kept)")
+        guard.check(run.step, logging)
         if logging:
             elapsed = time.perf_counter() - t0
             correct, counted = dist.all_sum(accuracy.clone()).tolist()
             accuracy.zero_()
-            last = {"step": step, "loss": loss_sum.item(), "lr": scheduler.get_last_lr()[0],
+            last = {"step": run.step, "loss": loss_sum.item(), "lr": run.scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "token_accuracy": correct / counted if counted else None,
                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                    "peak_memory_mb": _peak_mb(device), "skipped_steps": state["skipped_steps"]}
-            write(last)
-            progress.update(step, last)
+                    "peak_memory_mb": peak_mb(device), "skipped_steps": run.state["skipped_steps"]}
+            records.write(last)
+            progress.update(run.step, last)
             tokens_seen, t0 = 0, time.perf_counter()
-        if eval_rows and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            ev = {"step": step, **loss_metrics(model, eval_rows, tok.pad_token_id, cfg.batch_size, device, dist)}
-            write(ev)
+        if run.eval_rows and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
+            ev, stop = _evaluate(run, records)
             last.update(ev)
-            log(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.2f}, "
-                f"token accuracy {ev['eval_token_accuracy']:.3f}")
-            best = state["best_eval_loss"]
-            if best is None or ev["eval_loss"] < best:
-                state["best_eval_loss"], state["evals_without_improvement"] = ev["eval_loss"], 0
-            else:
-                state["evals_without_improvement"] += 1
-            if cfg.early_stopping_patience and state["evals_without_improvement"] >= cfg.early_stopping_patience:
-                log(f"early stopping at step {step}: no better eval loss in {cfg.early_stopping_patience} evaluations")
-                save_checkpoint()
+            if stop:
+                run.save_checkpoint()
                 break
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint()
+        if run.step % cfg.save_every == 0 or run.step == cfg.max_steps:
+            run.save_checkpoint()
     progress.close()
-    if board is not None:
-        board.close()
-    save_final(model, tok, cfg, dist)
-    if dist.main:
-        plot_metrics(metrics_path, cfg.output_dir)
-    if report is not None:
-        import fastnlg
-
-        fastnlg.unpatch(core)
     return last
-
-
-def _tensorboard(cfg: TrainConfig):
-    """A SummaryWriter in output_dir/tensorboard when the tensorboard package is installed, else None."""
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-
-
-def _keep_metrics(path: str, upto: int) -> None:
-    """metrics.jsonl without the rows of steps after `upto` (all of them for a fresh run)."""
-    if not os.path.exists(path):
-        return
-    rows = [line for line in open(path) if line.strip() and upto and json.loads(line)["step"] <= upto]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
-def _peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
-
-
-class _progress:
-    def __init__(self, cfg, start, main=True):
-        self.bar = None
-        if cfg.progress and main:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
-        self.at = start
-
-    def update(self, step, m):
-        if self.bar is not None:
-            self.bar.update(step - self.at)
-            self.bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}",
-                                 mem_mb=f"{m['peak_memory_mb']:.0f}")
-        self.at = step
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def save_final(model, tok, cfg: TrainConfig, dist: Dist | None = None) -> str:
@@ -507,32 +361,3 @@ def save_final(model, tok, cfg: TrainConfig, dist: Dist | None = None) -> str:
         tok.save_pretrained(path)
     dist.barrier()
     return path
-
-
-def plot_metrics(metrics_path: str, out_dir: str) -> list:
-    """loss.png, lr.png and (when evaluated) eval.png from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not os.path.exists(metrics_path):
-        return []
-    rows = [json.loads(line) for line in open(metrics_path)]
-    made = []
-    for name, key, label in (("loss", "loss", "training loss"), ("lr", "lr", "learning rate"),
-                             ("eval", "eval_loss", "eval loss")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if not pts:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{name}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        made.append(path)
-    return made

@@ -32,11 +32,11 @@ def test_bf16_on_a_gpu_without_it_is_one_clear_error():
 def test_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys):
     """fastnlg train --precision bf16 on a T4: exit 2 (a user error) with the ConfigError's line, no traceback."""
     from fastnlg import cli
-    from fastnlg.train import trainer
+    from fastnlg.train import setup
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
-    monkeypatch.setattr(trainer, "resolve_precision",
+    monkeypatch.setattr(setup, "resolve_precision",
                         lambda p, d: resolve_precision(p, CUDA, (7, 5), "Tesla T4"))
     rc = cli.main(["train", "--model", "llama-tiny", "--train-files", str(data), "--precision", "bf16",
                    "--output-dir", str(tmp_path / "out"), "--device", "cpu"])

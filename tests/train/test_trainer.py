@@ -14,7 +14,7 @@ import transformers
 
 from fastnlg.train import TrainConfig, data, train
 from fastnlg.train.evaluate import bleu, rouge
-from fastnlg.train.trainer import lr_lambda
+from fastnlg.train.setup import lr_lambda
 from tests.tiny_model import losses, train_config
 
 

@@ -8,55 +8,57 @@ never patched by guessing.
 - names: a module matches when its class name, or `module.ClassName` for a name with a dot, matches one of
   these (fnmatch patterns). Each module gets the first matching rule of each kind, in table order, so the
   catch-all rules at the end of a kind only see what no family row took.
-- fuse: the patcher's builder (fastnlg/patching/patcher.py, _BUILDERS) and its options.
+- fuse: the builder that does it (fastnlg/patching/builders.py) and its options.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
+
+from . import builders as b
 
 
 class Rule(NamedTuple):
     kind: str
     names: tuple
-    fuse: str
+    fuse: Callable
     options: dict = {}
 
 
 RULES = (
     # RMSNorm -> FastRMSNorm. Llama's casting: w * x_hat.to(x.dtype) (x_hat rounded before the multiply);
     # Gemma's: ((1 + w) * x_hat).to(x.dtype) in fp32 (see fastnlg/ops/rms_norm.py).
-    Rule("norm", ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"), "rms_norm",
+    Rule("norm", ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"), b.rms_norm,
          {"offset": 0.0, "casting_mode": "llama"}),
-    Rule("norm", ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), "rms_norm",
+    Rule("norm", ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), b.rms_norm,
          {"offset": 1.0, "casting_mode": "gemma"}),
-    Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), "layer_norm"),
-    Rule("norm", ("*Norm",), "unknown"),
+    Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), b.layer_norm),
+    Rule("norm", ("*Norm",), b.unknown),
 
     # Gated MLPs down_proj(act(gate) * up) -> FastGatedMLP; `act` names the config field holding act.
     # Phi-3 computes gate and up in one projection, gate_up_proj, and splits it in halves (gate first).
-    Rule("mlp", ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"), "gated_mlp", {"act": "hidden_act"}),
-    Rule("mlp", ("Gemma2MLP", "Gemma3MLP"), "gated_mlp", {"act": "hidden_activation"}),
-    Rule("mlp", ("Phi3MLP",), "gated_mlp", {"act": "hidden_act"}),
+    Rule("mlp", ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP"), b.gated_mlp, {"act": "hidden_act"}),
+    Rule("mlp", ("Gemma2MLP", "Gemma3MLP"), b.gated_mlp, {"act": "hidden_activation"}),
+    Rule("mlp", ("Phi3MLP",), b.gated_mlp, {"act": "hidden_act"}),
     # GPT-2: c_proj(gelu(c_fc(x))) over Conv1D projections -> FastGPT2MLP (c_fc's bias fused into the GELU).
-    Rule("mlp", ("GPT2MLP",), "gpt2_mlp"),
-    Rule("mlp", ("*MLP",), "unknown"),
+    Rule("mlp", ("GPT2MLP",), b.gpt2_mlp),
+    Rule("mlp", ("*MLP",), b.unknown),
 
     # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);
     # `head` is the attribute holding the lm_head.
     Rule("cross_entropy", ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
-                           "GPT2LMHeadModel"), "lm_head", {"head": "lm_head"}),
-    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel"), "unknown"),
+                           "GPT2LMHeadModel"), b.cross_entropy, {"head": "lm_head"}),
+    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel"), b.unknown),
 
     # Attention layers calling their modelling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
     # with rotate_half (Phi-3's with partial rotary): that function -> fastnlg.ops.apply_rope, once per module.
     Rule("rope", ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
-                  "Gemma2Attention", "Gemma3Attention", "Phi3Attention"), "rope"),
+                  "Gemma2Attention", "Gemma3Attention", "Phi3Attention"), b.rope),
 
     # PEFT LoRA layers over nn.Linear, GPT-2's Conv1D or bitsandbytes NF4 -> fastnlg.nn.peft_lora_forward.
-    Rule("lora", ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit"), "peft_lora"),
-    Rule("lora", ("peft.tuners.lora.*",), "unknown_lora"),
-    Rule("linear4bit", ("bitsandbytes.nn.modules.Linear4bit",), "bnb_4bit"),
+    Rule("lora", ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit"), b.peft_lora),
+    Rule("lora", ("peft.tuners.lora.*",), b.unknown_lora),
+    Rule("linear4bit", ("bitsandbytes.nn.modules.Linear4bit",), b.bnb_4bit),
 )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture
 def fresh_rope():
-    from fastnlg.patching import patcher
+    from fastnlg.patching import rope as patcher
 
     if patcher._ROPE:
         gc.collect()

@@ -195,7 +195,8 @@ def test_call_wrappers_bind_as_the_original():
     four-tensor (rope) calls; every call still binds as the original would: positional and keyword calls
     reach the body alike, unknown keywords go through **kwargs, and a call the original rejects is
     rejected."""
-    from fastnlg.patching.patcher import _rope_function, _with_signature_of
+    from fastnlg.patching.builders import _with_signature_of
+    from fastnlg.patching.rope import rope_function as _rope_function
 
     def original(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         pass

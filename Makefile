@@ -9,7 +9,7 @@ $(STAMP): requirements.txt pyproject.toml setup.py scripts/setup_venv.sh $(wildc
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_venv.sh
 	touch $@
 
-.PHONY: install demo test test-all aot bench gpu gpu-all
+.PHONY: install demo test test-all lint aot bench gpu gpu-all
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 # Default tier: reference, interpreter, native, AOT compile and benchmark-harness tests (no GPU).
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" -q
+
+# pyflakes, pycodestyle, import order and bugbear ([tool.ruff] in pyproject.toml); .ci/run runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "not gpu" -q

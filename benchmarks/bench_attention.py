@@ -11,9 +11,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from fastnlg.ops import flash_attention
+
 from .harness import Bench, Case
 from .peers import available, missing
-from fastnlg.ops import flash_attention
 
 
 def eager(q, k, v, causal):

@@ -7,10 +7,11 @@ Bytes: forward reads the logits once (N V s, s = element size); fwd+bwd also wri
 import torch
 import torch.nn.functional as F
 
+from fastnlg.ops import cross_entropy
+
 from .cases import compiled
 from .harness import Bench, Case
 from .peers import cross_entropy_peers
-from fastnlg.ops import cross_entropy
 
 
 def eager(logits, labels):

@@ -12,10 +12,11 @@ includes them: compare fwd+bwd rows across implementations).
 import torch
 import torch.nn.functional as F
 
+from fastnlg.ops import fused_linear_cross_entropy
+
 from .cases import compiled
 from .harness import Bench, Case
 from .peers import fused_linear_cross_entropy_peers
-from fastnlg.ops import fused_linear_cross_entropy
 
 
 def eager(hidden, weight, labels):

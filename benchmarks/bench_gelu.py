@@ -10,9 +10,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastnlg.ops import gelu
+
 from .cases import compiled
 from .harness import Bench, Case
-from fastnlg.ops import gelu
 
 
 def eager_gelu_new(x, bias):

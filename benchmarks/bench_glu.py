@@ -6,9 +6,10 @@ bwd reads dy, gate, up, writes dgate, dup: 5 n s.
 import torch
 import torch.nn.functional as F
 
+from fastnlg.ops import geglu, swiglu
+
 from .cases import compiled
 from .harness import Bench, Case
-from fastnlg.ops import geglu, swiglu
 
 
 def eager(gate, up):

@@ -5,9 +5,10 @@ Bytes moved: fwd reads x, w, b and writes y, mean, rstd; bwd reads dy, x, w, mea
 import torch
 import torch.nn.functional as F
 
+from fastnlg.ops import layer_norm
+
 from .cases import compiled, hidden_sweep
 from .harness import Bench
-from fastnlg.ops import layer_norm
 
 
 def eager(x, w, b):

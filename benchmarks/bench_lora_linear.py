@@ -8,10 +8,11 @@ terms, i.e. fwd+bwd = 2x base + 3x LoRA forward.
 
 import torch
 
-from .harness import Bench, Case
-from .peers import available, missing
 from fastnlg.ops import lora_linear
 from fastnlg.quant import quantize_nf4
+
+from .harness import Bench, Case
+from .peers import available, missing
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 

@@ -7,9 +7,10 @@ import importlib.util
 
 import torch
 
-from .harness import Bench, Case
 from fastnlg.ops import lora_linear
 from fastnlg.quant import _backends, quantize_nf4
+
+from .harness import Bench, Case
 
 
 def cases(quick, device):

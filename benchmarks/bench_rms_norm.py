@@ -6,9 +6,10 @@ Bytes moved (s = element size; partial dW rows are G x C fp32, counted as C sinc
 """
 import torch
 
+from fastnlg.ops import rms_norm
+
 from .cases import compiled, hidden_sweep
 from .harness import Bench
-from fastnlg.ops import rms_norm
 
 
 def eager(x, w):

@@ -5,9 +5,10 @@ Bytes moved (s = element size): fwd reads q, k, cos, sin and writes q, k:
 """
 import torch
 
+from fastnlg.ops import apply_rope
+
 from .cases import compiled
 from .harness import Bench, Case
-from fastnlg.ops import apply_rope
 
 
 def _rotate_half(x):

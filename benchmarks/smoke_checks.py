@@ -468,9 +468,8 @@ def cuda_ext(ctx) -> None:
 
         importlib.invalidate_caches()
         from fastnlg import backend
-        from fastnlg.quant import _backends
+        from fastnlg.quant import _backends, quantize_nf4
         from fastnlg.quant import nf4 as N
-        from fastnlg.quant import quantize_nf4
         from tests.tolerance import measure
 
         backend.has_cuda_ext.cache_clear()

@@ -188,7 +188,7 @@ def train_step(ctx, method: str, size: str, batch: int, seq: int) -> dict:
     fns = {name: (lambda s=steps[name], n=name: s(n)) for name in steps}
     tokens = batch * seq
     out = _measure(ctx, fns, "eager", rounds=5)
-    for name, row in out["impls"].items():
+    for row in out["impls"].values():
         row["tokens_per_s"] = round(tokens / (row["median_ms"] * 1e-3))
     for s in steps.values():
         s.free()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from .harness import _step, check_output
-from .run import OPS, E2E, load_bench
+from .run import E2E, OPS, load_bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import sys
 
+
 class UserError(Exception):
     pass
 

@@ -145,8 +145,7 @@ def _agree_until(a, b, rtol=1e-4):
 def run(out: str, quick: bool = False, device: str = "auto") -> dict:
     import torch
 
-    from .train.evaluate import save_examples
-    from .train.evaluate import plot_metrics
+    from .train.evaluate import plot_metrics, save_examples
     from .train.setup import pick_device
 
     dev = pick_device(device)

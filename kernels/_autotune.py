@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from ._arch import candidates as arch_candidates, table_arch
+from ._arch import candidates as arch_candidates
+from ._arch import table_arch
 
 REPS = 3
 _BEST: dict = {}

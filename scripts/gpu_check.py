@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import json
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -205,7 +205,7 @@ def smoke_plan_problems(budget: float) -> list:
     total = sum(cap for _, cap, _ in SMOKE)
     if total > budget:
         problems.append(f"smoke: the step caps add up to {total} s, over the budget of {budget:g} s")
-    for name, cap, target in SMOKE:
+    for name, _cap, target in SMOKE:
         if target is None:
             if name not in INLINE_STEPS:
                 problems.append(f"smoke: step {name} has no target and runs nowhere")

@@ -1,9 +1,9 @@
 """nn.Module wrappers around fastnlg.ops, shaped like the Hugging Face modules they replace."""
-from .norms import FastLayerNorm, FastRMSNorm
-from .mlp import FastGatedMLP, FastGPT2MLP
-from .lora import LoRALinear, UnsupportedLoRA, peft_lora_forward, peft_state
-from .nf4_linear import NF4Linear, quantize_linears
 from .lm_head import FusedLMHead, causal_lm_forward, head_options_from_config
+from .lora import LoRALinear, UnsupportedLoRA, peft_lora_forward, peft_state
+from .mlp import FastGatedMLP, FastGPT2MLP
+from .nf4_linear import NF4Linear, quantize_linears
+from .norms import FastLayerNorm, FastRMSNorm
 
 __all__ = ["FastRMSNorm", "FastLayerNorm", "FastGatedMLP", "FastGPT2MLP", "FusedLMHead", "causal_lm_forward",
            "head_options_from_config",

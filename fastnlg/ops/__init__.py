@@ -1,7 +1,7 @@
 """fastnlg's functional ops (DESIGN.md §3). Each has a `<op>_reference` in its module: the spec."""
+from .attention import flash_attention
 from .cross_entropy import cross_entropy
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
-from .attention import flash_attention
 from .gelu import gelu
 from .glu import geglu, swiglu
 from .layer_norm import layer_norm

@@ -26,9 +26,9 @@ import warnings
 import torch
 
 from .. import backend as _backend
-from . import _amp
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from .._native import native_dtype
+from . import _amp
 
 BACKENDS = ("torch", "triton")
 MAX_HEAD_DIM = 256

@@ -28,9 +28,9 @@ from typing import NamedTuple
 import torch
 
 from .. import backend as _backend
-from . import _amp
 from .._checks import check_same_device, check_tensor
 from .._native import cast, native_dtype, ptr, to_native
+from . import _amp
 
 BACKENDS = ("torch", "triton", "cpp")
 REDUCTIONS = ("mean", "sum", "none")

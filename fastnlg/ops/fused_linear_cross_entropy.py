@@ -16,11 +16,21 @@ import functools
 
 import torch
 
-from . import _amp
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from .._native import cast, native_dtype
-from .cross_entropy import (_Extras, _Opts, _ce_chunk, _check_class_weight, _check_options, _finish, _outputs,
-                            _prepare, _row_scale, _scatter_rows)
+from . import _amp
+from .cross_entropy import (
+    _ce_chunk,
+    _check_class_weight,
+    _check_options,
+    _Extras,
+    _finish,
+    _Opts,
+    _outputs,
+    _prepare,
+    _row_scale,
+    _scatter_rows,
+)
 
 CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 temporaries)
 CUDA_CHUNK_BUDGET = 1024 * 2**20

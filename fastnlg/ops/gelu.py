@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
-from ._eager import eager_call, eager_op
 from .._native import cast, contiguous, dtype_code, native_dtype, ptr, rows, shaped
+from ._eager import eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 APPROXIMATE = ("tanh", "none")

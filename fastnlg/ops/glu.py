@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
 from .._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
-from ._eager import eager_call, eager_op
 from .._native import cast, contiguous, dtype_code, native_dtype, ptr, round_code, shaped
+from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
+from ._eager import eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": SWIGLU, "geglu_tanh": GEGLU_TANH, "geglu_none": GEGLU_ERF}

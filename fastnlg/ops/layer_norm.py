@@ -13,8 +13,8 @@ import torch
 
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_tensor
-from ._eager import eager_call, eager_op
 from .._native import cast, native_dtype, ptr, rows, shaped, to_native
+from ._eager import eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from . import _amp
 from .._checks import check_same_device, check_tensor
 from ..quant import NF4Weight
 from ..quant.matmul import MATMUL_NN, MATMUL_NT
+from . import _amp
 
 BACKENDS = ("torch", "triton")  # the NF4 products' backends (quant/matmul.py); dense W runs F.linear / matmul
 

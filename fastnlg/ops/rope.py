@@ -18,8 +18,8 @@ import torch
 
 from .. import backend as _backend
 from .._checks import check_same_device, check_same_dtype, check_tensor
-from ._eager import eager_call, eager_op
 from .._native import cast, native_dtype, ptr
+from ._eager import eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 

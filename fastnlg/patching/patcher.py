@@ -41,7 +41,8 @@ from torch import nn
 from . import table
 from .builders import ORIGINAL, Skipped, ours, restore_method, set_method
 from .report import Entry, PatchReport
-from .rope import hold as _hold_rope, release as _release_rope
+from .rope import hold as _hold_rope
+from .rope import release as _release_rope
 
 _STATE = "_fastnlg_state"  # on the patched model: its _State
 _IN = "_fastnlg_in"  # on every module of a patched model: its _State (modules registered into it get fused)
@@ -240,7 +241,7 @@ def unpatch(model: nn.Module) -> PatchReport:
         raise ValueError("fastnlg.unpatch: this model was not patched by fastnlg.patch")
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if child is not None and ORIGINAL in child.__dict__]
-    for parent, name, new in swaps:
+    for _, _, new in swaps:
         old = new.__dict__[ORIGINAL]
         lost = [n for slots in ("_parameters", "_buffers", "_modules") for n, v in getattr(new, slots).items()
                 if v is not None and n not in getattr(old, slots)]

@@ -6,8 +6,18 @@ import torch
 from .._checks import check_tensor
 from . import _backends
 from .nf4_reference import (  # noqa: F401  (the format's names, also importable from here)
-    BLOCKSIZES, DOUBLE_QUANT_BLOCK, DTYPES, DYNAMIC_CODE, NF4_CODE, NF4_MIDPOINTS, dequantize_8bit_reference,
-    dequantize_nf4_reference, dynamic_code, quantize_8bit_reference, quantize_nf4_reference)
+    BLOCKSIZES,
+    DOUBLE_QUANT_BLOCK,
+    DTYPES,
+    DYNAMIC_CODE,
+    NF4_CODE,
+    NF4_MIDPOINTS,
+    dequantize_8bit_reference,
+    dequantize_nf4_reference,
+    dynamic_code,
+    quantize_8bit_reference,
+    quantize_nf4_reference,
+)
 
 
 def _check_weight(op, W, blocksize):

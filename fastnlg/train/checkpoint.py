@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError
 from .distributed import Dist
+from .errors import ConfigError
 
 
 def _fsync_dir(path: str) -> None:

@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .evaluate import loss_metrics, plot_metrics, token_hits
 from .records import MetricsLog, Progress, peak_mb
 
+
 class Batches:
     """Global micro-batches (batch_size rows per process) in a seeded order per epoch, the same on every
     process; `position` (epoch, index) is saved in checkpoints. next() -> (this process's batch, target

@@ -106,10 +106,9 @@ def test_cuda_extension_builds_and_links(tmp_path):
 
 def test_readme_backend_table_matches_the_ops():
     """The README's table of backends per op is what the ops declare."""
+    import importlib
     import os
     import re
-
-    import importlib
 
     from fastnlg.quant import _backends as nf4
 

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from fastnlg.ops.attention import (attention_backward_reference, attention_reference, flash_attention,
-                                   visible_mask)
+from fastnlg.ops.attention import attention_backward_reference, attention_reference, flash_attention, visible_mask
 from tests.conftest import device_params
 from tests.tolerance import assert_by_rule
 

@@ -5,8 +5,17 @@ element-wise and reduction ops are untouched by autocast (exactly the op without
 import pytest
 import torch
 
-from fastnlg.ops import (apply_rope, cross_entropy, flash_attention, fused_linear_cross_entropy, geglu, layer_norm,
-                         lora_linear, rms_norm, swiglu)
+from fastnlg.ops import (
+    apply_rope,
+    cross_entropy,
+    flash_attention,
+    fused_linear_cross_entropy,
+    geglu,
+    layer_norm,
+    lora_linear,
+    rms_norm,
+    swiglu,
+)
 
 AMP = [torch.bfloat16, torch.float16]
 

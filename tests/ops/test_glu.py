@@ -67,8 +67,8 @@ def test_cpp_low_precision_in_place_is_fp32_then_cast(dtype, cpu_isa):
     the fp32 results with .to() (one rounding, to nearest even), in every mode and x86-64 build, with vector
     tails, NaN, inf and values past the dtype's range."""
     from fastnlg import _C
-    from fastnlg.kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
     from fastnlg._native import ptr, round_code
+    from fastnlg.kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
     from fastnlg.ops.glu import _bwd_cpp, _fwd_cpp
 
     g = (torch.randn(4099) * 4).to(dtype)

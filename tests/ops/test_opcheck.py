@@ -50,5 +50,5 @@ def test_opcheck_every_custom_op(device, backend, strided, use_backend):
     cases = _cases(strided)
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastnlg::")}
     assert registered <= {name.rsplit("_llama", 1)[0].rsplit("_eager", 1)[0] for name, _, _ in cases}, registered
-    for name, op, args in cases:
+    for _name, op, args in cases:
         torch.library.opcheck(op, args)

@@ -1,7 +1,6 @@
 """Every training method through PEFT's own modules (so adapters save and load in PEFT's format), patched and
 unpatched; QLoRA on fastnlg's NF4 base where bitsandbytes' 4-bit needs CUDA; gradient checkpointing with the
 checkpointed layer inputs offloaded; early stopping; TensorBoard logging; the config combinations refused."""
-import json
 import os
 import shutil
 import sys
@@ -14,7 +13,6 @@ import transformers
 from fastnlg.train import ConfigError, data, train
 from fastnlg.train.evaluate import loss_metrics
 from tests.tiny_model import losses, metrics, train_config
-
 
 _cfg, _rows, _losses = train_config, metrics, losses
 

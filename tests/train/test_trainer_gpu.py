@@ -2,6 +2,7 @@
 issue's "no host syncs beyond logging", checked with torch.cuda.set_sync_debug_mode through the trainer's
 sync_debug option), patched and unpatched bf16 runs agreeing, QLoRA on bitsandbytes' 4-bit when installed."""
 import importlib.util
+
 import pytest
 import torch
 

@@ -29,7 +29,7 @@ _ENV_KEYS: dict = {}
 def getenv(name: str) -> str | None:
     """os.environ.get(name), read on every call (tests and users switch backends by setting variables at any
     time) without os.environ's per-call key encoding and value decoding: the choice runs on every op call,
-    a few times per layer (0.02 against 0.5 us a read). Falls back to os.environ.get where os.environ is not
+    a few times per layer. Falls back to os.environ.get where os.environ is not
     the standard mapping (replaced, or another Python)."""
     if os.environ is not _ENVIRON or not isinstance(_ENV_DATA, dict):
         return os.environ.get(name)

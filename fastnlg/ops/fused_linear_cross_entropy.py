@@ -36,7 +36,7 @@ CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 te
 CUDA_CHUNK_BUDGET = 1024 * 2**20
 # Ignored rows are dropped (a gather of hidden rows, a scatter of their gradient) when that saves at least
 # this many multiply-adds of the three matmuls per row (ignored x V x C): below it the gather and scatter
-# cost more than the rows (a tiny model's few ignored rows: 13 x 400 x 64 saves ~9 us of ~25 us spent).
+# cost more than the rows (a tiny model's few ignored rows).
 COMPACT_MIN_MACS = 2**20
 
 
@@ -102,8 +102,8 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
 def _fast_matmul(dtype, device):
     """Whether a `dtype` (bf16/fp16) matmul runs at full speed on `device`: always on CUDA; on a CPU where
     oneDNN has native kernels for it (bf16 on AVX-512 CPUs, fp16 on AVX512-FP16/AMX ones), as eager's
-    matmuls under autocast run there. Elsewhere torch's fallback is far slower than fp32 (fp16 400 x 512 x 64
-    on a Zen 4: 6.2 ms against 0.13 ms in fp32; bf16 there: 0.05 ms)."""
+    matmuls under autocast run there. Elsewhere torch's fallback is far slower than fp32
+    (benchmarks/results/cpu-backend-choices.md)."""
     if device.type != "cpu":
         return True
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else

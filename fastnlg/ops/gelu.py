@@ -7,11 +7,10 @@ z is recomputed from the saved x and bias (nothing else is saved). Computed in f
 rounded once: z is never rounded to the input dtype, unlike a bias add followed by F.gelu.
 Backends: Triton (kernels/gelu.py), C++ (csrc/cpu/activations.cpp), torch (below: aten's gelu /
 gelu_backward). On CPU the tanh form defaults to C++: one vectorised pass each way with the bias add inside
-(its exp is fastnlg's polynomial, built per x86-64 level), bf16/fp16 read and written in place. 2 cores
-(Zen 4), fp32 with bias, 512 x 256 (a tiny GPT-2's MLP): forward 22 vs 87 us for the torch backend, backward
-38 vs 102 us; 256 x 3072: forward 112 vs 500 us; bf16 fwd + bwd against eager F.gelu(x + b): 160 vs 232 us
-at 512 x 256, 0.60 vs 1.16 ms at 256 x 3072. The erf form keeps torch as its CPU default (aten's erf is
-vectorised, the C++ loop calls glibc's scalar erf, 20x slower); FASTNLG_BACKEND=cpp still selects it.
+(its exp is fastnlg's polynomial, built per x86-64 level), bf16/fp16 read and written in place, where torch
+takes separate passes. The erf form keeps torch as its CPU default: aten's erf is vectorised, the C++ loop
+calls glibc's scalar erf; FASTNLG_BACKEND=cpp still selects it. (Measurements: benchmarks/bench_gelu.py,
+benchmarks/results/cpu-backend-choices.md.)
 """
 from __future__ import annotations
 

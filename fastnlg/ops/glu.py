@@ -4,11 +4,10 @@ Backward (gradchecked in fp64 in tests/ops/test_glu.py): dgate = dy * up * act'(
 with act' written out in kernels/glu.py. Backends: Triton (kernels/glu.py), C++ (csrc/cpu/activations.cpp),
 torch (below: aten's activation kernels). On CPU the default is C++: one vectorised pass each way (its exp
 is a polynomial, built per x86-64 level), where torch takes 2 ops forward and 4 backward; bf16/fp16 are read
-and written in place (loaded to fp32, rounded once on the store: the bits of fp32 copies and .to()). fwd +
-bwd, 2 cores (Zen 4), fp32 swiglu 512 x 2816: 1.35 vs 2.09 ms (eager F.silu(g) * u: 3.7), geglu 1.38 vs
-4.12 ms; bf16 swiglu 0.97 ms against eager's 1.19 (2.5 with fp32 copies in and out). The erf GeGLU keeps
-torch as its CPU default: its C++ loop calls glibc's scalar erf (4x slower than aten's vectorised one);
-FASTNLG_BACKEND=cpp still selects it.
+and written in place (loaded to fp32, rounded once on the store: the bits of fp32 copies and .to()). The
+erf GeGLU keeps torch as its CPU default: its C++ loop calls glibc's scalar erf, aten's is vectorised;
+FASTNLG_BACKEND=cpp still selects it. (Measurements: benchmarks/bench_glu.py,
+benchmarks/results/cpu-backend-choices.md.)
 
 Rounding: by default act(gate) * up is computed in fp32 and rounded once (more accurate than eager). For
 bf16/fp16 inputs eager rounds act(gate) to the input dtype first (F.silu returns bf16), which differs from

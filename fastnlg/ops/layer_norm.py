@@ -4,8 +4,8 @@ Backward (gradchecked in fp64 in tests/ops/test_layer_norm.py), r = rstd, xh = (
     g = dy * w;  dx = r * (g - mean(g) - xh * mean(g * xh));  dw = sum_rows(dy * xh);  db = sum_rows(dy)
 Backends: Triton (kernels/layer_norm.py), C++ (csrc/cpu/norms.cpp), torch (below: aten's native_layer_norm
 and its backward in the accumulation dtype). On CPU the default is torch: aten's vectorised kernels beat our
-C++ loop 3-5x (4096 x 1024 fp32, 2 cores: fwd 0.5 vs 2.8 ms, bwd 1.5 vs 4.1 ms); FASTNLG_BACKEND=cpp still
-selects the C++ kernel.
+C++ loop (benchmarks/bench_layer_norm.py; benchmarks/results/cpu-backend-choices.md); FASTNLG_BACKEND=cpp
+still selects the C++ kernel.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ a patched and an unpatched tiny model's training step). `eager_op(op, setup_cont
 callable that runs the op's own implementation inside a plain torch.autograd.Function with the same
 setup_context and backward in eager mode on plain CPU/CUDA tensors, and the custom op itself otherwise
 (under torch.compile, for tensor subclasses, fake or meta tensors); `eager_call(op)` does the same for the
-backward ops. Same computation, same gradients.
+backward ops. Same computation, same gradients. The ops are declared with `custom_op(name)` below, which
+keeps a handle on each op's implementation (torch's CustomOpDef does not offer one publicly).
 """
 from __future__ import annotations
 
@@ -23,10 +24,29 @@ def _plain(args, _types=(torch.Tensor, torch.nn.Parameter)) -> bool:
     return True
 
 
+_IMPLS: dict = {}  # custom op -> the Python function that implements it
+
+
+def custom_op(name: str):
+    """@torch.library.custom_op(name, mutates_args=()) that also records the decorated implementation."""
+    def declare(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _IMPLS[op] = fn
+        return op
+    return declare
+
+
+def _impl(op):
+    impl = _IMPLS.get(op)
+    if impl is None:
+        raise TypeError(f"{op}: declare it with fastnlg.ops._eager.custom_op, which keeps its implementation")
+    return impl
+
+
 def eager_call(op):
     """A callable running custom op `op` (no autograd of its own: a backward op) as its implementation in
     eager mode on plain tensors, and as the op otherwise."""
-    impl = op._init_fn
+    impl = _impl(op)
 
     def call(*args):
         if torch.compiler.is_compiling() or not _plain(args):
@@ -38,7 +58,7 @@ def eager_call(op):
 
 def eager_op(op, setup_context, backward):
     """A callable running custom op `op` (a forward op with registered autograd): see the module docstring."""
-    impl = op._init_fn
+    impl = _impl(op)
 
     def forward(ctx, *args):
         out = impl(*args)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
 from .._native import cast, contiguous, dtype_code, native_dtype, ptr, rows, shaped
-from ._eager import eager_call, eager_op
+from ._eager import custom_op, eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 APPROXIMATE = ("tanh", "none")
@@ -88,7 +88,7 @@ def _backend_for(x, tanh):
     return _backend.choose("gelu", x, BACKENDS, cpu_default_cpp=tanh)  # (see the docstring)
 
 
-@torch.library.custom_op("fastnlg::gelu_fwd", mutates_args=())
+@custom_op("fastnlg::gelu_fwd")
 def _gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
     return shaped(_FWD[_backend_for(x, tanh)](rows(x), bias, tanh), x.shape)
 
@@ -98,7 +98,7 @@ def _(x, bias, tanh):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastnlg::gelu_bwd", mutates_args=())
+@custom_op("fastnlg::gelu_bwd")
 def _gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, tanh: bool,
               compute_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, db = _BWD[_backend_for(x, tanh)](rows(dy), rows(x), bias, tanh, compute_db)

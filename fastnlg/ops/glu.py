@@ -27,7 +27,7 @@ from .. import backend as _backend
 from .._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from .._native import cast, contiguous, dtype_code, native_dtype, ptr, round_code, shaped
 from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
-from ._eager import eager_call, eager_op
+from ._eager import custom_op, eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": SWIGLU, "geglu_tanh": GEGLU_TANH, "geglu_none": GEGLU_ERF}
@@ -106,7 +106,7 @@ def _backend_for(gate, kind):
     return _backend.choose("glu", gate, BACKENDS, cpu_default_cpp=kind != GEGLU_ERF)  # (see the docstring)
 
 
-@torch.library.custom_op("fastnlg::glu_fwd", mutates_args=())
+@custom_op("fastnlg::glu_fwd")
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool) -> torch.Tensor:
     return shaped(_FWD[_backend_for(gate, kind)](gate, up, kind, round_act), gate.shape)
 
@@ -116,7 +116,7 @@ def _(gate, up, kind, round_act):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastnlg::glu_bwd", mutates_args=())
+@custom_op("fastnlg::glu_bwd")
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
     dg, du = _BWD[_backend_for(gate, kind)](dy, gate, up, kind)
     return shaped(dg, gate.shape), shaped(du, up.shape)

@@ -14,7 +14,7 @@ import torch
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_tensor
 from .._native import cast, native_dtype, ptr, rows, shaped, to_native
-from ._eager import eager_call, eager_op
+from ._eager import custom_op, eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -87,7 +87,7 @@ def _backend_for(x):
     return _backend.choose("layer_norm", x, BACKENDS, cpu_default_cpp=False)  # (C++: opt-in, see above)
 
 
-@torch.library.custom_op("fastnlg::layer_norm_fwd", mutates_args=())
+@custom_op("fastnlg::layer_norm_fwd")
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = _FWD[_backend_for(x)](rows(x), weight, bias, eps)
@@ -101,7 +101,7 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
 
-@torch.library.custom_op("fastnlg::layer_norm_bwd", mutates_args=())
+@custom_op("fastnlg::layer_norm_bwd")
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     compute_dw: bool, compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = _BWD[_backend_for(x)](rows(dy), rows(x), weight, mean, rstd, compute_dw, compute_db)

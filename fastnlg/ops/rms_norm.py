@@ -20,7 +20,7 @@ import torch
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_tensor
 from .._native import cast, native_dtype, ptr, round_code, rows, shaped, to_native
-from ._eager import eager_call, eager_op
+from ._eager import custom_op, eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 CASTING_MODES = ("gemma", "llama")
@@ -108,7 +108,7 @@ def _forward(x, weight, eps, offset, cast_xhat, out):
                                                          out.view(-1, x.shape[-1]))
 
 
-@torch.library.custom_op("fastnlg::rms_norm_fwd", mutates_args=())
+@custom_op("fastnlg::rms_norm_fwd")
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                   cast_xhat: bool) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty(x.shape, dtype=_out_dtype(x, weight, cast_xhat), device=x.device)
@@ -123,7 +123,7 @@ def _(x, weight, eps, offset, cast_xhat):
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_xhat)), x.new_empty((n,), dtype=acc)
 
 
-@torch.library.custom_op("fastnlg::rms_norm_bwd", mutates_args=())
+@custom_op("fastnlg::rms_norm_bwd")
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                   compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = _BWD[_backend.choose("rms_norm", x, BACKENDS)](rows(dy), rows(x), weight, rstd, offset, compute_dw)

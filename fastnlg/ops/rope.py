@@ -19,7 +19,7 @@ import torch
 from .. import backend as _backend
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from .._native import cast, native_dtype, ptr
-from ._eager import eager_call, eager_op
+from ._eager import custom_op, eager_call, eager_op
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -106,12 +106,12 @@ def _run(q, k, cos, sin, backward):
     return _RUN[_backend.choose("apply_rope", q, BACKENDS)](q, k, cos, sin, backward)
 
 
-@torch.library.custom_op("fastnlg::rope_fwd", mutates_args=())
+@custom_op("fastnlg::rope_fwd")
 def _rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(q, k, cos, sin, False)
 
 
-@torch.library.custom_op("fastnlg::rope_bwd", mutates_args=())
+@custom_op("fastnlg::rope_bwd")
 def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(dq, dk, cos, sin, True)
 

@@ -87,10 +87,14 @@ def source_commit() -> str | None:
 
 
 def environment(device: str) -> dict:
-    def version(mod):
+    def version(dist):
+        """The installed version, read from the package metadata (importing transformers or peft only to read
+        it costs seconds, which a capped smoke step cannot spare)."""
+        from importlib import metadata
+
         try:
-            return __import__(mod).__version__
-        except Exception:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
             return None
     commit = source_commit()
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())

@@ -76,16 +76,16 @@ class Context:
 
 def environment(device: str) -> dict:
     """The fields every row carries (benchmarks.harness.environment, plus peft, CUDA and the GPU's arch)."""
+    from importlib import metadata
+
     import torch
 
     from .harness import environment as base
 
     env = base(device)
     try:
-        import peft
-
-        env["peft"] = peft.__version__
-    except ImportError:
+        env["peft"] = metadata.version("peft")  # (the metadata: importing peft takes seconds)
+    except metadata.PackageNotFoundError:
         env["peft"] = None
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability()

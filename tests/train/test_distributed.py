@@ -19,7 +19,9 @@ def _train(tiny, out, *extra):
             "--eval-files", tiny["eval"], "--output-dir", str(out), "--max-length", "96", "--max-steps", "4",
             "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--method", "lora", "--lora-dropout", "0",
             "--learning-rate", "1e-2", "--progress", "false", "--device", "cpu", *extra]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    # the CPU defaults (C++ / torch), also for the module-scoped `single` run, which starts before the
+    # function-scoped _cpu_backends fixture sets them: under the Triton interpreter a step takes minutes
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -68,5 +70,7 @@ def test_resume_with_another_process_count_is_refused(tiny, single, tmp_path):
     args = [sys.executable, "-m", "fastnlg.cli", "train", "--model", tiny["model"], "--train-files", tiny["train"],
             "--output-dir", str(out), "--max-length", "96", "--max-steps", "4", "--batch-size", "2", "--nproc", "2",
             "--progress", "false", "--device", "cpu", "--resume"]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    # the CPU defaults (C++ / torch), also for the module-scoped `single` run, which starts before the
+    # function-scoped _cpu_backends fixture sets them: under the Triton interpreter a step takes minutes
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert r.returncode != 0 and "fastnlg train: error: resume: " in r.stderr and "written by 1 processes, resumed with 2" in r.stderr

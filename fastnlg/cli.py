@@ -59,7 +59,7 @@ def _train_parser(sub):
 
 def cmd_train(args) -> int:
     from .train.config import TrainConfig, load_config_file
-    from .train.trainer import train
+    from .train.trainer import check_startable, train
 
     values = load_config_file(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
         values["patch"] = False
     if args.resume:
         values["resume"] = True
-    cfg = TrainConfig.from_dict(values)  # validated once, before any process starts
+    cfg = TrainConfig.from_dict(values)
+    check_startable(cfg)  # before any process starts (train() in each process then finds it checked)
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: needs a number of processes >= 1")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:

@@ -124,7 +124,7 @@ def _cycles(graph: dict) -> list:
 
 def _package_edges(graph: dict) -> dict:
     """The graph without the arrows from a package's __init__ into its own submodules (a package re-exporting
-    its parts is not a circle) and from a submodule to the package it lives in for a name it re-exports."""
+    its parts is not a circle)."""
     return {m: [(line, t) for line, t in edges if not t.startswith(m + ".")] for m, edges in graph.items()}
 
 

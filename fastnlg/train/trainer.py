@@ -170,13 +170,19 @@ class NonFiniteGuard:
                                      "lower learning_rate or use fp32 (last good checkpoint kept)")
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Runs the configured fine-tuning (on every process under torchrun); returns the last metrics (and eval
-    metrics when evaluated)."""
+def check_startable(cfg: TrainConfig) -> None:
+    """What must hold before a run starts, as ConfigErrors: a valid config, and a checkpoint to resume from
+    when resuming (the command line checks this once before it starts several processes)."""
     cfg.ensure_valid()
     if cfg.resume and not checkpoint.list_checkpoints(cfg.output_dir):
         raise ConfigError(f"resume={cfg.resume!r} is not allowed: output_dir {cfg.output_dir!r} holds no checkpoint "
                           "to resume from")
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Runs the configured fine-tuning (on every process under torchrun); returns the last metrics (and eval
+    metrics when evaluated)."""
+    check_startable(cfg)
     dist = Dist.from_env(cfg.distributed)
     try:
         return _train(cfg, dist, log if dist.main else (lambda *_: None))

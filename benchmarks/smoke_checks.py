@@ -480,11 +480,8 @@ def cuda_ext(ctx) -> None:
             dtype = DTYPES[dt]
             W = torch.randn(4096, 4096, device="cuda").to(dtype)
             w = quantize_nf4(W, double_quant=False)
-            os.environ["FASTNLG_BACKEND_DEQUANTIZE_NF4"] = "cuda"
-            try:
+            with backend.use("cuda", op="dequantize_nf4"):
                 deq = _backends.dequantize(w, dtype)
-            finally:
-                del os.environ["FASTNLG_BACKEND_DEQUANTIZE_NF4"]
             ref = N.dequantize_nf4_reference(w.packed, w.absmax_fp32().float(), W.shape, dtype)
             out[f"dequantize_{dt}_equal"] = bool(torch.equal(deq, ref))
             x = torch.randn(4096, device="cuda").to(dtype)

@@ -9,9 +9,11 @@ Rule (DESIGN.md §2):
 - ``FASTNLG_BACKEND=...`` overrides every op that has that backend, so it can be set for a whole model:
   an op without it keeps its default and says so once (a warning naming the op); one that has it but
   cannot run it on the given tensors is an error, never a silent fallback.
+The variables are read once, at the first op call: `use(...)` changes them for a block, `refresh()` re-reads them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -21,23 +23,61 @@ import torch
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 
-_ENVIRON = os.environ
-_ENV_DATA = getattr(_ENVIRON, "_data", None)
-_ENV_KEYS: dict = {}
+_SETTINGS: dict | None = None  # the variables below, read once; refresh() and use() re-read them
+
+
+def _is_setting(name: str) -> bool:
+    return name.startswith("FASTNLG_BACKEND") or name == "TRITON_INTERPRET"
+
+
+def refresh() -> None:
+    """Re-read FASTNLG_BACKEND, FASTNLG_BACKEND_<OP> and TRITON_INTERPRET from os.environ. The backend choice
+    runs on every op call, a few times per layer, so it reads them once (a dict lookup per call); a program
+    that changes them after fastnlg's first op call calls this, or sets them with `use`."""
+    global _SETTINGS
+    _SETTINGS = {k: v for k, v in os.environ.items() if _is_setting(k)}
 
 
 def getenv(name: str) -> str | None:
-    """os.environ.get(name), read on every call (tests and users switch backends by setting variables at any
-    time) without os.environ's per-call key encoding and value decoding: the choice runs on every op call,
-    a few times per layer. Falls back to os.environ.get where os.environ is not
-    the standard mapping (replaced, or another Python)."""
-    if os.environ is not _ENVIRON or not isinstance(_ENV_DATA, dict):
-        return os.environ.get(name)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = _ENVIRON.encodekey(name)
-    value = _ENV_DATA.get(key)
-    return None if value is None else _ENVIRON.decodevalue(value)
+    """The value of one of the backend variables as last read (refresh)."""
+    if _SETTINGS is None:
+        refresh()
+    return _SETTINGS.get(name)
+
+
+_UNCHANGED = object()
+
+
+@contextlib.contextmanager
+def use(backend: str | None | object = _UNCHANGED, op: str | None = None, interpret: bool | None = None):
+    """Within the block, run `op` (every op when None) on `backend`, and/or run Triton kernels on CPU tensors
+    under the interpreter (interpret=True) or not. It sets the environment variables, so subprocesses see
+    them too, and restores them on exit; both ends re-read them. `backend=None` lifts an override.
+    Kernels are compiled or interpreted as Triton decided when they were defined: `interpret` switches
+    fastnlg's choice, and the interpreter itself must be set before the kernels are imported."""
+    changes = {}
+    if backend is not _UNCHANGED:
+        var = f"FASTNLG_BACKEND_{op.upper()}" if op else "FASTNLG_BACKEND"
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"use(backend={backend!r}): not one of {', '.join(BACKENDS)}")
+        changes[var] = backend
+    if interpret is not None:
+        changes["TRITON_INTERPRET"] = "1" if interpret else "0"
+    saved = {name: os.environ.get(name) for name in changes}
+
+    def apply(values):
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        refresh()
+
+    apply(changes)
+    try:
+        yield
+    finally:
+        apply(saved)
 
 
 def triton_interpret() -> bool:

@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastnlg import backend  # noqa: E402
+
 CPU_BACKENDS = ("torch", "cpp", "triton")
 
 
@@ -33,13 +35,46 @@ def backend_params():
     return params
 
 
+class BackendEnv:
+    """monkeypatch for the variables fastnlg.backend reads once (FASTNLG_BACKEND*, TRITON_INTERPRET): each
+    change has it re-read them, and monkeypatch restores them after the test."""
+
+    def __init__(self, monkeypatch):
+        self._mp = monkeypatch
+
+    def setenv(self, name, value):
+        self._mp.setenv(name, value)
+        backend.refresh()
+
+    def delenv(self, name, raising=True):
+        self._mp.delenv(name, raising=raising)
+        backend.refresh()
+
+
 @pytest.fixture
-def use_backend(monkeypatch):
+def backend_env(monkeypatch):
+    return BackendEnv(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _backend_settings_read(monkeypatch):
+    """Each test starts from the backend variables as the environment holds them, and one that set them
+    without having them re-read (backend_env, backend.use) fails: it would have tested stale settings."""
+    backend.refresh()
+    yield
+    current = {k: v for k, v in os.environ.items() if backend._is_setting(k)}
+    assert backend._SETTINGS == current, (
+        f"backend variables changed to {current} but fastnlg.backend still reads {backend._SETTINGS}: set them "
+        "with the backend_env fixture or fastnlg.backend.use")
+
+
+@pytest.fixture
+def use_backend(backend_env):
     """use_backend("cpp") forces FASTNLG_BACKEND for the test; a CPU test of triton needs the interpreter."""
     def set_backend(name):
         if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
-        monkeypatch.setenv("FASTNLG_BACKEND", name)
+        backend_env.setenv("FASTNLG_BACKEND", name)
     return set_backend
 
 

@@ -62,10 +62,10 @@ def test_loss_benchmarks_compare_equal_losses():
             torch.testing.assert_close(loss, losses["eager"], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_train_step_benchmark_times_the_same_step(monkeypatch):
+def test_train_step_benchmark_times_the_same_step(monkeypatch, backend_env):
     """fastnlg vs eager in the step benchmark: the same model, batch and method (equal first-step losses,
     LoRA's B starting at zero), and the report carries tokens/s."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend_env.setenv("TRITON_INTERPRET", "0")
     from benchmarks import bench_train_step as b
 
     small = dict(hidden=32, layers=2, heads=4, kv=2, inter=64, vocab=128, batch=2, seq=16)

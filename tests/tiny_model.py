@@ -17,10 +17,10 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _cpu_backends(monkeypatch):
+def _cpu_backends(backend_env):
     """The CPU defaults (C++ / torch) as users run them: the Triton interpreter would take minutes a step
     (the kernels are tested under it in tests/ops). Subprocesses inherit this."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend_env.setenv("TRITON_INTERPRET", "0")
 
 
 def train_config(tiny, out, **overrides):

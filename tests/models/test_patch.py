@@ -19,11 +19,11 @@ NORMS = {"qwen3": 2 * 4 + 1, "gemma2": 2 * 4 + 1, "gemma3": 2 * 6 + 1}
 
 
 @pytest.fixture(autouse=True)
-def _cpu_backends(request, monkeypatch):
+def _cpu_backends(request, backend_env):
     """The CPU defaults (C++ / torch), as users run on CPU; test_patched_model_on_triton runs the Triton
     kernels under the interpreter (slow: one family)."""
     if "triton" not in request.node.name:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        backend_env.setenv("TRITON_INTERPRET", "0")
 
 
 def _config(family):
@@ -543,18 +543,18 @@ def test_mlp_rounding_in_bf16(eager_rounding):
     assert torch.equal(got_mlp, want_mlp) == eager_rounding
 
 
-def test_whole_model_under_a_global_backend_override(monkeypatch):
+def test_whole_model_under_a_global_backend_override(monkeypatch, backend_env):
     """FASTNLG_BACKEND=cpp on a patched model: the ops with a C++ kernel run it, attention keeps its default
     (said once in a warning) instead of raising, and the step matches the unpatched model."""
     from fastnlg import backend
 
     monkeypatch.setattr(backend, "_WARNED", set())
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend_env.setenv("TRITON_INTERPRET", "0")
     ref = _model("llama")
     ours = _model("llama")
     ref_out, ref_grads = _train_step(ref)
     fastnlg.patch(ours)
-    monkeypatch.setenv("FASTNLG_BACKEND", "cpp")
+    backend_env.setenv("FASTNLG_BACKEND", "cpp")
     try:
         with pytest.warns(UserWarning, match="does not apply to flash_attention"):
             out, grads = _train_step(ours)

@@ -20,8 +20,8 @@ LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_pr
 
 
 @pytest.fixture(autouse=True)
-def _cpu_backends(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def _cpu_backends(backend_env):
+    backend_env.setenv("TRITON_INTERPRET", "0")
 
 
 def _assert_same_step(ours, ref):

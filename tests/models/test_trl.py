@@ -19,8 +19,8 @@ TEXTS = [f"record {i}: the weather in city {i % 7} is {'cold' if i % 3 else 'war
 
 
 @pytest.fixture(autouse=True)
-def _cpu_backends(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def _cpu_backends(backend_env):
+    backend_env.setenv("TRITON_INTERPRET", "0")
 
 
 @pytest.fixture(scope="module")

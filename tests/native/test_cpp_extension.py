@@ -17,36 +17,36 @@ def test_extension_is_built():
         (glu_kinds.SWIGLU, glu_kinds.GEGLU_TANH, glu_kinds.GEGLU_ERF)  # the C++ header keeps the one numbering
 
 
-def test_default_cpu_backend(monkeypatch):
-    monkeypatch.delenv("FASTNLG_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_default_cpu_backend(backend_env):
+    backend_env.delenv("FASTNLG_BACKEND", raising=False)
+    backend_env.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(2, 2)
     assert backend.choose("op", x, ("torch", "triton", "cpp")) == "cpp"
     assert backend.choose("op", x, ("torch", "triton", "cpp"), cpu_default_cpp=False) == "torch"
     assert backend.choose("op", x, ("torch", "triton")) == "torch"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend_env.setenv("TRITON_INTERPRET", "1")
     assert backend.choose("op", x, ("torch", "triton", "cpp")) == "triton"
     assert backend.choose("op", x.double(), ("torch", "triton", "cpp")) == "cpp"
 
 
-def test_bad_backend_names(monkeypatch):
-    monkeypatch.setenv("FASTNLG_BACKEND", "tpu")
+def test_bad_backend_names(backend_env):
+    backend_env.setenv("FASTNLG_BACKEND", "tpu")
     with pytest.raises(ValueError, match="FASTNLG_BACKEND='tpu' is not one of"):
         backend.choose("op", torch.randn(1), ("torch",))
-    monkeypatch.setenv("FASTNLG_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend_env.setenv("FASTNLG_BACKEND", "triton")
+    backend_env.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need CUDA tensors"):
         backend.choose("op", torch.randn(1), ("torch", "triton"))
 
 
-def test_global_override_applies_where_an_op_has_the_backend(monkeypatch):
+def test_global_override_applies_where_an_op_has_the_backend(monkeypatch, backend_env):
     """FASTNLG_BACKEND=cpp can be set for a whole model: ops with a C++ kernel use it, an op without one
     keeps its default and says so once; FASTNLG_BACKEND_<OP> overrides one op and insists."""
     import warnings
 
     monkeypatch.setattr(backend, "_WARNED", set())
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("FASTNLG_BACKEND", "cpp")
+    backend_env.setenv("TRITON_INTERPRET", "0")
+    backend_env.setenv("FASTNLG_BACKEND", "cpp")
     x = torch.randn(2, 2)
     assert backend.choose("rms_norm", x, ("torch", "triton", "cpp")) == "cpp"
     with pytest.warns(UserWarning, match=r"FASTNLG_BACKEND='cpp' does not apply to flash_attention \(it has: torch, "
@@ -55,12 +55,12 @@ def test_global_override_applies_where_an_op_has_the_backend(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         assert backend.choose("flash_attention", x, ("torch", "triton")) == "torch"
-    monkeypatch.setenv("FASTNLG_BACKEND_RMS_NORM", "torch")  # the per-op variable wins
+    backend_env.setenv("FASTNLG_BACKEND_RMS_NORM", "torch")  # the per-op variable wins
     assert backend.choose("rms_norm", x, ("torch", "triton", "cpp")) == "torch"
-    monkeypatch.setenv("FASTNLG_BACKEND_FLASH_ATTENTION", "cpp")
+    backend_env.setenv("FASTNLG_BACKEND_FLASH_ATTENTION", "cpp")
     with pytest.raises(ValueError, match="FASTNLG_BACKEND_FLASH_ATTENTION='cpp' is not implemented for this op"):
         backend.choose("flash_attention", x, ("torch", "triton"))
-    monkeypatch.setenv("FASTNLG_BACKEND", "cpp")
+    backend_env.setenv("FASTNLG_BACKEND", "cpp")
     with pytest.raises(ValueError, match="FASTNLG_BACKEND='cpp' cannot run here"):  # has it, cannot run it
         backend.choose("rms_norm_other", torch.randn(2, 2, device="meta"), ("torch", "cpp"))
 

@@ -84,11 +84,11 @@ def test_cpp_low_precision_in_place_is_fp32_then_cast(dtype, cpu_isa):
                 assert db.dtype == torch.float32 and torch.equal(db.nan_to_num(), db32.nan_to_num())
 
 
-def test_cpp_is_the_cpu_default_for_tanh_only(monkeypatch):
+def test_cpp_is_the_cpu_default_for_tanh_only(backend_env):
     from fastnlg.ops.gelu import _backend_for
 
-    monkeypatch.delenv("FASTNLG_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend_env.delenv("FASTNLG_BACKEND", raising=False)
+    backend_env.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(2, 8)
     assert _backend_for(x, True) == "cpp"
     assert _backend_for(x, False) == "torch"  # (aten's erf is vectorised, glibc's is not)

@@ -91,12 +91,12 @@ def test_bad_input(make, err, match):
         rms_norm(x, w)
 
 
-def test_forced_backend_that_cannot_run(monkeypatch):
-    monkeypatch.setenv("FASTNLG_BACKEND_RMS_NORM", "cuda")
+def test_forced_backend_that_cannot_run(backend_env):
+    backend_env.setenv("FASTNLG_BACKEND_RMS_NORM", "cuda")
     with pytest.raises(ValueError, match=r"FASTNLG_BACKEND_RMS_NORM='cuda' is not implemented for this op"):
         rms_norm(torch.randn(2, 8), torch.randn(8))
-    monkeypatch.delenv("FASTNLG_BACKEND_RMS_NORM")
-    monkeypatch.setenv("FASTNLG_BACKEND", "triton")
+    backend_env.delenv("FASTNLG_BACKEND_RMS_NORM")
+    backend_env.setenv("FASTNLG_BACKEND", "triton")
     with pytest.raises(ValueError, match="float64"):
         rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
 

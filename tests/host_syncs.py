@@ -17,8 +17,8 @@ import torch
 
 PACKAGE = os.path.dirname(os.path.abspath(__import__("fastnlg").__file__))
 ALLOWED = {
-    "fastnlg/ops/cross_entropy.py:_valid_rows": "the loss's count of non-ignored rows and its label-range check: "
-                                                "one read of three numbers per loss call",
+    "fastnlg/ops/token_loss.py:valid_rows": "the loss's count of non-ignored rows and its label-range check: "
+                                              "one read of three numbers per loss call",
     "fastnlg/ops/fused_linear_cross_entropy.py:forward": "the indices of the non-ignored rows, where dropping them "
                                                          "saves work (a data-dependent size)",
     "fastnlg/nn/hf_attention.py:_as_kernel_mask": "a 4-D attention mask's (causal, key padding) form: once per "

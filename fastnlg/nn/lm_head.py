@@ -78,11 +78,7 @@ class FusedLMHead(nn.Linear):
         """Causal-LM loss of hidden (B, T, C) against labels (B, T) (shifted here) or shift_labels (B, T)
         (already aligned), with no (B*T, V) tensor in forward or backward."""
         shift_labels = _shift(labels, shift_labels, self.ignore_index, hidden.shape[:-1])
-        h, weight, bias = hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias
-        if torch.is_autocast_enabled(h.device.type):  # what F.linear would compute in under autocast
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, weight = h.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        h, weight, bias = hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias  # (autocast: the loss op's)
         if self.logit_scale is not None:  # s (h W^T + b) = (s h) W^T + s b
             h = h * self.logit_scale
             bias = None if bias is None else bias * self.logit_scale

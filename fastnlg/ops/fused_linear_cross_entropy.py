@@ -1,5 +1,5 @@
 """Fused linear + cross-entropy: the LM loss of logits = hidden @ weight.T (+ bias) without the (N, V) logits.
-Semantics, options and per-row math: cross_entropy.py (shared with `cross_entropy`).
+Semantics, options and per-row math: token_loss.py (shared with `cross_entropy`).
 
 fused_linear_cross_entropy(hidden (N, C), weight (V, C), labels (N,)): ignored rows are dropped first (one
 gather; no matmul work on them) where that saves COMPACT_MIN_MACS or more, then token chunks of `chunk_size`
@@ -19,17 +19,17 @@ import torch
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from .._native import cast, native_dtype
 from . import _amp
-from .cross_entropy import (
-    _ce_chunk,
-    _check_class_weight,
-    _check_options,
-    _Extras,
-    _finish,
-    _Opts,
-    _outputs,
-    _prepare,
-    _row_scale,
-    _scatter_rows,
+from .token_loss import (
+    Extras,
+    Opts,
+    ce_chunk,
+    check_class_weight,
+    check_options,
+    finish,
+    outputs,
+    prepare,
+    row_scale,
+    scatter_rows,
 )
 
 CPU_CHUNK_BUDGET = 256 * 2**20    # bytes of chunk working set (logits + fp32 temporaries)
@@ -49,7 +49,7 @@ def auto_chunk_size(n_rows: int, V: int, device: torch.device) -> int:
     return max(1, min(n_rows, budget // (16 * V)))
 
 
-def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw, need_db, hits=None):
+def _linear_ce_pass(h, weight, bias, y, scale, o: Opts, chunk, need_dh, need_dw, need_db, hits=None):
     """One pass over token chunks. scale (n,) fp32 or None (no gradients); `hits` (n,) bool, when given,
     gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
     n, V = h.shape[0], weight.shape[0]
@@ -73,9 +73,9 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: _Opts, chunk, need_dh, need_dw
         if hits is not None:
             torch.eq(logits.argmax(-1), y[s:e], out=hits[s:e])
         if whole:
-            loss, lse = _ce_chunk(logits, y, scale, o)
+            loss, lse = ce_chunk(logits, y, scale, o)
         else:
-            loss[s:e], lse[s:e] = _ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
+            loss[s:e], lse[s:e] = ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
         if not grads:
             continue
         if dh is not None:
@@ -124,7 +124,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, reduction, opts, num_items, chunk_size, want, grad_mode):
         N, V = hidden.shape[0], weight.shape[0]
-        valid, n_valid, ce_den, z_den, o = _prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
+        valid, n_valid, ce_den, z_den, o = prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
                                                    num_items, native_dtype(hidden))
         idx = None  # (no row dropped: the kernels give ignored rows zero loss and gradient)
         if valid is not None and (N - n_valid) * V * hidden.shape[1] >= COMPACT_MIN_MACS:
@@ -140,7 +140,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scalar = reduction != "none" or num_items is not None
         ctx.precomputed = any(need) and scalar
         if ctx.precomputed:
-            scale = _row_scale(h.shape[0], ce_den, native_dtype(h), h.device)
+            scale = row_scale(h.shape[0], ce_den, native_dtype(h), h.device)
             loss_rows, lse, dh, dw, db = _linear_ce_pass(h, weight, bias, y, scale, o, chunk, *need, hits=hits)
             ctx.save_for_backward(idx, dh, dw, db)
         else:
@@ -150,8 +150,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.where(y != o.ignore_index, lse, torch.zeros_like(lse))  # z-loss part skips the ignored
         ctx.N, ctx.chunk, ctx.opts, ctx.need = N, chunk, o, need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        loss = loss_rows.sum() / ce_den if scalar else _scatter_rows(loss_rows, idx, N)
-        return _outputs(ctx, loss, lse, hits, n_valid, opts.z_loss, z_den, scalar, idx, N, want)
+        loss = loss_rows.sum() / ce_den if scalar else scatter_rows(loss_rows, idx, N)
+        return outputs(ctx, loss, lse, hits, n_valid, opts.z_loss, z_den, scalar, idx, N, want)
 
     @staticmethod
     def backward(ctx, grad_out, _gz, _gacc):
@@ -169,7 +169,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g = None
         dtype_h, dtype_w, dtype_b = ctx.dtypes
         if dh is not None:
-            dh = cast(_scatter_rows(dh if g is None else dh * g.to(dh.dtype), idx, ctx.N), dtype_h)
+            dh = cast(scatter_rows(dh if g is None else dh * g.to(dh.dtype), idx, ctx.N), dtype_h)
         if dw is not None:
             dw = cast(dw if g is None else dw * g, dtype_w)
         if db is not None:
@@ -206,15 +206,15 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=N
         check_tensor(op, "bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: bias {tuple(bias.shape)} must have V = {weight.shape[0]} entries")
-    _check_class_weight(op, ce_weight, weight.shape[0], "ce_weight", labels)
+    check_class_weight(op, ce_weight, weight.shape[0], "ce_weight", labels)
     check_same_dtype(op, hidden=hidden, weight=weight)
     check_same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
-    num_items = _check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
+    num_items = check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
-    want = _Extras(bool(return_z_loss), bool(return_token_accuracy))
-    opts = _Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss),
+    want = Extras(bool(return_z_loss), bool(return_token_accuracy))
+    opts = Opts(ignore_index, float(label_smoothing), float(softcap) if softcap else None, float(z_loss),
                  ce_weight, 0.0)
     loss, zpart, acc = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels.long(), reduction, opts,
                                                       num_items, chunk_size, want, torch.is_grad_enabled())
-    return _finish(loss, zpart, acc, loss_dtype or hidden.dtype, want)
+    return finish(loss, zpart, acc, loss_dtype or hidden.dtype, want)

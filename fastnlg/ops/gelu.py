@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_same_dtype, check_tensor
 from .._native import cast, contiguous, dtype_code, native_dtype, ptr, rows, shaped
-from ._eager import custom_op, eager_call, eager_op
+from ._eager import define_op
 
 BACKENDS = ("torch", "triton", "cpp")
 APPROXIMATE = ("tanh", "none")
@@ -88,30 +88,23 @@ def _backend_for(x, tanh):
     return _backend.choose("gelu", x, BACKENDS, cpu_default_cpp=tanh)  # (see the docstring)
 
 
-@custom_op("fastnlg::gelu_fwd")
 def _gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
     return shaped(_FWD[_backend_for(x, tanh)](rows(x), bias, tanh), x.shape)
 
 
-@_gelu_fwd.register_fake
-def _(x, bias, tanh):
+def _gelu_fwd_fake(x, bias, tanh):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@custom_op("fastnlg::gelu_bwd")
 def _gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, tanh: bool,
               compute_db: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, db = _BWD[_backend_for(x, tanh)](rows(dy), rows(x), bias, tanh, compute_db)
     return shaped(dx, x.shape), (cast(db, bias.dtype) if compute_db else x.new_empty(0))
 
 
-@_gelu_bwd.register_fake
-def _(dy, x, bias, tanh, compute_db):
+def _gelu_bwd_fake(dy, x, bias, tanh, compute_db):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             bias.new_empty(bias.shape) if compute_db else x.new_empty(0))
-
-
-_GELU_BWD = eager_call(_gelu_bwd)
 
 
 def _setup(ctx, inputs, output):
@@ -123,12 +116,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
     compute_db = bias is not None and ctx.needs_input_grad[1]
-    dx, db = _GELU_BWD(dy, x, bias, ctx.tanh, compute_db)
+    dx, db = _GELU.backward(dy, x, bias, ctx.tanh, compute_db)
     return dx, (db if compute_db else None), None
 
 
-_gelu_fwd.register_autograd(_backward, setup_context=_setup)
-_GELU_FWD = eager_op(_gelu_fwd, _setup, _backward)  # the public function calls this (_eager.py)
+_GELU = define_op("gelu", _gelu_fwd, _gelu_fwd_fake, _gelu_bwd, _gelu_bwd_fake, _setup, _backward)
 
 
 def gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "tanh") -> torch.Tensor:
@@ -142,4 +134,4 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "
         check_last_dim(op, "bias", bias, x.shape[-1], f"x {tuple(x.shape)}")
         check_same_dtype(op, x=x, bias=bias)
         check_same_device(op, x=x, bias=bias)
-    return _GELU_FWD(x, bias, approximate == "tanh")
+    return _GELU.forward(x, bias, approximate == "tanh")

@@ -27,7 +27,7 @@ from .. import backend as _backend
 from .._checks import check_same_device, check_same_dtype, check_same_shape, check_tensor
 from .._native import cast, contiguous, dtype_code, native_dtype, ptr, round_code, shaped
 from ..kernels.glu_kinds import GEGLU_ERF, GEGLU_TANH, SWIGLU
-from ._eager import custom_op, eager_call, eager_op
+from ._eager import define_op
 
 BACKENDS = ("torch", "triton", "cpp")
 KINDS = {"swiglu": SWIGLU, "geglu_tanh": GEGLU_TANH, "geglu_none": GEGLU_ERF}
@@ -106,29 +106,22 @@ def _backend_for(gate, kind):
     return _backend.choose("glu", gate, BACKENDS, cpu_default_cpp=kind != GEGLU_ERF)  # (see the docstring)
 
 
-@custom_op("fastnlg::glu_fwd")
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int, round_act: bool) -> torch.Tensor:
     return shaped(_FWD[_backend_for(gate, kind)](gate, up, kind, round_act), gate.shape)
 
 
-@_glu_fwd.register_fake
-def _(gate, up, kind, round_act):
+def _glu_fwd_fake(gate, up, kind, round_act):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@custom_op("fastnlg::glu_bwd")
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
     dg, du = _BWD[_backend_for(gate, kind)](dy, gate, up, kind)
     return shaped(dg, gate.shape), shaped(du, up.shape)
 
 
-@_glu_bwd.register_fake
-def _(dy, gate, up, kind):
+def _glu_bwd_fake(dy, gate, up, kind):
     return (torch.empty_like(gate, memory_format=torch.contiguous_format),
             torch.empty_like(up, memory_format=torch.contiguous_format))
-
-
-_GLU_BWD = eager_call(_glu_bwd)
 
 
 def _setup(ctx, inputs, output):
@@ -139,12 +132,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = _GLU_BWD(dy, gate, up, ctx.kind)
+    dg, du = _GLU.backward(dy, gate, up, ctx.kind)
     return dg, du, None, None
 
 
-_glu_fwd.register_autograd(_backward, setup_context=_setup)
-_GLU_FWD = eager_op(_glu_fwd, _setup, _backward)  # the public function calls this (_eager.py)
+_GLU = define_op("glu", _glu_fwd, _glu_fwd_fake, _glu_bwd, _glu_bwd_fake, _setup, _backward)
 
 
 def _check(op, gate, up):
@@ -158,7 +150,7 @@ def _check(op, gate, up):
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, eager_rounding: bool = False) -> torch.Tensor:
     """silu(gate) * up (Llama, Mistral, Qwen MLPs); eager_rounding: see the module docstring."""
     _check("swiglu", gate, up)
-    return _GLU_FWD(gate, up, KINDS["swiglu"], bool(eager_rounding))
+    return _GLU.forward(gate, up, KINDS["swiglu"], bool(eager_rounding))
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
@@ -167,4 +159,4 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
     _check("geglu", gate, up)
     if approximate not in ("tanh", "none"):
         raise ValueError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
-    return _GLU_FWD(gate, up, KINDS[f"geglu_{approximate}"], bool(eager_rounding))
+    return _GLU.forward(gate, up, KINDS[f"geglu_{approximate}"], bool(eager_rounding))

@@ -14,7 +14,7 @@ import torch
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_tensor
 from .._native import cast, native_dtype, ptr, rows, shaped, to_native
-from ._eager import custom_op, eager_call, eager_op
+from ._eager import define_op
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -87,21 +87,18 @@ def _backend_for(x):
     return _backend.choose("layer_norm", x, BACKENDS, cpu_default_cpp=False)  # (C++: opt-in, see above)
 
 
-@custom_op("fastnlg::layer_norm_fwd")
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd = _FWD[_backend_for(x)](rows(x), weight, bias, eps)
     return shaped(y, x.shape), mean, rstd
 
 
-@_layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _layer_norm_fwd_fake(x, weight, bias, eps):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     acc = native_dtype(x)
     return torch.empty_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
 
-@custom_op("fastnlg::layer_norm_bwd")
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     compute_dw: bool, compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = _BWD[_backend_for(x)](rows(dy), rows(x), weight, mean, rstd, compute_dw, compute_db)
@@ -110,13 +107,9 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mea
     return shaped(dx, x.shape), dw, db
 
 
-@_layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, compute_dw, compute_db):
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, compute_dw, compute_db):
     return (torch.empty_like(x), torch.empty_like(weight) if compute_dw else weight.new_empty(0),
             torch.empty_like(weight) if compute_db else weight.new_empty(0))
-
-
-_LAYER_NORM_BWD = eager_call(_layer_norm_bwd)
 
 
 def _setup(ctx, inputs, output):
@@ -128,12 +121,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     compute_dw, compute_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    dx, dw, db = _LAYER_NORM_BWD(dy, x, weight, mean, rstd, compute_dw, compute_db)
+    dx, dw, db = _LAYER_NORM.backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
     return dx, (dw if compute_dw else None), (cast(db, ctx.bias_dtype) if compute_db else None), None
 
 
-_layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
-_LAYER_NORM_FWD = eager_op(_layer_norm_fwd, _setup, _backward)  # the public function calls this (_eager.py)
+_LAYER_NORM = define_op("layer_norm", _layer_norm_fwd, _layer_norm_fwd_fake, _layer_norm_bwd, _layer_norm_bwd_fake, _setup, _backward)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -153,4 +145,4 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         y = torch.nn.functional.layer_norm(cast(x, acc), x.shape[-1:], cast(weight, acc),
                                            None if bias is None else cast(bias, acc), eps)
         return cast(y, x.dtype)
-    return _LAYER_NORM_FWD(x, weight, bias, float(eps))[0]
+    return _LAYER_NORM.forward(x, weight, bias, float(eps))[0]

@@ -20,7 +20,7 @@ import torch
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_tensor
 from .._native import cast, native_dtype, ptr, round_code, rows, shaped, to_native
-from ._eager import custom_op, eager_call, eager_op
+from ._eager import define_op
 
 BACKENDS = ("torch", "triton", "cpp")
 CASTING_MODES = ("gemma", "llama")
@@ -108,7 +108,6 @@ def _forward(x, weight, eps, offset, cast_xhat, out):
                                                          out.view(-1, x.shape[-1]))
 
 
-@custom_op("fastnlg::rms_norm_fwd")
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                   cast_xhat: bool) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty(x.shape, dtype=_out_dtype(x, weight, cast_xhat), device=x.device)
@@ -116,14 +115,12 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: flo
     return y, rstd
 
 
-@_rms_norm_fwd.register_fake
-def _(x, weight, eps, offset, cast_xhat):
+def _rms_norm_fwd_fake(x, weight, eps, offset, cast_xhat):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     acc = native_dtype(x)
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight, cast_xhat)), x.new_empty((n,), dtype=acc)
 
 
-@custom_op("fastnlg::rms_norm_bwd")
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                   compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = _BWD[_backend.choose("rms_norm", x, BACKENDS)](rows(dy), rows(x), weight, rstd, offset, compute_dw)
@@ -131,12 +128,8 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
     return shaped(dx, x.shape), dw
 
 
-@_rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd, offset, compute_dw):
+def _rms_norm_bwd_fake(dy, x, weight, rstd, offset, compute_dw):
     return torch.empty_like(x), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
-
-
-_RMS_NORM_BWD = eager_call(_rms_norm_bwd)
 
 
 def _setup(ctx, inputs, output):
@@ -148,12 +141,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     compute_dw = ctx.needs_input_grad[1]
-    dx, dw = _RMS_NORM_BWD(dy, x, weight, rstd, ctx.offset, compute_dw)
+    dx, dw = _RMS_NORM.backward(dy, x, weight, rstd, ctx.offset, compute_dw)
     return dx, (dw if compute_dw else None), None, None, None
 
 
-_rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
-_RMS_NORM_FWD = eager_op(_rms_norm_fwd, _setup, _backward)  # the public function calls this (_eager.py)
+_RMS_NORM = define_op("rms_norm", _rms_norm_fwd, _rms_norm_fwd_fake, _rms_norm_bwd, _rms_norm_bwd_fake, _setup, _backward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, offset: float = 0.0, *,
@@ -173,7 +165,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     check_same_device(op, x=x, weight=weight)
     cast_xhat = casting_mode == "llama"
     if not inplace:
-        return _RMS_NORM_FWD(x, weight, float(eps), float(offset), cast_xhat)[0]
+        return _RMS_NORM.forward(x, weight, float(eps), float(offset), cast_xhat)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         raise ValueError(f"{op}: inplace=True is for inference; x or weight requires grad (run under "
                          "torch.no_grad(), or use inplace=False)")

@@ -19,7 +19,7 @@ import torch
 from .. import backend as _backend
 from .._checks import check_same_device, check_same_dtype, check_tensor
 from .._native import cast, native_dtype, ptr
-from ._eager import custom_op, eager_call, eager_op
+from ._eager import define_op
 
 BACKENDS = ("torch", "triton", "cpp")
 
@@ -106,12 +106,10 @@ def _run(q, k, cos, sin, backward):
     return _RUN[_backend.choose("apply_rope", q, BACKENDS)](q, k, cos, sin, backward)
 
 
-@custom_op("fastnlg::rope_fwd")
 def _rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(q, k, cos, sin, False)
 
 
-@custom_op("fastnlg::rope_bwd")
 def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(dq, dk, cos, sin, True)
 
@@ -121,17 +119,12 @@ def _contiguous_like(t):
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-@_rope_fwd.register_fake
-def _(q, k, cos, sin):
+def _rope_fwd_fake(q, k, cos, sin):
     return _contiguous_like(q), _contiguous_like(k)
 
 
-@_rope_bwd.register_fake
-def _(dq, dk, cos, sin):
+def _rope_bwd_fake(dq, dk, cos, sin):
     return _contiguous_like(dq), _contiguous_like(dk)
-
-
-_ROPE_BWD = eager_call(_rope_bwd)
 
 
 def _setup(ctx, inputs, output):
@@ -141,12 +134,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = _ROPE_BWD(_unit_stride(dq), _unit_stride(dk), cos, sin)
+    dq, dk = _ROPE.backward(_unit_stride(dq), _unit_stride(dk), cos, sin)
     return dq, dk, None, None
 
 
-_rope_fwd.register_autograd(_backward, setup_context=_setup)
-_ROPE_FWD = eager_op(_rope_fwd, _setup, _backward)  # the public function calls this (_eager.py)
+_ROPE = define_op("rope", _rope_fwd, _rope_fwd_fake, _rope_bwd, _rope_bwd_fake, _setup, _backward)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids=None,
@@ -190,4 +182,4 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         return torch.cat((q_rot, q[..., R:]), dim=-1), torch.cat((k_rot, k[..., R:]), dim=-1)
     if D % 2:  # HF's rotate_half on an odd width: the plain-torch spec, differentiated by autograd
         return apply_rope_reference(q, k, cos, sin)
-    return _ROPE_FWD(q, k, cos, sin)
+    return _ROPE.forward(q, k, cos, sin)

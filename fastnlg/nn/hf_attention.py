@@ -3,20 +3,17 @@
     fastnlg.nn.hf_attention.register()          # once; fastnlg.patch does it
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastnlg")   # or set_attn_implementation
 
-The mask: "fastnlg" reuses Transformers' SDPA mask builder, so a layer receives None (plain causal, nothing
-padded) or a 4-D bool mask (B, 1, T, S), True = attend. Where flash_attention's backend is torch (the CPU
-default), that backend is SDPA under the spec's mask, so a 4-D mask runs SDPA under the mask as given (rows
-that see no key output 0), as the unpatched model runs it: converting it only to rebuild it would cost a
-host read and a few ops per layer. On the Triton kernels a 4-D mask is converted to the kernel's form -
-causal (bottom-right) or not, the layer's sliding window, and a key padding mask (B, S) - and the conversion
-is verified: the mask rebuilt from that form must equal the given one on every query row that can see a key
-(rows that see none are padding queries; the kernel outputs 0 there). A mask that form cannot express runs
-under that mask instead: a packed batch's document mask (position ids restarting at 0, verified against the
-mask) on the varlen kernel (`cu_seqlens`, no (T, T) tensor) where the kernels are Triton; anything else (a
-prefix-LM mask, ...), and the packed mask on the torch backend, through SDPA under the mask as the unpatched
-model runs it (the spec's attention where SDPA cannot: softcap). Never silently wrong. The conversions are
-cached per mask tensor, since all layers share it. Under torch.compile the verification (a host read) is
-skipped: a 4-D mask runs SDPA under the mask as given, so a compiled model has no graph break here.
+A layer gets the mask from Transformers' SDPA mask builder: None (plain causal, nothing padded) or a 4-D bool
+(B, 1, T, S), True = attend. How it runs, in order:
+- the torch backend (the CPU default) is SDPA under the spec's mask: a 4-D mask runs as given, as the
+  unpatched model runs it (no conversion, no host read);
+- on the Triton kernels a 4-D mask becomes the kernel's form (causal or not, the layer's window, a key
+  padding mask), checked: the mask rebuilt from that form must equal the given one on every row that sees a key;
+- a packed batch's document mask (position ids restarting at 0, checked against the mask) runs the varlen
+  kernel (`cu_seqlens`);
+- any other mask (prefix-LM, ...) runs SDPA under it (the spec's attention where SDPA cannot: softcap).
+Conversions are cached per mask tensor (all layers share it); under torch.compile the check (a host read) is
+skipped and a 4-D mask runs SDPA as given, so a compiled model has no graph break here.
 """
 from __future__ import annotations
 

@@ -43,6 +43,8 @@ def _out_dtype(x, weight, cast_xhat):
 
 
 def _fwd_torch(x2, weight, eps, offset, cast_xhat, out):
+    """The torch backend: rms_norm_reference's math in the kernels' form (rows (n, C), a weight always given,
+    y written into `out`, rstd returned for the backward)."""
     acc = native_dtype(x2)
     xf = x2.to(acc)
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)

@@ -17,6 +17,8 @@ Sizes: CPU a small Llama (hidden 256, 4 layers) at 4 x 256 tokens; CUDA a 1.1B L
 at 16k tokens a step (LoRA at 512, 2048 and 8192 tokens a sequence; the others at 2048; offload at 8192) and
 an 8B-shaped Llama (Llama 3 8B's shape) with QLoRA at 2 x 2048, bf16 autocast.
 
+`python -m benchmarks.bench_train_step --side-by-side --out DIR` times the patched and unpatched steps
+alternately (tiny and small sizes, full and LoRA) and writes the median ratio with its spread.
 `python -m benchmarks.bench_train_step --max-context --out DIR` (CUDA) finds, per method and
 implementation, the longest single sequence whose step fits a fixed memory budget (binary search over
 multiples of 512, out-of-memory caught), and writes max_context.json / max_context.md with the targets:
@@ -37,6 +39,7 @@ from .harness import Bench, Case
 from .peers import NotInstalled, available
 
 SIZES = {
+    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=172, vocab=512),
     "small": dict(hidden=256, layers=4, heads=4, kv=2, inter=688, vocab=2048),
     "1.1B": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, vocab=32000),
     "8B": dict(hidden=4096, layers=32, heads=32, kv=8, inter=14336, vocab=128256),
@@ -139,7 +142,7 @@ class Step:
 
         from fastnlg.train.setup import bnb_4bit, load_model
 
-        big = self.device.type == "cuda" and self.p["size"] != "small"
+        big = self.device.type == "cuda" and self.p["size"] not in ("tiny", "small")
         if not big or bnb_4bit(cfg, self.device):
             if not os.path.exists(os.path.join(self.dir, "config.json")):
                 torch.manual_seed(0)
@@ -256,13 +259,48 @@ def max_context(method: str, impl: str, size: str, device: str, budget_gb: float
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+def side_by_side(sizes=("tiny", "small"), methods=("full", "lora"), batch=4, seq=256, rounds=15,
+                 device="cpu") -> str:
+    """fastnlg's step against plain Transformers + PEFT's, the two models alive together and their steps
+    alternating (benchmarks/side_by_side.py), per size and method: a markdown table of the median ratio with
+    its p20-p80 spread and verdict. fastnlg.patch's RoPE swap is module-wide, so the unpatched model runs
+    fastnlg's RoPE too (which can only flatter the baseline)."""
+    from .side_by_side import compare
+
+    lines = [f"# Training step, fastnlg.patch against plain Transformers + PEFT, side by side ({device}, "
+             f"{torch.get_num_threads()} threads, {batch} x {seq} tokens, fp32)", "",
+             "Ratio: unpatched step time / patched step time per round (> 1: fastnlg is faster).", "",
+             "| size | method | fastnlg ms | unpatched ms | ratio [p20-p80, rounds] | verdict |", "|---|---|---|---|---|---|"]
+    for size in sizes:
+        for method in methods:
+            p = {**SIZES[size], "method": method, "size": size, "batch": batch, "seq": seq}
+            steps = {name: Step(p, device, torch.float32) for name in ("fastnlg", "eager")}
+            result = compare({name: (lambda s=steps[name], n=name: s(n)) for name in steps}, device=device,
+                             baseline="eager", rounds=rounds)
+            for step in steps.values():
+                step.free()
+            ms, ratio = result.ms, result.ratio("fastnlg")
+            lines.append(f"| {size} | {method} | {ms['fastnlg'].median:.1f} | {ms['eager'].median:.1f} | {ratio} | "
+                         f"{ratio.verdict()} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side-by-side", action="store_true", help="patched vs unpatched steps alternated, tiny and small "
+                    "sizes (on CPU without CUDA): side_by_side.md")
     ap.add_argument("--max-context", action="store_true")
     ap.add_argument("--budget-gb", type=float, default=24.0, help="the memory budget (a consumer GPU: 24)")
     ap.add_argument("--size", default="1.1B", choices=list(SIZES))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.side_by_side:
+        text = side_by_side(device="cuda" if torch.cuda.is_available() else "cpu")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "side_by_side.md"), "w") as f:
+            f.write(text)
+        return 0
     if not args.max_context or not torch.cuda.is_available():
         ap.error("--max-context needs a CUDA device")
     found = {}

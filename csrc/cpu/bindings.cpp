@@ -52,11 +52,15 @@ PYBIND11_MODULE(_C, m) {
     m.def("rms_norm_bwd", [](ptr dy, ptr x, ptr w, ptr rstd, ptr dx, ptr dw, int64_t N, int64_t C, double offset, bool d) {
         DISPATCH(d, fastnlg::rms_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(rstd), P<T>(dx), P<T>(dw), N, C, offset));
     }, nogil);
-    m.def("layer_norm_fwd", [](ptr x, ptr w, ptr b, ptr y, ptr mean, ptr rstd, int64_t N, int64_t C, double eps, bool d) {
-        DISPATCH(d, fastnlg::layer_norm_fwd<T>(P<T>(x), P<T>(w), P<T>(b), P<T>(y), P<T>(mean), P<T>(rstd), N, C, eps));
+    m.def("layer_norm_fwd", [](ptr x, ptr res, ptr w, ptr b, ptr y, ptr sum, ptr mean, ptr rstd, int64_t N, int64_t C,
+                               double eps, int round_sum, bool d) {
+        DISPATCH(d, fastnlg::layer_norm_fwd<T>(P<T>(x), P<T>(res), P<T>(w), P<T>(b), P<T>(y), P<T>(sum), P<T>(mean),
+                                               P<T>(rstd), N, C, eps, round_sum));
     }, nogil);
-    m.def("layer_norm_bwd", [](ptr dy, ptr x, ptr w, ptr mean, ptr rstd, ptr dx, ptr dw, ptr db, int64_t N, int64_t C, bool d) {
-        DISPATCH(d, fastnlg::layer_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(mean), P<T>(rstd), P<T>(dx), P<T>(dw), P<T>(db), N, C));
+    m.def("layer_norm_bwd", [](ptr dy, ptr x, ptr w, ptr mean, ptr rstd, ptr ds, ptr dx, ptr dw, ptr db, int64_t N,
+                               int64_t C, bool d) {
+        DISPATCH(d, fastnlg::layer_norm_bwd<T>(P<T>(dy), P<T>(x), P<T>(w), P<T>(mean), P<T>(rstd), P<T>(ds), P<T>(dx),
+                                               P<T>(dw), P<T>(db), N, C));
     }, nogil);
     m.def("glu_fwd", [](ptr gate, ptr up, ptr y, int64_t n, int kind, int round_act, int dt) {
         DISPATCH_STORAGE(dt, fastnlg::glu_fwd<S>(P<S>(gate), P<S>(up), P<S>(y), n, kind, round_act));

@@ -95,8 +95,12 @@ constexpr int DT_F32 = 0, DT_F64 = 1, DT_BF16 = 2, DT_F16 = 3;
 template <typename T> void rms_norm_fwd(const T* x, const T* w, T* y, T* rstd, int64_t N, int64_t C, double eps, double offset,
                                        int round_xhat);
 template <typename T> void rms_norm_bwd(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* dw, int64_t N, int64_t C, double offset);
-template <typename T> void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t N, int64_t C, double eps);
-template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C);
+// res / sum: the residual and the sum's output (add_layer_norm), both null for a plain LayerNorm; ds: the sum
+// output's gradient, or null.
+template <typename T> void layer_norm_fwd(const T* x, const T* res, const T* w, const T* b, T* y, T* sum, T* mean,
+                                          T* rstd, int64_t N, int64_t C, double eps, int round_sum);
+template <typename T> void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd,
+                                          const T* ds, T* dx, T* dw, T* db, int64_t N, int64_t C);
 // gated activations over n values stored as S (float, double, bf16, half)
 template <typename S> void glu_fwd(const S* gate, const S* up, S* y, int64_t n, int kind, int round_act);
 template <typename S> void glu_bwd(const S* dy, const S* gate, const S* up, S* dgate, S* dup, int64_t n, int kind);

@@ -5,6 +5,9 @@
 //   g = dy * (w + offset),  dx = r * g - x * r^3 * mean(g * x),  dw = sum_rows dy * x * r
 // LayerNorm: mu = mean(x), r = (var(x) + eps)^-1/2, xh = (x - mu) * r, y = xh * w + b
 //   g = dy * w,  dx = r * (g - mean(g) - xh * mean(g * xh)),  dw = sum_rows dy * xh,  db = sum_rows dy
+// With a residual (add_layer_norm) the rows normalised are s = x + residual, rounded as the caller's dtype
+// rounds the add (round code) and written to `sum` (the backward's x); the backward adds the sum output's
+// gradient ds (when given) to dx, the gradient of both x and the residual.
 //
 // dw/db use a two-stage reduction: each thread sums its rows into a private row, then the thread rows
 // are added (no atomics on one shared row).
@@ -77,10 +80,17 @@ void rms_norm_bwd(const T* dy, const T* x, const T* w, const T* rstd, T* dx, T* 
 }
 
 template <typename T>
-void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t N, int64_t C, double eps) {
+void layer_norm_fwd(const T* x, const T* res, const T* w, const T* b, T* y, T* sum, T* mean, T* rstd, int64_t N,
+                    int64_t C, double eps, int round_sum) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; ++i) {
         const T* xi = x + i * C;
+        if (res) {
+            const T* ri = res + i * C;
+            T* si = sum + i * C;
+            for (int64_t j = 0; j < C; ++j) si[j] = round_to(xi[j] + ri[j], round_sum);
+            xi = si;
+        }
         double s = 0.0;
         for (int64_t j = 0; j < C; ++j) s += double(xi[j]);
         const double mu = s / double(C);
@@ -95,7 +105,8 @@ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, 
 }
 
 template <typename T>
-void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, T* dx, T* dw, T* db, int64_t N, int64_t C) {
+void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T* rstd, const T* ds, T* dx, T* dw, T* db,
+                    int64_t N, int64_t C) {
     const int threads = omp_get_max_threads();
     std::vector<T> part_w(dw ? size_t(threads) * C : 0, T(0)), part_b(db ? size_t(threads) * C : 0, T(0));
 #pragma omp parallel num_threads(threads)
@@ -116,9 +127,10 @@ void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T*
             }
             const T mg = T(sg / double(C)), mgx = T(sgx / double(C));
             T* dxi = dx + i * C;
+            const T* dsi = ds ? ds + i * C : nullptr;
             for (int64_t j = 0; j < C; ++j) {
                 const T xh = (xi[j] - mu) * r;
-                dxi[j] = r * (dyi[j] * w[j] - mg - xh * mgx);
+                dxi[j] = r * (dyi[j] * w[j] - mg - xh * mgx) + (dsi ? dsi[j] : T(0));
                 if (acc_w) acc_w[j] += dyi[j] * xh;
                 if (acc_b) acc_b[j] += dyi[j];
             }
@@ -131,8 +143,10 @@ void layer_norm_bwd(const T* dy, const T* x, const T* w, const T* mean, const T*
 #define FASTNLG_INSTANTIATE(T)                                                                               \
     template void rms_norm_fwd<T>(const T*, const T*, T*, T*, int64_t, int64_t, double, double, int);        \
     template void rms_norm_bwd<T>(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t, double); \
-    template void layer_norm_fwd<T>(const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, double);     \
-    template void layer_norm_bwd<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t);
+    template void layer_norm_fwd<T>(const T*, const T*, const T*, const T*, T*, T*, T*, T*, int64_t, int64_t, double, \
+                                    int);                                                                    \
+    template void layer_norm_bwd<T>(const T*, const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, \
+                                    int64_t);
 FASTNLG_INSTANTIATE(float)
 FASTNLG_INSTANTIATE(double)
 

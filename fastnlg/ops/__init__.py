@@ -1,4 +1,5 @@
 """fastnlg's functional ops (DESIGN.md §3). Each has a `<op>_reference` in its module: the spec."""
+from .add_layer_norm import add_layer_norm
 from .attention import flash_attention
 from .cross_entropy import cross_entropy
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -9,5 +10,5 @@ from .lora_linear import lora_linear
 from .rms_norm import rms_norm
 from .rope import apply_rope
 
-__all__ = ["rms_norm", "layer_norm", "apply_rope", "swiglu", "geglu", "gelu", "cross_entropy",
+__all__ = ["rms_norm", "layer_norm", "add_layer_norm", "apply_rope", "swiglu", "geglu", "gelu", "cross_entropy",
            "fused_linear_cross_entropy", "flash_attention", "lora_linear"]

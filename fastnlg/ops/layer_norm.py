@@ -13,7 +13,7 @@ import torch
 
 from .. import backend as _backend
 from .._checks import check_last_dim, check_same_device, check_tensor
-from .._native import cast, native_dtype, ptr, rows, shaped, to_native
+from .._native import cast, native_dtype, ptr, round_code, rows, shaped, to_native
 from ._eager import define_op
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -25,58 +25,74 @@ def layer_norm_reference(x, weight, bias=None, eps=1e-5):
     return torch.nn.functional.layer_norm(x.to(acc), x.shape[-1:], weight.to(acc), b, eps).to(x.dtype)
 
 
-def _fwd_torch(x2, weight, bias, eps):
+def _sum_dtype(x, residual):
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+# The backends also run add_layer_norm (ops/add_layer_norm.py): with r2 (the residual rows) the rows normalised
+# are s = x2 + r2, rounded to the promoted dtype as eager's add rounds it, and returned; ds2 in the backward is
+# the gradient of that sum output, added to dx.
+
+def _fwd_torch(x2, weight, bias, eps, r2=None):
     """aten's native_layer_norm (vectorised, one pass) in the accumulation dtype, rounded once."""
-    acc = native_dtype(x2)
+    s = None if r2 is None else torch.add(x2, r2)  # (aten's add: the promoted dtype, as eager)
+    src = x2 if s is None else s
+    acc = native_dtype(src)
     b = None if bias is None else cast(bias, acc)
-    y, mean, rstd = torch.ops.aten.native_layer_norm(cast(x2, acc), [x2.shape[1]], cast(weight, acc), b, eps)
-    return cast(y, x2.dtype), mean.view(-1), rstd.view(-1)
+    y, mean, rstd = torch.ops.aten.native_layer_norm(cast(src, acc), [src.shape[1]], cast(weight, acc), b, eps)
+    return cast(y, src.dtype), mean.view(-1), rstd.view(-1), s
 
 
-def _bwd_torch(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
+def _bwd_torch(dy2, x2, weight, mean, rstd, compute_dw, compute_db, ds2=None):
     acc = rstd.dtype
     w = cast(weight, acc)
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
         cast(dy2, acc), cast(x2, acc), [x2.shape[1]], mean[:, None], rstd[:, None], w, w if compute_db else None,
         [True, compute_dw, compute_db])
+    if ds2 is not None:
+        dx = dx + cast(ds2, acc)
     return cast(dx, x2.dtype), dw, db
 
 
-def _fwd_cpp(x2, weight, bias, eps):
+def _fwd_cpp(x2, weight, bias, eps, r2=None):
     from fastnlg import _C
 
-    acc = native_dtype(x2)
-    xn, wn, bn = to_native(x2, acc), to_native(weight, acc), to_native(bias, acc)
+    dtype = _sum_dtype(x2, r2)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xn, wn, bn, rn = to_native(x2, acc), to_native(weight, acc), to_native(bias, acc), to_native(r2, acc)
     y = torch.empty_like(xn)
+    total = None if r2 is None else torch.empty_like(xn)
     mean, rstd = torch.empty(xn.shape[0], dtype=acc), torch.empty(xn.shape[0], dtype=acc)
-    _C.layer_norm_fwd(ptr(xn), ptr(wn), ptr(bn), ptr(y), ptr(mean), ptr(rstd), xn.shape[0], xn.shape[1], eps,
-                      acc == torch.float64)
-    return cast(y, x2.dtype), mean, rstd
+    _C.layer_norm_fwd(ptr(xn), ptr(rn), ptr(wn), ptr(bn), ptr(y), ptr(total), ptr(mean), ptr(rstd), xn.shape[0],
+                      xn.shape[1], eps, round_code(dtype), acc == torch.float64)
+    return cast(y, dtype), mean, rstd, (None if total is None else cast(total, dtype))
 
 
-def _bwd_cpp(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
+def _bwd_cpp(dy2, x2, weight, mean, rstd, compute_dw, compute_db, ds2=None):
     from fastnlg import _C
 
     acc = rstd.dtype
-    dyn, xn, wn = to_native(dy2, acc), to_native(x2, acc), to_native(weight, acc)
+    dyn, xn, wn, dsn = to_native(dy2, acc), to_native(x2, acc), to_native(weight, acc), to_native(ds2, acc)
     dx = torch.empty_like(xn)
     dw = torch.empty(xn.shape[1], dtype=acc) if compute_dw else None
     db = torch.empty(xn.shape[1], dtype=acc) if compute_db else None
-    _C.layer_norm_bwd(ptr(dyn), ptr(xn), ptr(wn), ptr(mean), ptr(rstd), ptr(dx), ptr(dw), ptr(db), xn.shape[0],
-                      xn.shape[1], acc == torch.float64)
+    _C.layer_norm_bwd(ptr(dyn), ptr(xn), ptr(wn), ptr(mean), ptr(rstd), ptr(dsn), ptr(dx), ptr(dw), ptr(db),
+                      xn.shape[0], xn.shape[1], acc == torch.float64)
     return cast(dx, x2.dtype), dw, db
 
 
-def _fwd_triton(x2, weight, bias, eps):
+def _fwd_triton(x2, weight, bias, eps, r2=None):
     from fastnlg.kernels import layer_norm as k
 
-    return k.forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps)
+    return k.forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps,
+                     residual=None if r2 is None else rows(r2))
 
 
-def _bwd_triton(dy2, x2, weight, mean, rstd, compute_dw, compute_db):
+def _bwd_triton(dy2, x2, weight, mean, rstd, compute_dw, compute_db, ds2=None):
     from fastnlg.kernels import layer_norm as k
 
-    return k.backward(dy2, x2, weight.contiguous(), mean, rstd, compute_dw, compute_db)
+    return k.backward(dy2, x2, weight.contiguous(), mean, rstd, compute_dw, compute_db,
+                      ds=None if ds2 is None else rows(ds2))
 
 
 _FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}
@@ -89,7 +105,7 @@ def _backend_for(x):
 
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = _FWD[_backend_for(x)](rows(x), weight, bias, eps)
+    y, mean, rstd, _ = _FWD[_backend_for(x)](rows(x), weight, bias, eps)
     return shaped(y, x.shape), mean, rstd
 
 

@@ -32,6 +32,10 @@ def _cases(strided):
         ("rms_norm_bwd", ops.rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, 0.0, True)),
         ("layer_norm_fwd", ops.layer_norm_fwd, (x, w, b, 1e-5)),
         ("layer_norm_bwd", ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True, True)),
+        ("add_layer_norm_fwd", ops.add_layer_norm_fwd, (x, g, w, b, 1e-5)),
+        ("add_layer_norm_bwd", ops.add_layer_norm_bwd, (dy, u.detach(), x.detach(), w.detach(), mean, rstd, True, True)),
+        ("add_layer_norm_bwd_eager", ops.add_layer_norm_bwd, (dy, None, x.detach(), w.detach(), mean, rstd, True,
+                                                              False)),  # (no sum gradient, no db)
         ("rope_fwd", ops.rope_fwd, (q, k, cos, sin)),
         ("rope_bwd", ops.rope_bwd, (q.detach(), k.detach(), cos, sin)),
         ("glu_fwd", ops.glu_fwd, (g, u, 0, False)),

@@ -22,7 +22,8 @@ import torch
 
 from .harness import run_benchmarks, write_report
 
-OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "swiglu": "bench_glu",
+OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "add_layer_norm": "bench_add_layer_norm",
+       "swiglu": "bench_glu",
        "geglu": "bench_glu:GEGLU", "gelu": "bench_gelu", "rope": "bench_rope",
        "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy",
        "attention": "bench_attention", "attention_decode": "bench_attention_decode", "lora_linear": "bench_lora_linear",

@@ -102,8 +102,8 @@ def cases() -> list:
     from fastnlg import ops
 
     # the op modules (fastnlg.ops re-exports functions of the same names)
-    A, CE, G, GL, LN, LL, RN, RP = (importlib.import_module(f"fastnlg.ops.{m}") for m in (
-        "attention", "cross_entropy", "gelu", "glu", "layer_norm", "lora_linear", "rms_norm", "rope"))
+    A, AL, CE, G, GL, LN, LL, RN, RP = (importlib.import_module(f"fastnlg.ops.{m}") for m in (
+        "attention", "add_layer_norm", "cross_entropy", "gelu", "glu", "layer_norm", "lora_linear", "rms_norm", "rope"))
 
     att = ("q", "k", "v")
 
@@ -153,6 +153,11 @@ def cases() -> list:
                                                 "bias": _randn(C(tiny), scale=0.1)},
                     lambda **x: ops.layer_norm(**x), lambda **x: LN.layer_norm_reference(**x),
                     grads=("x", "weight", "bias")))
+    out.append(Case("add_layer_norm (BERT sublayer output)",
+                    lambda tiny: {"x": _randn(rows(tiny), C(tiny)), "residual": _randn(rows(tiny), C(tiny)),
+                                  "weight": 1 + _randn(C(tiny), scale=0.1), "bias": _randn(C(tiny), scale=0.1)},
+                    lambda **x: ops.add_layer_norm(**x), lambda **x: AL.add_layer_norm_reference(**x),
+                    grads=("x", "residual", "weight", "bias")))
 
     def rope_inputs(tiny):
         B, Hq, Hkv, T, D = _attn_shape(tiny)

@@ -50,7 +50,7 @@ PARTS = {
     "tests": [[sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o",
                "addopts=-ra", "--junitxml", "{dir}/gpu_tests.xml"]],
     "ops-a": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
-               "rms_norm", "layer_norm", "swiglu", "geglu", "gelu", "rope", "cross_entropy",
+               "rms_norm", "layer_norm", "add_layer_norm", "swiglu", "geglu", "gelu", "rope", "cross_entropy",
                "fused_linear_cross_entropy"]],
     "ops-b": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
                "attention", "attention_decode", "lora_linear", "nf4"]],

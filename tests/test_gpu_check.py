@@ -79,6 +79,7 @@ def test_smoke_rehearsal_runs_every_step_on_cpu(tmp_path):
     assert all({"commit", "date", "torch", "device_name"} <= set(row) for row in rows)
     cases = {row["case"] for row in rows if row["step"] == "correctness"}
     for kernel in ("attention causal GQA", "attention decode (flash-decoding, KV cache)", "rms_norm", "layer_norm",
+                   "add_layer_norm (BERT sublayer output)",
                    "apply_rope GQA", "swiglu", "geglu tanh", "gelu tanh with bias (GPT-2 MLP)",
                    "fused_linear_cross_entropy V=128256", "lora_linear over NF4", "nf4 quantise/dequantise bytes"):
         assert kernel in cases

@@ -63,6 +63,40 @@ GELU_APPROXIMATE = {"NewGELUActivation": "tanh", "GELUTanh": "tanh", "PytorchGEL
                     "FastGELUActivation": "tanh", "GELUActivation": "none"}
 
 
+def gelu_approximate(owner: str, act: nn.Module) -> str:
+    """fastnlg.ops.gelu's `approximate` for a Transformers activation module, or ValueError naming it
+    (GELUActivation counts only when it runs torch's erf GELU, not its Python fallback)."""
+    name = type(act).__name__
+    if name not in GELU_APPROXIMATE or (name == "GELUActivation" and getattr(act, "act", None) is not nn.functional.gelu):
+        raise ValueError(f"{owner}: unsupported activation {name} ({', '.join(GELU_APPROXIMATE)})")
+    return GELU_APPROXIMATE[name]
+
+
+class FastDenseGELU(nn.Module):
+    """BERT's intermediate layer, act(dense(x)) with a GELU (BertIntermediate, RobertaIntermediate): dense's
+    bias is added inside fastnlg.ops.gelu (one pass for bias and activation); a dense that is not a plain
+    nn.Linear (a PEFT LoRA layer, ...) runs as it is, followed by the fused activation."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FastDenseGELU":
+        """Shares dense (and keeps intermediate_act_fn, which holds no parameters) of the module."""
+        approximate = gelu_approximate("FastDenseGELU", module.intermediate_act_fn)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dense, new.intermediate_act_fn, new.approximate = module.dense, module.intermediate_act_fn, approximate
+        return new
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dense = self.dense
+        if type(dense) is nn.Linear and dense.bias is not None:
+            h = nn.functional.linear(hidden_states, dense.weight)  # (under autocast: in the autocast dtype)
+            return gelu(h, dense.bias.to(h.dtype), approximate=self.approximate)
+        return gelu(dense(hidden_states), approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
 class FastGPT2MLP(nn.Module):
     """GPT-2's MLP, dropout(c_proj(gelu(c_fc(x)))), over the same c_fc / c_proj / dropout modules: with c_fc a
     Conv1D, x W runs as a plain matmul and its bias is added inside fastnlg.ops.gelu (one pass for bias and
@@ -72,14 +106,11 @@ class FastGPT2MLP(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module) -> "FastGPT2MLP":
         """Shares c_fc, c_proj and dropout of a GPT2MLP; its activation module names the GELU."""
-        activation = type(module.act).__name__
-        if activation not in GELU_APPROXIMATE or (activation == "GELUActivation" and
-                                                  getattr(module.act, "act", None) is not nn.functional.gelu):
-            raise ValueError(f"FastGPT2MLP: unsupported activation {activation} ({', '.join(GELU_APPROXIMATE)})")
+        approximate = gelu_approximate("FastGPT2MLP", module.act)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.c_fc, new.c_proj, new.dropout = module.c_fc, module.c_proj, module.dropout
-        new.activation, new.approximate = activation, GELU_APPROXIMATE[activation]
+        new.activation, new.approximate = type(module.act).__name__, approximate
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -91,11 +91,8 @@ def gpt2_mlp(walk, path, module):
 
 def cross_entropy(walk, path, module, head):
     from ..nn import FusedLMHead, causal_lm_forward, head_options_from_config
-    if ours(module, "forward"):
+    if not _forward_replaceable(module):  # (TRL's fused LM head, accelerate's hooks, ...: their forward stays)
         return None  # fused by an earlier patch() of this model
-    if "forward" in module.__dict__:  # TRL's fused LM head, accelerate's hooks, ...: their forward stays
-        raise Skipped(f"{type(module).__name__}.forward was already replaced on the instance (by "
-                      f"{_owner(module.__dict__['forward'])}); its loss path is kept")
     linear = getattr(module, head, None)
     if type(linear) is not nn.Linear:
         raise Skipped(f"{head} is a {type(linear).__name__}, not nn.Linear")
@@ -121,6 +118,67 @@ def cross_entropy(walk, path, module, head):
     walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
     walk.set_method(module, "set_output_embeddings", mark(set_output_embeddings))
     return f"{type(module).__name__}.{head} -> FusedLMHead + causal_lm_forward"
+
+
+def add_norm_output(walk, path, module):
+    from ..nn.encoder import FastAddNormOutput
+    try:
+        new = FastAddNormOutput.from_module(module)
+    except ValueError as exc:
+        raise Skipped(str(exc)) from None
+    walk.swap(path, module, new)
+    return f"{type(module).__name__} -> FastAddNormOutput (add_layer_norm)"
+
+
+def dense_gelu(walk, path, module):
+    from ..nn.mlp import FastDenseGELU
+    try:
+        new = FastDenseGELU.from_module(module)
+    except ValueError as exc:
+        raise Skipped(str(exc)) from None
+    walk.swap(path, module, new)
+    return f"{type(module).__name__} -> FastDenseGELU({new.approximate})"
+
+
+def _forward_replaceable(module) -> bool:
+    """False when fastnlg's forward is already on the instance; Skipped when another library's is."""
+    if ours(module, "forward"):
+        return False
+    if "forward" in module.__dict__:
+        raise Skipped(f"{type(module).__name__}.forward was already replaced on the instance (by "
+                      f"{_owner(module.__dict__['forward'])}); its loss path is kept")
+    return True
+
+
+def classification_loss(walk, path, module, sequence):
+    from ..nn.encoder import classification_forward
+    if not _forward_replaceable(module):
+        return None
+    original = type(module).forward
+
+    def forward(self, **named):
+        return classification_forward(self, original, sequence, named)
+
+    walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
+    return f"{type(module).__name__}: loss -> fastnlg.ops.cross_entropy"
+
+
+def masked_lm_loss(walk, path, module, head):
+    from ..nn.encoder import MLM_TRANSFORMS, masked_lm_forward
+    if not _forward_replaceable(module):
+        return None
+    lm_head = module.get_submodule(head)
+    if type(lm_head).__name__ not in MLM_TRANSFORMS:
+        raise Skipped(f"{head} is a {type(lm_head).__name__}, not a masked-LM head fastnlg knows")
+    if type(getattr(lm_head, "decoder", None)) is not nn.Linear:
+        raise Skipped(f"{head}.decoder is not an nn.Linear")
+    original = type(module).forward
+
+    def forward(self, **named):
+        return masked_lm_forward(self, original, head, named)
+
+    walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
+    return f"{type(module).__name__}: training loss -> transform of the masked rows + fused_linear_cross_entropy"
 
 
 def _owner(fn) -> str:

@@ -205,7 +205,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
         _apply_rules(walk, kinds, report)
         if cross_entropy and not any(e.what == "cross_entropy" for e in
                                      report.patched + report.skipped + state.report.patched):
-            report.skipped.append(Entry("", "cross_entropy", f"{type(model).__name__} is not a causal LM in "
+            report.skipped.append(Entry("", "cross_entropy", f"{type(model).__name__} has no loss rule in "
                                         "fastnlg's table: no fused loss (layers may still be patched)"))
         if rope and not state.rope:
             report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))

@@ -31,6 +31,9 @@ RULES = (
          {"offset": 0.0, "casting_mode": "llama"}),
     Rule("norm", ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"), b.rms_norm,
          {"offset": 1.0, "casting_mode": "gemma"}),
+    # BERT's post-LN sublayer outputs LayerNorm(dropout(dense(h)) + input) -> FastAddNormOutput (add_layer_norm).
+    Rule("norm", ("BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput", "XLMRobertaSelfOutput",
+                  "XLMRobertaOutput"), b.add_norm_output),
     Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), b.layer_norm),
     Rule("norm", ("*Norm",), b.unknown),
 
@@ -41,14 +44,25 @@ RULES = (
     Rule("mlp", ("Phi3MLP",), b.gated_mlp, {"act": "hidden_act"}),
     # GPT-2: c_proj(gelu(c_fc(x))) over Conv1D projections -> FastGPT2MLP (c_fc's bias fused into the GELU).
     Rule("mlp", ("GPT2MLP",), b.gpt2_mlp),
-    Rule("mlp", ("*MLP",), b.unknown),
+    # BERT's intermediate layer act(dense(x)), a GELU -> FastDenseGELU (dense's bias fused into the GELU).
+    Rule("mlp", ("BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate"), b.dense_gelu),
+    Rule("mlp", ("*MLP", "*Intermediate"), b.unknown),
 
     # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);
     # `head` is the attribute holding the lm_head.
     Rule("cross_entropy", ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
                            "GPT2LMHeadModel"), b.cross_entropy, {"head": "lm_head"}),
-    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel"), b.unknown),
+    # Encoder heads (their loss is CrossEntropyLoss() on the head's logits): classifiers -> fastnlg.ops.cross_entropy;
+    # masked LMs -> the masked rows through the head's transform and the fused loss (`head`: the LM head's path).
+    Rule("cross_entropy", ("BertForTokenClassification", "RobertaForTokenClassification",
+                           "XLMRobertaForTokenClassification"), b.classification_loss, {"sequence": False}),
+    Rule("cross_entropy", ("BertForSequenceClassification", "RobertaForSequenceClassification",
+                           "XLMRobertaForSequenceClassification"), b.classification_loss, {"sequence": True}),
+    Rule("cross_entropy", ("BertForMaskedLM",), b.masked_lm_loss, {"head": "cls.predictions"}),
+    Rule("cross_entropy", ("RobertaForMaskedLM", "XLMRobertaForMaskedLM"), b.masked_lm_loss, {"head": "lm_head"}),
+    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForTokenClassification", "*ForSequenceClassification",
+                           "*ForMaskedLM"), b.unknown),
 
     # Attention layers calling their modelling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
     # with rotate_half (Phi-3's with partial rotary): that function -> fastnlg.ops.apply_rope, once per module.

@@ -1,0 +1,105 @@
+"""Encoder pieces (BERT, RoBERTa, XLM-RoBERTa): the post-LN sublayer output on fastnlg.ops.add_layer_norm, and
+the heads' losses on fastnlg's losses.
+
+- FastAddNormOutput replaces BertSelfOutput / BertOutput (and RoBERTa's): LayerNorm(dropout(dense(h)) + input)
+  with the residual add inside the LayerNorm's one pass.
+- classification_forward: token and sequence classification (single-label) compute their loss with
+  fastnlg.ops.cross_entropy (class weights from `model.loss_class_weight` when set); regression and
+  multi-label problems keep the model's own loss.
+- masked_lm_forward: in training, the masked-LM loss runs only the masked rows through the head's transform
+  and fastnlg.ops.fused_linear_cross_entropy over the vocabulary, never building the (tokens x vocab) logits;
+  evaluation and calls without labels return the model's own logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import add_layer_norm, cross_entropy, fused_linear_cross_entropy
+
+IGNORE_INDEX = -100  # what Transformers' CrossEntropyLoss() ignores in these heads
+
+
+class FastAddNormOutput(nn.Module):
+    """LayerNorm(dropout(dense(hidden_states)) + input_tensor), over the module's own dense, dropout and
+    LayerNorm (same state_dict keys)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FastAddNormOutput":
+        norm = module.LayerNorm
+        if len(norm.normalized_shape) != 1 or norm.weight is None:
+            raise ValueError(f"FastAddNormOutput: {type(module).__name__}.LayerNorm is not a 1-D affine LayerNorm")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dense, new.LayerNorm, new.dropout = module.dense, norm, module.dropout
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.dense(hidden_states))
+        norm = self.LayerNorm
+        return add_layer_norm(h, input_tensor, norm.weight, norm.bias, norm.eps)
+
+
+def _problem_type(model, labels) -> str:
+    """The config's problem_type, set as Transformers' sequence classifiers set it on their first loss."""
+    config = model.config
+    if config.problem_type is None:
+        if model.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    return config.problem_type
+
+
+def classification_forward(model, original, sequence: bool, named: dict):
+    """The forward of a *ForTokenClassification / *ForSequenceClassification `model` whose model-own forward is
+    `original`: its logits, and the cross-entropy on fastnlg.ops.cross_entropy."""
+    labels = named.pop("labels", None)
+    if labels is not None and sequence and _problem_type(model, labels) != "single_label_classification":
+        return original(model, labels=labels, **named)  # regression / multi-label: the model's own loss
+    return_dict = named.pop("return_dict", None)
+    out = original(model, return_dict=True, **named)
+    if labels is not None:
+        logits = out.logits
+        weight = getattr(model, "loss_class_weight", None)
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                             weight=None if weight is None else weight.to(logits.device, torch.float32),
+                             ignore_index=IGNORE_INDEX)
+        out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+    return out.to_tuple() if return_dict is False else out
+
+
+# What a masked-LM head computes before its decoder, per head class (the decoder is the head's `decoder`).
+MLM_TRANSFORMS = {
+    "BertLMPredictionHead": lambda head, h: head.transform(h),
+    "RobertaLMHead": lambda head, h: head.layer_norm(nn.functional.gelu(head.dense(h))),
+    "XLMRobertaLMHead": lambda head, h: head.layer_norm(nn.functional.gelu(head.dense(h))),
+}
+
+
+def masked_lm_forward(model, original, head_path: str, named: dict):
+    """The forward of a *ForMaskedLM `model` (its own forward `original`, its LM head at `head_path`)."""
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    labels = named.get("labels")
+    if labels is None or not model.training:
+        return original(model, **named)
+    named.pop("labels")
+    return_dict = named.pop("return_dict", None)
+    base = getattr(model, model.base_model_prefix)
+    outputs = base(return_dict=True, **named)
+    hidden = outputs[0]
+    head = model.get_submodule(head_path)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).to(hidden.device)
+    if not torch.compiler.is_compiling():  # the masked rows only (about 15%): the transform skips the rest
+        rows = torch.nonzero(y != IGNORE_INDEX).squeeze(-1)
+        h, y = h.index_select(0, rows), y.index_select(0, rows)
+    h = MLM_TRANSFORMS[type(head).__name__](head, h)
+    decoder = head.decoder
+    loss = fused_linear_cross_entropy(h, decoder.weight, y, bias=decoder.bias, ignore_index=IGNORE_INDEX,
+                                      loss_dtype=torch.float32)
+    out = MaskedLMOutput(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                         attentions=getattr(outputs, "attentions", None))
+    return out.to_tuple() if return_dict is False else out

@@ -25,6 +25,8 @@ ALLOWED = {
                                                   "mask tensor, which every layer shares",
     "fastnlg/nn/hf_attention.py:_packed_cu_seqlens": "packed samples' boundaries read from position_ids: once per "
                                                      "mask tensor",
+    "fastnlg/nn/encoder.py:masked_lm_forward": "the masked rows' indices (a data-dependent size): the MLM head's "
+                                               "transform and the loss run on those rows only",
     "fastnlg/ops/attention.py:_check": "cu_seqlens' values, when the caller gives no max_seqlen",
 }
 

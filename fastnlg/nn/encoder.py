@@ -1,8 +1,9 @@
-"""Encoder pieces (BERT, RoBERTa, XLM-RoBERTa): the post-LN sublayer output on fastnlg.ops.add_layer_norm, and
-the heads' losses on fastnlg's losses.
+"""Encoder pieces (BERT, RoBERTa, XLM-RoBERTa, DistilBERT): the post-LN sublayer output on
+fastnlg.ops.add_layer_norm, and the heads' losses on fastnlg's losses.
 
 - FastAddNormOutput replaces BertSelfOutput / BertOutput (and RoBERTa's): LayerNorm(dropout(dense(h)) + input)
-  with the residual add inside the LayerNorm's one pass.
+  with the residual add inside the LayerNorm's one pass; distilbert_block_forward does the same for
+  DistilBERT's TransformerBlock (its two residual LayerNorms), and FastDistilBertFFN fuses its lin1 bias + GELU.
 - classification_forward: token and sequence classification (single-label) compute their loss with
   fastnlg.ops.cross_entropy (class weights from `model.loss_class_weight` when set); regression and
   multi-label problems keep the model's own loss.
@@ -15,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import add_layer_norm, cross_entropy, fused_linear_cross_entropy
+from ..ops import add_layer_norm, cross_entropy, fused_linear_cross_entropy, gelu
+from .mlp import gelu_approximate
 
 IGNORE_INDEX = -100  # what Transformers' CrossEntropyLoss() ignores in these heads
 
@@ -38,6 +40,40 @@ class FastAddNormOutput(nn.Module):
         h = self.dropout(self.dense(hidden_states))
         norm = self.LayerNorm
         return add_layer_norm(h, input_tensor, norm.weight, norm.bias, norm.eps)
+
+
+def distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """DistilBERT's TransformerBlock.forward with both residual LayerNorms on add_layer_norm."""
+    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    sa, out = self.sa_layer_norm, self.output_layer_norm
+    attention_output = add_layer_norm(attention_output, hidden_states, sa.weight, sa.bias, sa.eps)
+    return add_layer_norm(self.ffn(attention_output), attention_output, out.weight, out.bias, out.eps)
+
+
+class FastDistilBertFFN(nn.Module):
+    """DistilBERT's FFN, dropout(lin2(act(lin1(x)))) with a GELU, lin1's bias added inside fastnlg.ops.gelu
+    (over the module's own lin1, lin2, dropout)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FastDistilBertFFN":
+        if module.chunk_size_feed_forward:
+            raise ValueError(f"FastDistilBertFFN: chunk_size_feed_forward={module.chunk_size_feed_forward} "
+                             "(chunked feed-forward) is the model's own path")
+        approximate = gelu_approximate("FastDistilBertFFN", module.activation)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.lin1, new.lin2, new.dropout, new.activation = module.lin1, module.lin2, module.dropout, module.activation
+        new.approximate = approximate
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin1 = self.lin1
+        if type(lin1) is nn.Linear and lin1.bias is not None:
+            h = nn.functional.linear(x, lin1.weight)
+            h = gelu(h, lin1.bias.to(h.dtype), approximate=self.approximate)
+        else:
+            h = gelu(lin1(x), approximate=self.approximate)
+        return self.dropout(self.lin2(h))
 
 
 def _problem_type(model, labels) -> str:
@@ -71,16 +107,18 @@ def classification_forward(model, original, sequence: bool, named: dict):
     return out.to_tuple() if return_dict is False else out
 
 
-# What a masked-LM head computes before its decoder, per head class (the decoder is the head's `decoder`).
+# What a masked-LM head computes before its decoder, per head class (DistilBERT's head is the model itself).
 MLM_TRANSFORMS = {
     "BertLMPredictionHead": lambda head, h: head.transform(h),
     "RobertaLMHead": lambda head, h: head.layer_norm(nn.functional.gelu(head.dense(h))),
     "XLMRobertaLMHead": lambda head, h: head.layer_norm(nn.functional.gelu(head.dense(h))),
+    "DistilBertForMaskedLM": lambda head, h: head.vocab_layer_norm(head.activation(head.vocab_transform(h))),
 }
 
 
-def masked_lm_forward(model, original, head_path: str, named: dict):
-    """The forward of a *ForMaskedLM `model` (its own forward `original`, its LM head at `head_path`)."""
+def masked_lm_forward(model, original, head_path: str, decoder: str, named: dict):
+    """The forward of a *ForMaskedLM `model` (its own forward `original`, its LM head at `head_path`, "" for
+    the model itself, whose vocabulary projection is the head's attribute `decoder`)."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     labels = named.get("labels")
@@ -91,14 +129,14 @@ def masked_lm_forward(model, original, head_path: str, named: dict):
     base = getattr(model, model.base_model_prefix)
     outputs = base(return_dict=True, **named)
     hidden = outputs[0]
-    head = model.get_submodule(head_path)
+    head = model.get_submodule(head_path) if head_path else model
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).to(hidden.device)
     if not torch.compiler.is_compiling():  # the masked rows only (about 15%): the transform skips the rest
         rows = torch.nonzero(y != IGNORE_INDEX).squeeze(-1)
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     h = MLM_TRANSFORMS[type(head).__name__](head, h)
-    decoder = head.decoder
-    loss = fused_linear_cross_entropy(h, decoder.weight, y, bias=decoder.bias, ignore_index=IGNORE_INDEX,
+    projection = getattr(head, decoder)
+    loss = fused_linear_cross_entropy(h, projection.weight, y, bias=projection.bias, ignore_index=IGNORE_INDEX,
                                       loss_dtype=torch.float32)
     out = MaskedLMOutput(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
                          attentions=getattr(outputs, "attentions", None))

@@ -34,6 +34,7 @@ RULES = (
     # BERT's post-LN sublayer outputs LayerNorm(dropout(dense(h)) + input) -> FastAddNormOutput (add_layer_norm).
     Rule("norm", ("BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput", "XLMRobertaSelfOutput",
                   "XLMRobertaOutput"), b.add_norm_output),
+    Rule("norm", ("transformers.models.distilbert.modeling_distilbert.TransformerBlock",), b.distilbert_block),
     Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), b.layer_norm),
     Rule("norm", ("*Norm",), b.unknown),
 
@@ -46,6 +47,7 @@ RULES = (
     Rule("mlp", ("GPT2MLP",), b.gpt2_mlp),
     # BERT's intermediate layer act(dense(x)), a GELU -> FastDenseGELU (dense's bias fused into the GELU).
     Rule("mlp", ("BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate"), b.dense_gelu),
+    Rule("mlp", ("transformers.models.distilbert.modeling_distilbert.FFN",), b.distilbert_ffn),
     Rule("mlp", ("*MLP", "*Intermediate"), b.unknown),
 
     # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);
@@ -56,11 +58,14 @@ RULES = (
     # Encoder heads (their loss is CrossEntropyLoss() on the head's logits): classifiers -> fastnlg.ops.cross_entropy;
     # masked LMs -> the masked rows through the head's transform and the fused loss (`head`: the LM head's path).
     Rule("cross_entropy", ("BertForTokenClassification", "RobertaForTokenClassification",
-                           "XLMRobertaForTokenClassification"), b.classification_loss, {"sequence": False}),
+                           "XLMRobertaForTokenClassification", "DistilBertForTokenClassification"),
+         b.classification_loss, {"sequence": False}),
     Rule("cross_entropy", ("BertForSequenceClassification", "RobertaForSequenceClassification",
-                           "XLMRobertaForSequenceClassification"), b.classification_loss, {"sequence": True}),
+                           "XLMRobertaForSequenceClassification", "DistilBertForSequenceClassification"),
+         b.classification_loss, {"sequence": True}),
     Rule("cross_entropy", ("BertForMaskedLM",), b.masked_lm_loss, {"head": "cls.predictions"}),
     Rule("cross_entropy", ("RobertaForMaskedLM", "XLMRobertaForMaskedLM"), b.masked_lm_loss, {"head": "lm_head"}),
+    Rule("cross_entropy", ("DistilBertForMaskedLM",), b.masked_lm_loss, {"head": "", "decoder": "vocab_projector"}),
     Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForTokenClassification", "*ForSequenceClassification",
                            "*ForMaskedLM"), b.unknown),
 

@@ -1,5 +1,5 @@
-"""Encoder pieces (BERT, RoBERTa, XLM-RoBERTa, DistilBERT): the post-LN sublayer output on
-fastnlg.ops.add_layer_norm, and the heads' losses on fastnlg's losses.
+"""Encoder pieces (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ModernBERT): the post-LN sublayer output on
+fastnlg.ops.add_layer_norm, ModernBERT's GeGLU MLP, and the heads' losses on fastnlg's losses.
 
 - FastAddNormOutput replaces BertSelfOutput / BertOutput (and RoBERTa's): LayerNorm(dropout(dense(h)) + input)
   with the residual add inside the LayerNorm's one pass; distilbert_block_forward does the same for
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import add_layer_norm, cross_entropy, fused_linear_cross_entropy, gelu
+from ..ops import add_layer_norm, cross_entropy, fused_linear_cross_entropy, geglu, gelu
 from .mlp import gelu_approximate
 
 IGNORE_INDEX = -100  # what Transformers' CrossEntropyLoss() ignores in these heads
@@ -76,6 +76,23 @@ class FastDistilBertFFN(nn.Module):
         return self.dropout(self.lin2(h))
 
 
+class FastModernBertMLP(nn.Module):
+    """ModernBERT's MLP, Wo(drop(act(a) * g)) with (a, g) the halves of Wi(x), on fastnlg.ops.geglu (over the
+    module's own Wi, Wo, drop)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FastModernBertMLP":
+        approximate = gelu_approximate("FastModernBertMLP", module.act)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.Wi, new.act, new.drop, new.Wo, new.approximate = module.Wi, module.act, module.drop, module.Wo, approximate
+        return new
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        a, g = self.Wi(hidden_states).chunk(2, dim=-1)
+        return self.Wo(self.drop(geglu(a, g, approximate=self.approximate)))
+
+
 def _problem_type(model, labels) -> str:
     """The config's problem_type, set as Transformers' sequence classifiers set it on their first loss."""
     config = model.config
@@ -113,12 +130,14 @@ MLM_TRANSFORMS = {
     "RobertaLMHead": lambda head, h: head.layer_norm(nn.functional.gelu(head.dense(h))),
     "XLMRobertaLMHead": lambda head, h: head.layer_norm(nn.functional.gelu(head.dense(h))),
     "DistilBertForMaskedLM": lambda head, h: head.vocab_layer_norm(head.activation(head.vocab_transform(h))),
+    "ModernBertPredictionHead": lambda head, h: head(h),
 }
 
 
-def masked_lm_forward(model, original, head_path: str, decoder: str, named: dict):
-    """The forward of a *ForMaskedLM `model` (its own forward `original`, its LM head at `head_path`, "" for
-    the model itself, whose vocabulary projection is the head's attribute `decoder`)."""
+def masked_lm_forward(model, original, head_path: str, decoder: str, num_items: bool, named: dict):
+    """The forward of a *ForMaskedLM `model` (its own forward `original`): its head's transform at `head_path`
+    ("" for the model itself), its vocabulary projection at `decoder`; with num_items, the loss honours
+    HF Trainer's num_items_in_batch as the model's own loss_function does."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     labels = named.get("labels")
@@ -126,6 +145,7 @@ def masked_lm_forward(model, original, head_path: str, decoder: str, named: dict
         return original(model, **named)
     named.pop("labels")
     return_dict = named.pop("return_dict", None)
+    items = named.pop("num_items_in_batch", None) if num_items else None
     base = getattr(model, model.base_model_prefix)
     outputs = base(return_dict=True, **named)
     hidden = outputs[0]
@@ -135,9 +155,9 @@ def masked_lm_forward(model, original, head_path: str, decoder: str, named: dict
         rows = torch.nonzero(y != IGNORE_INDEX).squeeze(-1)
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     h = MLM_TRANSFORMS[type(head).__name__](head, h)
-    projection = getattr(head, decoder)
+    projection = model.get_submodule(decoder)
     loss = fused_linear_cross_entropy(h, projection.weight, y, bias=projection.bias, ignore_index=IGNORE_INDEX,
-                                      loss_dtype=torch.float32)
+                                      num_items_in_batch=items, loss_dtype=torch.float32)
     out = MaskedLMOutput(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
                          attentions=getattr(outputs, "attentions", None))
     return out.to_tuple() if return_dict is False else out

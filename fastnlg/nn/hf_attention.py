@@ -42,11 +42,13 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def _window(sliding_window):
-    """Transformers' sliding window W (key j visible iff j > pos - W) as (left, right)."""
+def _window(sliding_window, is_causal=True):
+    """Transformers' sliding window W as (left, right): causal, key j visible iff j > pos - W; bidirectional
+    (ModernBERT's local layers, which pass their half-window + 1 as flash-attention's inclusive bound),
+    iff |pos - j| < W."""
     if sliding_window is None or sliding_window <= 0:
         return None
-    return (int(sliding_window) - 1, -1)
+    return (int(sliding_window) - 1, -1 if is_causal else int(sliding_window) - 1)
 
 
 def _allowed(mask):
@@ -140,8 +142,8 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
     """Transformers' attention-function contract: q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
     ((B, T, Hq, D), None)."""
     T, S = query.shape[2], key.shape[2]
-    window = _window(sliding_window)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    window = _window(sliding_window, bool(is_causal))
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != S:
         attention_mask = attention_mask[:, :, :, :S]  # static caches build masks longer than the keys in use
     if attention_mask is None and is_causal and 1 < T < S:

@@ -163,19 +163,19 @@ def classification_loss(walk, path, module, sequence):
     return f"{type(module).__name__}: loss -> fastnlg.ops.cross_entropy"
 
 
-def masked_lm_loss(walk, path, module, head, decoder="decoder"):
+def masked_lm_loss(walk, path, module, head, decoder, num_items=False):
     from ..nn.encoder import MLM_TRANSFORMS, masked_lm_forward
     if not _forward_replaceable(module):
         return None
     lm_head = module.get_submodule(head) if head else module
     if type(lm_head).__name__ not in MLM_TRANSFORMS:
         raise Skipped(f"{head or 'the model'} is a {type(lm_head).__name__}, not a masked-LM head fastnlg knows")
-    if type(getattr(lm_head, decoder, None)) is not nn.Linear:
-        raise Skipped(f"{head + '.' if head else ''}{decoder} is not an nn.Linear")
+    if type(module.get_submodule(decoder)) is not nn.Linear:
+        raise Skipped(f"{decoder} is not an nn.Linear")
     original = type(module).forward
 
     def forward(self, **named):
-        return masked_lm_forward(self, original, head, decoder, named)
+        return masked_lm_forward(self, original, head, decoder, num_items, named)
 
     walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
     return f"{type(module).__name__}: training loss -> transform of the masked rows + fused_linear_cross_entropy"
@@ -191,6 +191,16 @@ def distilbert_block(walk, path, module):
             raise Skipped(f"{name} is not a 1-D affine LayerNorm")
     walk.set_method(module, "forward", mark(_with_signature_of(distilbert_block_forward, type(module).forward)))
     return "TransformerBlock: residual LayerNorms -> add_layer_norm"
+
+
+def modernbert_mlp(walk, path, module):
+    from ..nn.encoder import FastModernBertMLP
+    try:
+        new = FastModernBertMLP.from_module(module)
+    except ValueError as exc:
+        raise Skipped(str(exc)) from None
+    walk.swap(path, module, new)
+    return f"ModernBertMLP -> FastModernBertMLP(geglu {new.approximate})"
 
 
 def distilbert_ffn(walk, path, module):

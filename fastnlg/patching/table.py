@@ -48,6 +48,8 @@ RULES = (
     # BERT's intermediate layer act(dense(x)), a GELU -> FastDenseGELU (dense's bias fused into the GELU).
     Rule("mlp", ("BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate"), b.dense_gelu),
     Rule("mlp", ("transformers.models.distilbert.modeling_distilbert.FFN",), b.distilbert_ffn),
+    # ModernBERT: Wo(act(a) * g), (a, g) = Wi(x) halves -> FastModernBertMLP (fastnlg.ops.geglu).
+    Rule("mlp", ("ModernBertMLP",), b.modernbert_mlp),
     Rule("mlp", ("*MLP", "*Intermediate"), b.unknown),
 
     # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);
@@ -58,21 +60,27 @@ RULES = (
     # Encoder heads (their loss is CrossEntropyLoss() on the head's logits): classifiers -> fastnlg.ops.cross_entropy;
     # masked LMs -> the masked rows through the head's transform and the fused loss (`head`: the LM head's path).
     Rule("cross_entropy", ("BertForTokenClassification", "RobertaForTokenClassification",
-                           "XLMRobertaForTokenClassification", "DistilBertForTokenClassification"),
+                           "XLMRobertaForTokenClassification", "DistilBertForTokenClassification",
+                           "ModernBertForTokenClassification"),
          b.classification_loss, {"sequence": False}),
     Rule("cross_entropy", ("BertForSequenceClassification", "RobertaForSequenceClassification",
-                           "XLMRobertaForSequenceClassification", "DistilBertForSequenceClassification"),
+                           "XLMRobertaForSequenceClassification", "DistilBertForSequenceClassification",
+                           "ModernBertForSequenceClassification"),
          b.classification_loss, {"sequence": True}),
-    Rule("cross_entropy", ("BertForMaskedLM",), b.masked_lm_loss, {"head": "cls.predictions"}),
-    Rule("cross_entropy", ("RobertaForMaskedLM", "XLMRobertaForMaskedLM"), b.masked_lm_loss, {"head": "lm_head"}),
+    Rule("cross_entropy", ("BertForMaskedLM",), b.masked_lm_loss,
+         {"head": "cls.predictions", "decoder": "cls.predictions.decoder"}),
+    Rule("cross_entropy", ("RobertaForMaskedLM", "XLMRobertaForMaskedLM"), b.masked_lm_loss,
+         {"head": "lm_head", "decoder": "lm_head.decoder"}),
     Rule("cross_entropy", ("DistilBertForMaskedLM",), b.masked_lm_loss, {"head": "", "decoder": "vocab_projector"}),
+    Rule("cross_entropy", ("ModernBertForMaskedLM",), b.masked_lm_loss,  # (its loss_function takes num_items)
+         {"head": "head", "decoder": "decoder", "num_items": True}),
     Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForTokenClassification", "*ForSequenceClassification",
                            "*ForMaskedLM"), b.unknown),
 
     # Attention layers calling their modelling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
     # with rotate_half (Phi-3's with partial rotary): that function -> fastnlg.ops.apply_rope, once per module.
     Rule("rope", ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
-                  "Gemma2Attention", "Gemma3Attention", "Phi3Attention"), b.rope),
+                  "Gemma2Attention", "Gemma3Attention", "Phi3Attention", "ModernBertAttention"), b.rope),
 
     # PEFT LoRA layers over nn.Linear, GPT-2's Conv1D or bitsandbytes NF4 -> fastnlg.nn.peft_lora_forward.
     Rule("lora", ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit"), b.peft_lora),

@@ -10,7 +10,11 @@ import transformers
 
 import fastnlg
 
-FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}
+if not torch.cuda.is_available():  # the attention kernels, defined under the interpreter conftest.py sets (the
+    importlib.import_module("fastnlg.kernels.attention")  # tests below run the CPU defaults, TRITON_INTERPRET=0)
+
+FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert",
+            "modernbert": "ModernBert"}
 HEADS = ("ForTokenClassification", "ForSequenceClassification", "ForMaskedLM")
 VOCAB, LABELS = 120, 5
 
@@ -26,6 +30,10 @@ def _config(family, **kw):
         base = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=LABELS,
                     max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
                     pad_token_id=1)
+    elif family == "modernbert":  # alternating local (a 4-token window: it matters at 12 tokens) and global layers
+        base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                    num_labels=LABELS, max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2,
+                    pad_token_id=1, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)
     else:
         base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=64, num_labels=LABELS, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -81,10 +89,12 @@ def test_patched_matches_unpatched(family, head):
     ours = copy.deepcopy(ref)
     report = fastnlg.patch(ours)
     details = " | ".join(e.detail for e in report.patched)
-    assert "add_layer_norm" in details and ("FastDenseGELU(none)" in details or "FastDistilBertFFN(none)" in details), \
-        details
+    fused = ("FastModernBertMLP(geglu none)", "apply_rotary_pos_emb -> fastnlg.ops.apply_rope") if family == "modernbert" \
+        else ("add_layer_norm", "FastDistilBertFFN(none)" if family == "distilbert" else "FastDenseGELU(none)")
+    assert all(f in details for f in fused), details
     assert any(e.what == "cross_entropy" for e in report.patched), report
-    assert not [e for e in report.skipped if e.what in ("norm", "mlp", "cross_entropy", "attention")], report
+    assert not [e for e in report.skipped if e.what in ("norm", "mlp", "cross_entropy", "attention")
+                or (e.what == "rope" and family == "modernbert")], report
     batch = _batch(head)
     (out_ref, g_ref), (out, g) = _step(ref, batch), _step(ours, batch)
     assert torch.allclose(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6), (out.loss, out_ref.loss)
@@ -215,3 +225,26 @@ def test_compiles_fullgraph(family, head):
     (o, g) = _step(torch.compile(ours, fullgraph=True), batch)
     assert torch.allclose(o.loss, o_ref.loss, rtol=1e-5)
     _assert_grads_close({k.removeprefix("_orig_mod."): v for k, v in g.items()}, g_ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run the Triton kernels under the interpreter only")
+@pytest.mark.parametrize("family", ["modernbert", "bert"])
+def test_attention_kernels_bidirectional_padded_and_windowed(family, monkeypatch):
+    """The flash-attention kernels (under the interpreter) on the encoders' masks: non-causal with key padding,
+    and ModernBERT's symmetric local window on alternate layers: the unpatched model's loss and gradients."""
+    from fastnlg import backend
+    from fastnlg.ops import attention
+
+    calls = []
+    real = attention._RUN["triton"]
+    monkeypatch.setitem(attention._RUN, "triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref = _model(family, "ForTokenClassification")
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours)
+    batch = _batch("ForTokenClassification")
+    with backend.use("triton", op="flash_attention", interpret=True):
+        out, g = _step(ours, batch)
+    out_ref, g_ref = _step(ref, batch)
+    assert len(calls) == ours.config.num_hidden_layers
+    assert torch.allclose(out.loss, out_ref.loss, rtol=1e-5)
+    _assert_grads_close(g, g_ref, rel=1e-4)

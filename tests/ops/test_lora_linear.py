@@ -3,6 +3,7 @@ in backward, PEFT's own LoraLayer on the same weights, what is saved for backwar
 import pytest
 import torch
 
+from fastnlg import backend
 from fastnlg.ops.lora_linear import lora_linear, lora_linear_reference
 from fastnlg.quant import quantize_nf4
 from tests.conftest import backend_params
@@ -250,7 +251,8 @@ def test_triton_nf4_adds_lora_in_the_epilogue(monkeypatch, use_backend):
     w = quantize_nf4(W, 64, True)
     x = torch.randn(6, 48)
     y = lora_linear(x, w, A, B, scaling=1.5, bias=b)
-    monkeypatch.undo()
+    monkeypatch.undo()  # (FASTNLG_BACKEND too: the settings are re-read)
+    backend.refresh()
     assert len(calls) == 1 and calls[0] is not None  # one kernel, the LoRA term in it
     torch.testing.assert_close(y, lora_linear_reference(x, w, A, B, scaling=1.5, bias=b), rtol=1e-4, atol=1e-5)
 

@@ -21,36 +21,57 @@ def bitsandbytes_4bit_available(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
 
 
-def load_tokenizer(path: str):
-    """AutoTokenizer.from_pretrained(path), with EOS as the pad token where the tokenizer has none."""
+def load_tokenizer(path: str, words: bool = False):
+    """AutoTokenizer.from_pretrained(path), with EOS as the pad token where the tokenizer has none; words=True
+    for pre-split words (token classification): byte-level BPE tokenizers (RoBERTa, GPT-2, ...) then add the
+    prefix space they need to tokenise a word as it is tokenised inside a sentence."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(path)
+    if words and _byte_level_bpe(tok) and not tok.init_kwargs.get("add_prefix_space"):
+        tok = transformers.AutoTokenizer.from_pretrained(path, add_prefix_space=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = False, adapter: str | None = None,
-                   **kwargs):
-    """AutoModelForCausalLM.from_pretrained(path) in `dtype` on `device`; with bnb_4bit, its linear layers
-    in bitsandbytes' NF4 (double-quantised, computing in `dtype`); with `adapter`, the PEFT adapter saved in
-    that folder on top (PeftModel.from_pretrained)."""
+def load_pretrained(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = False, adapter: str | None = None,
+                    auto_class: str = "AutoModelForCausalLM", **kwargs):
+    """transformers.<auto_class>.from_pretrained(path) in `dtype` on `device` (a causal LM unless told);
+    with bnb_4bit, its linear layers in bitsandbytes' NF4 (double-quantised, computing in `dtype`); with
+    `adapter`, the PEFT adapter saved in that folder on top (PeftModel.from_pretrained)."""
     import transformers
 
     device = torch.device(device)
+    cls = getattr(transformers, auto_class)
     if bnb_4bit:
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": device},
-                                                                  dtype=dtype, **kwargs)
+        model = cls.from_pretrained(path, quantization_config=q, device_map={"": device}, dtype=dtype, **kwargs)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     if adapter:
         import peft
 
         model = peft.PeftModel.from_pretrained(model, adapter).to(device)
     return model
+
+
+def _byte_level_bpe(tok) -> bool:
+    """Whether the tokenizer is a byte-level BPE one (it takes add_prefix_space)."""
+    return "add_prefix_space" in tok.init_kwargs or any(
+        k in type(tok).__name__ for k in ("Roberta", "GPT2", "Bart", "Longformer", "Deberta"))
+
+
+def load_causal_lm(path: str, **kwargs):
+    """load_pretrained of a causal LM."""
+    return load_pretrained(path, auto_class="AutoModelForCausalLM", **kwargs)
+
+
+def load_config(path: str):
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(path)
 
 
 def enable_checkpointing(model, *, use_reentrant: bool = False) -> None:

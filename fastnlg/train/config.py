@@ -20,6 +20,7 @@ BF16_CAPABILITY = (8, 0)  # the first GPUs with bf16 arithmetic (A100, RTX 30); 
 
 @dataclass
 class TrainConfig:
+    task: str = "causal-lm"  # causal-lm | token-classification | sequence-classification | masked-lm (train/tasks)
     model: str = ""  # a local Transformers model folder, or a built-in config name (train/builtin.py)
     train_files: list = field(default_factory=list)
     output_dir: str = "out"
@@ -62,6 +63,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True  # also log to output_dir/tensorboard when the tensorboard package is installed
     sync_debug: bool = False  # CUDA: raise on any host synchronisation inside a training step between logs
+    labels: list = field(default_factory=list)  # classification: the label set, in id order (default: see tasks)
+    tag_column: int = -1  # token classification, CoNLL files: the column holding the tag
+    label_all_tokens: bool = False  # token classification: label every sub-token (default: a word's first)
+    mlm_probability: float = 0.15  # masked LM: the share of tokens masked
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -70,8 +75,8 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(known))}")
         cfg = cls(**{k: _coerce(k, v, known[k]) for k, v in values.items()})
-        if cfg.method in PROMPT_METHODS and "packing" not in values:
-            cfg.packing = False  # the default follows the method; packing=true given explicitly is refused
+        if (cfg.method in PROMPT_METHODS or cfg.task != "causal-lm") and "packing" not in values:
+            cfg.packing = False  # the default follows the method and task; packing=true given explicitly is refused
         cfg.validate()
         return cfg
 

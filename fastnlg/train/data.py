@@ -215,11 +215,15 @@ def pad_rows(samples: list, pad_id: int) -> list:
 
 
 def collate(rows: list, pad_id: int) -> dict:
-    """Stacks rows into a batch, right-padding unpacked rows (attention_mask 0, labels ignored)."""
+    """Stacks rows into a batch, right-padding unpacked rows (attention_mask 0, labels ignored); 0-dim values
+    (a sequence's class label) are stacked as they are."""
     T = max(r["input_ids"].numel() for r in rows)
-    fill = {"input_ids": pad_id, "labels": IGNORE, "attention_mask": 0, "position_ids": 0}
+    fill = {"input_ids": pad_id, "labels": IGNORE, "attention_mask": 0, "position_ids": 0, "token_type_ids": 0}
     out = {}
     for key in rows[0]:
+        if rows[0][key].dim() == 0:
+            out[key] = torch.stack([r[key] for r in rows])
+            continue
         out[key] = torch.stack([torch.nn.functional.pad(r[key], (0, T - r[key].numel()), value=fill[key])
                                 for r in rows])
     return out

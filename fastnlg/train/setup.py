@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import loading
-from . import builtin, data
+from . import builtin, data, tasks
 from .config import TrainConfig, resolve_precision
 from .distributed import Dist
 
@@ -42,15 +42,18 @@ def bnb_4bit(cfg: TrainConfig, device) -> bool:
     return cfg.method == "qlora" and loading.bitsandbytes_4bit_available(device)
 
 
-def load_model(cfg: TrainConfig, device):
-    """The causal LM of cfg.model on `device`: 4-bit through bitsandbytes for QLoRA on CUDA, the frozen base
-    of the adapter methods in the compute dtype (PEFT keeps the adapters fp32), fp32 otherwise."""
+def load_model(cfg: TrainConfig, device, task=None, **kwargs):
+    """The model of cfg.model for its task (a causal LM unless told) on `device`: 4-bit through bitsandbytes
+    for QLoRA on CUDA, the frozen base of the adapter methods in the compute dtype (PEFT keeps the adapters
+    fp32), fp32 otherwise; `kwargs` go to from_pretrained (a classifier's label set)."""
+    auto_class = task.auto_class if task is not None else "AutoModelForCausalLM"
     if bnb_4bit(cfg, device):
         dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16  # no bf16 on sm_75
-        return loading.load_causal_lm(cfg.model, dtype=dtype, device=device, bnb_4bit=True)
+        return loading.load_pretrained(cfg.model, dtype=dtype, device=device, bnb_4bit=True, auto_class=auto_class,
+                                       **kwargs)
     frozen_base = cfg.method not in ("full", "bitfit") and cfg.precision != "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision] if frozen_base else torch.float32
-    return loading.load_causal_lm(cfg.model, dtype=dtype, device=device)
+    return loading.load_pretrained(cfg.model, dtype=dtype, device=device, auto_class=auto_class, **kwargs)
 
 
 def base_dir(cfg: TrainConfig) -> str:
@@ -58,15 +61,20 @@ def base_dir(cfg: TrainConfig) -> str:
     return os.path.join(cfg.output_dir, "base")
 
 
-def model_and_tokenizer(cfg: TrainConfig, device):
-    """-> (cfg, model, tokenizer, built_in). A folder loads both; a built-in config (train/builtin.py) gets
+def model_and_tokenizer(cfg: TrainConfig, device, task=None):
+    """-> (cfg, model, tokenizer, built_in). A folder loads both, once its architecture is checked against the
+    task (which may read its data first: a classifier's label set); a built-in config (train/builtin.py) gets
     its tokenizer trained on the data here and its model later (model_from_scratch, once the data is valid:
     model is None and built_in its config); a re-run or --resume of one loads the base it was trained from."""
+    task = task or tasks.get(cfg.task)
     built_in = builtin.CONFIGS.get(cfg.model) if not os.path.isdir(cfg.model) else None
     if built_in is not None and os.path.isdir(base_dir(cfg)):
         cfg, built_in = dataclasses.replace(cfg, model=base_dir(cfg), tokenizer=""), None
     if built_in is None:
-        return cfg, load_model(cfg, device), loading.load_tokenizer(cfg.tokenizer or cfg.model), None
+        config = loading.load_config(cfg.model)
+        task.check_model(config, cfg.model)
+        tok = loading.load_tokenizer(cfg.tokenizer or cfg.model, words=task.name == "token-classification")
+        return cfg, load_model(cfg, device, task, **task.load_kwargs(cfg, tok, config)), tok, None
     return cfg, None, builtin.train_tokenizer(data.corpus(cfg.train_files), built_in["vocab"]), built_in
 
 
@@ -83,25 +91,6 @@ def model_from_scratch(cfg: TrainConfig, built_in: dict, tok, device, dist: Dist
     return cfg, model
 
 
-def make_rows(samples, cfg: TrainConfig, pad_id: int) -> list:
-    return data.pack(samples, cfg.max_length, pad_id) if cfg.packing else data.pad_rows(samples, pad_id)
-
-
-def rows(cfg: TrainConfig, tok, dist: Dist):
-    """-> (training rows, held-out rows, data format); a DataError before anything is written."""
-    samples, fmt = data.load_samples(cfg.train_files, tok, cfg.max_length, cfg.truncate)
-    if cfg.eval_files:
-        train_samples = samples
-        eval_samples, _ = data.load_samples(cfg.eval_files, tok, cfg.max_length, cfg.truncate)
-    else:
-        train_samples, eval_samples = data.split(samples, cfg.eval_fraction, cfg.seed)
-    train_rows = make_rows(train_samples, cfg, tok.pad_token_id)
-    if len(train_rows) < cfg.batch_size * dist.world:
-        raise data.DataError(f"{cfg.train_files[0]}: {len(train_rows)} training rows, fewer than one global batch "
-                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
-    return train_rows, data.pad_rows(eval_samples, tok.pad_token_id), fmt
-
-
 def _targets(cfg: TrainConfig):
     return "all-linear" if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
 
@@ -112,7 +101,8 @@ def peft_config(cfg: TrainConfig):
         return None
     import peft
 
-    common = dict(task_type="CAUSAL_LM")
+    task_type = tasks.get(cfg.task).peft_task_type
+    common = dict(task_type=task_type) if task_type else {}
     if cfg.method in ("lora", "qlora"):
         return peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules=_targets(cfg), **common)

@@ -23,12 +23,14 @@ import time
 
 import torch
 
-from . import checkpoint, data, setup
+from . import checkpoint, setup
 from .config import TrainConfig
 from .distributed import Dist
 from .errors import ConfigError
-from .evaluate import loss_metrics, plot_metrics, token_hits
+from .evaluate import plot_metrics, token_hits
 from .records import MetricsLog, Progress, peak_mb
+from .tasks import Task
+from .tasks import get as get_task
 
 
 class Batches:
@@ -36,8 +38,10 @@ class Batches:
     process; `position` (epoch, index) is saved in checkpoints. next() -> (this process's batch, target
     tokens of the whole global micro-batch)."""
 
-    def __init__(self, rows: list, batch_size: int, seed: int, pad_id: int, dist: Dist | None = None):
+    def __init__(self, rows: list, batch_size: int, seed: int, pad_id: int, dist: Dist | None = None,
+                 task: Task | None = None):
         self.dist = dist or Dist.single()
+        self.task = task or get_task("causal-lm")
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
         self.global_size = batch_size * self.dist.world
         self.epoch, self.index = 0, 0
@@ -61,8 +65,8 @@ class Batches:
             self._order = self._shuffle()
         picked = [self.rows[i] for i in self._order[self.index:self.index + self.global_size]]
         self.index += self.global_size
-        n = sum(data.target_tokens(r) for r in picked)
-        return data.collate(self.dist.shard(picked, self.batch_size), self.pad_id), n
+        picked = self.task.prepare(picked)
+        return self.task.collate(self.dist.shard(picked, self.batch_size), self.pad_id), self.task.count(picked)
 
 
 def _autocast(cfg, device):
@@ -99,20 +103,22 @@ def _accuracy_counts(model, device):
 
 
 def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | None = None, scaler=None,
-                     accuracy: torch.Tensor | None = None):
+                     accuracy: torch.Tensor | None = None, task: Task | None = None):
     """The gradients of one optimizer step: micro = [(batch, target tokens of its global micro-batch)].
     Every loss is over the target tokens of the whole step (exact accumulation); returns the step's loss
     summed over processes (a device tensor: no host sync). `accuracy` (from _accuracy_counts) gets the
     step's [correct, counted] training tokens."""
     dist = dist or Dist.single()
+    task = task or get_task(cfg.task)
     n_step = max(sum(n for _, n in micro), 1)
+    extra = task.forward_kwargs(n_step)  # None: the model's mean loss, scaled by its batch's share below
     loss_sum = torch.zeros((), device=device)
     for i, (b, _) in enumerate(micro):
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with dist.no_grad_sync(model, last=i == len(micro) - 1):
             with _autocast(cfg, device), _offload(cfg, device):
-                out = model(**b, num_items_in_batch=n_step, use_cache=False)  # packing needs no cache
-            loss = out.loss
+                out = model(**b, **(extra or {}))
+            loss = out.loss if extra is not None else out.loss * (task.local_count(b) / n_step)
             if accuracy is not None and out.logits is not None and "labels" in b:  # unpatched: from its logits
                 with torch.no_grad():
                     accuracy += token_hits(out.logits, b["labels"]).to(accuracy)
@@ -221,6 +227,7 @@ class Run:
     eval_rows: list
     state: dict
     step: int = 0
+    task: Task | None = None
 
     def save_checkpoint(self) -> None:
         checkpoint.save(self.cfg.output_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
@@ -241,8 +248,9 @@ def _setup(cfg: TrainConfig, dist: Dist, log) -> tuple[Run, object, str]:
     device = dist.device(cfg.device)
     cfg = setup.precision(cfg, device, log)
     setup.seed_everything(cfg.seed)
-    cfg, model, tok, built_in = setup.model_and_tokenizer(cfg, device)
-    train_rows, eval_rows, fmt = setup.rows(cfg, tok, dist)  # DataError before anything is written
+    task = get_task(cfg.task)
+    cfg, model, tok, built_in = setup.model_and_tokenizer(cfg, device, task)
+    train_rows, eval_rows, fmt = task.rows(cfg, tok, dist)  # DataError before anything is written
     if dist.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
@@ -255,8 +263,9 @@ def _setup(cfg: TrainConfig, dist: Dist, log) -> tuple[Run, object, str]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = setup.make_optimizer(params, cfg, device)
     run = Run(cfg, dist, device, log, tok, model, core, params, optimizer, setup.make_scheduler(optimizer, cfg),
-              setup.make_scaler(cfg), Batches(train_rows, cfg.batch_size, cfg.seed, tok.pad_token_id, dist), eval_rows,
-              {"best_eval_loss": None, "evals_without_improvement": 0, "bad_steps": 0, "skipped_steps": 0})
+              setup.make_scaler(cfg), Batches(train_rows, cfg.batch_size, cfg.seed, tok.pad_token_id, dist, task),
+              eval_rows, {"best_eval_loss": None, "evals_without_improvement": 0, "bad_steps": 0, "skipped_steps": 0},
+              task=task)
     if cfg.resume:
         run.resume()
     trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
@@ -276,6 +285,10 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
     save_final(run.model, run.tok, run.cfg, dist)
     if dist.main:
         plot_metrics(records.path, run.cfg.output_dir)
+        section = run.task.report(last) if "eval_loss" in last else ""
+        if section:
+            with open(os.path.join(run.cfg.output_dir, "report.md"), "w") as f:
+                f.write(f"# {run.task.name}: held-out evaluation at step {last['step']}\n\n{section}")
     if report is not None:
         from ..patching import unpatch
 
@@ -286,11 +299,9 @@ def _train(cfg: TrainConfig, dist: Dist, log) -> dict:
 def _evaluate(run: Run, records: MetricsLog) -> tuple[dict, bool]:
     """-> (eval metrics, whether early stopping ends the run)."""
     cfg, state, step = run.cfg, run.state, run.step
-    ev = {"step": step, **loss_metrics(run.model, run.eval_rows, run.tok.pad_token_id, cfg.batch_size, run.device,
-                                       run.dist)}
+    ev = {"step": step, **run.task.evaluate(run.model, run.eval_rows, run.tok, cfg, run.device, run.dist)}
     records.write(ev)
-    run.log(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.2f}, "
-            f"token accuracy {ev['eval_token_accuracy']:.3f}")
+    run.log(f"step {step}: {run.task.summary(ev)}")
     best = state["best_eval_loss"]
     if best is None or ev["eval_loss"] < best:
         state["best_eval_loss"], state["evals_without_improvement"] = ev["eval_loss"], 0
@@ -307,7 +318,8 @@ def _loop(run: Run, records: MetricsLog, guard: NonFiniteGuard) -> dict:
     """Steps up to cfg.max_steps: forward/backward over grad_accum micro-batches, clip, the guarded optimizer
     step, log, evaluate, checkpoint. Returns the last logged metrics (with the last evaluation)."""
     cfg, device, dist = run.cfg, run.device, run.dist
-    accuracy = _accuracy_counts(run.core, device)  # training token accuracy since the last log line
+    # training token accuracy since the last log line (a causal LM's next tokens)
+    accuracy = _accuracy_counts(run.core, device) if run.task.token_accuracy else None
     progress = Progress(cfg, run.step, dist.main)
     last = {}
     run.model.train()
@@ -318,7 +330,7 @@ def _loop(run: Run, records: MetricsLog, guard: NonFiniteGuard) -> dict:
         logging = (run.step + 1) % cfg.log_every == 0 or run.step + 1 == cfg.max_steps
         _sync_debug(cfg, device, on=run.step > 0 and not logging)  # the first step tunes kernels
         micro = [run.batches.next() for _ in range(cfg.grad_accum)]
-        loss_sum = forward_backward(run.model, micro, cfg, device, dist, run.scaler, accuracy)
+        loss_sum = forward_backward(run.model, micro, cfg, device, dist, run.scaler, accuracy, run.task)
         tokens_seen += sum(int(b["input_ids"].numel()) for b, _ in micro) * dist.world
         if run.scaler:
             run.scaler.unscale_(run.optimizer)
@@ -335,8 +347,9 @@ def _loop(run: Run, records: MetricsLog, guard: NonFiniteGuard) -> dict:
         guard.check(run.step, logging)
         if logging:
             elapsed = time.perf_counter() - t0
-            correct, counted = dist.all_sum(accuracy.clone()).tolist()
-            accuracy.zero_()
+            correct, counted = dist.all_sum(accuracy.clone()).tolist() if accuracy is not None else (0, 0)
+            if accuracy is not None:
+                accuracy.zero_()
             last = {"step": run.step, "loss": loss_sum.item(), "lr": run.scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "token_accuracy": correct / counted if counted else None,
                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9),

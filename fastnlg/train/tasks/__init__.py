@@ -1,0 +1,74 @@
+"""What `fastnlg train --task` trains: each task says which model class it loads (and which architectures
+fit), how it reads and checks its data, how rows become batches, and how it is evaluated.
+
+    causal-lm                (default) next-token loss on text, prompt/completion, chat, data-to-text
+    token-classification     NER-style tagging: CoNLL or {"tokens", "tags"}; entity-level P/R/F1 (seqeval)
+    sequence-classification  {"text", ["text_pair",] "label"}; accuracy, macro-F1, per-class report
+    masked-lm                {"text"} (or .txt), 15% of the tokens masked (80/10/10); loss, perplexity, accuracy
+
+The trainer works through the Task interface below; tasks/causal_lm.py, classification.py and masked_lm.py
+implement it.
+"""
+from __future__ import annotations
+
+NAMES = ("causal-lm", "token-classification", "sequence-classification", "masked-lm")
+
+
+class Task:
+    """A task's hooks (every method gets the run's config; rows are dicts of tensors)."""
+
+    name: str = ""
+    auto_class: str = ""  # the transformers Auto class the model folder is loaded with
+    peft_task_type: str | None = None
+    token_accuracy: bool = False  # whether the training log counts next-token accuracy (causal LMs)
+
+    def check_model(self, config, path: str) -> None:
+        """A ConfigError when the folder's architecture does not fit the task (naming the task that fits)."""
+
+    def load_kwargs(self, cfg, tok, model_config) -> dict:
+        """Extra from_pretrained arguments (the label set of a classifier); may read the data."""
+        return {}
+
+    def rows(self, cfg, tok, dist) -> tuple[list, list, str]:
+        """-> (training rows, held-out rows, a description of the data); DataError on bad data."""
+        raise NotImplementedError
+
+    def prepare(self, rows: list) -> list:
+        """The global micro-batch's rows before counting and sharding (masked LM masks here)."""
+        return rows
+
+    def count(self, rows: list) -> int:
+        """Target tokens (or examples) of rows, for the step's exact loss scaling."""
+        raise NotImplementedError
+
+    def collate(self, rows: list, pad_id: int) -> dict:
+        raise NotImplementedError
+
+    def forward_kwargs(self, n_step: int) -> dict:
+        """What the training forward gets besides the batch: None means the task scales the model's mean
+        loss by its batch's share of the step's targets (local_count)."""
+        return None
+
+    def local_count(self, batch: dict):
+        raise NotImplementedError
+
+    def evaluate(self, model, rows: list, tok, cfg, device, dist) -> dict:
+        """Held-out metrics, with eval_loss (early stopping) among them."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict) -> str:
+        return f"eval loss {metrics['eval_loss']:.4f}"
+
+    def report(self, metrics: dict) -> str:
+        """report.md's task section (markdown) for the last evaluation."""
+        return ""
+
+
+def get(name: str) -> Task:
+    from .causal_lm import CausalLM
+    from .classification import SequenceClassification, TokenClassification
+    from .masked_lm import MaskedLM
+
+    tasks = {"causal-lm": CausalLM, "token-classification": TokenClassification,
+             "sequence-classification": SequenceClassification, "masked-lm": MaskedLM}
+    return tasks[name]()

@@ -1,0 +1,165 @@
+"""Token classification (NER) and sequence classification: an encoder (BERT, RoBERTa, DistilBERT, ModernBERT,
+...) with its classification head, trained on the cross-entropy of the labelled tokens (or examples) and
+evaluated with the field's metrics: entity-level precision / recall / F1 per type and micro / macro (seqeval,
+on the words' first sub-tokens) with token accuracy; accuracy, macro-F1 and a per-class report
+(scikit-learn)."""
+from __future__ import annotations
+
+import torch
+
+from .. import data
+from ..data import IGNORE
+from ..errors import ConfigError, DataError
+from . import Task, encoder_data, metrics
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+class _Classifier(Task):
+    mapping = ""  # transformers' MODEL_FOR_..._MAPPING_NAMES of the task
+
+    def check_model(self, config, path):
+        from transformers.models.auto import modeling_auto
+
+        if config.model_type not in getattr(modeling_auto, self.mapping):
+            fits = "masked-lm or causal-lm" if config.model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES \
+                else "causal-lm"
+            raise ConfigError(f"task={self.name!r} is not allowed: {path} ({config.model_type}) has no "
+                              f"{self.auto_class.removeprefix('AutoModelFor')} head in Transformers; use --task {fits}")
+
+    def _read(self, paths, cfg) -> list:
+        raise NotImplementedError
+
+    def _labels_seen(self, examples) -> dict:
+        raise NotImplementedError
+
+    def load_kwargs(self, cfg, tok, model_config):
+        self.train_examples = [e for p in cfg.train_files for e in self._read(p, cfg)]
+        self.eval_examples = [e for p in cfg.eval_files for e in self._read(p, cfg)]
+        seen = self._labels_seen(self.train_examples + self.eval_examples)
+        self.labels, self.label_source = encoder_data.label_set(cfg.labels, model_config, seen)
+        label2id = {n: i for i, n in enumerate(self.labels)}
+        kwargs = {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)), "label2id": label2id}
+        old = getattr(model_config, "id2label", None) or {}
+        if [old[i] for i in sorted(old)] != self.labels:
+            kwargs["ignore_mismatched_sizes"] = True  # a new head for this label set
+        return kwargs
+
+    def rows(self, cfg, tok, dist):
+        label2id = {n: i for i, n in enumerate(self.labels)}
+        train, held = self.train_examples, self.eval_examples
+        if not held:
+            train, held = data.split(train, cfg.eval_fraction, cfg.seed)
+        train_rows, eval_rows = self._rows(train, tok, label2id, cfg), self._rows(held, tok, label2id, cfg)
+        if len(train_rows) < cfg.batch_size * dist.world:
+            raise DataError(f"{cfg.train_files[0]}: {len(train_rows)} training examples, fewer than one global batch "
+                            f"(batch_size {cfg.batch_size} x {dist.world} processes)")
+        return train_rows, eval_rows, f"{self.name} data ({len(self.labels)} labels from {self.label_source})"
+
+    def collate(self, rows, pad_id):
+        return data.collate([{k: r[k] for k in MODEL_KEYS if k in r} for r in rows], pad_id)
+
+    def local_count(self, batch):
+        return (batch["labels"] != IGNORE).sum()
+
+    def count(self, rows):
+        return sum(int((r["labels"] != IGNORE).sum()) for r in rows)
+
+    @torch.no_grad()
+    def _predict(self, model, rows, cfg, device, pad_id):
+        """-> (summed loss x targets, targets, [(gold ids, predicted ids) per row over its counted positions])."""
+        was = model.training
+        model.eval()
+        loss_sum, count, pairs = 0.0, 0, []
+        try:
+            for i in range(0, len(rows), cfg.batch_size):
+                chunk = rows[i:i + cfg.batch_size]
+                batch = {k: v.to(device) for k, v in self.collate(chunk, pad_id).items()}
+                out = model(**batch)
+                n = int(self.local_count(batch))
+                loss_sum += float(out.loss) * n
+                count += n
+                pred = out.logits.argmax(-1).cpu()
+                for j, r in enumerate(chunk):
+                    pairs.append(self._pair(r, pred[j]))
+        finally:
+            model.train(was)
+        return loss_sum, count, pairs
+
+
+class TokenClassification(_Classifier):
+    name = "token-classification"
+    auto_class = "AutoModelForTokenClassification"
+    mapping = "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"
+    peft_task_type = "TOKEN_CLS"
+
+    def _read(self, path, cfg):
+        return encoder_data.read_token_examples(path, cfg.tag_column)
+
+    def _labels_seen(self, examples):
+        seen = {}
+        for _, tags, where in examples:
+            for tag in tags:
+                seen.setdefault(tag, where)
+        return seen
+
+    def _rows(self, examples, tok, label2id, cfg):
+        return encoder_data.token_rows(examples, tok, label2id, cfg.max_length, cfg.label_all_tokens)
+
+    def _pair(self, row, pred):
+        first = row["first"]
+        return row["labels"][first].tolist(), pred[:len(first)][first].tolist()
+
+    def evaluate(self, model, rows, tok, cfg, device, dist):
+        loss_sum, count, pairs = self._predict(model, rows, cfg, device, tok.pad_token_id)
+        names = self.labels
+        gold = [[names[i] for i in g] for g, _ in pairs]
+        pred = [[names[i] for i in p] for _, p in pairs]
+        return {"eval_loss": loss_sum / max(count, 1), **metrics.entity_metrics(gold, pred)}
+
+    def summary(self, m):
+        return (f"eval loss {m['eval_loss']:.4f}, entity F1 {m['eval_f1']:.3f} (P {m['eval_precision']:.3f}, "
+                f"R {m['eval_recall']:.3f}), token accuracy {m['eval_token_accuracy']:.3f}")
+
+    def report(self, m):
+        return metrics.report_table("Entities (seqeval, entity level)", m["eval_per_type"], m)
+
+
+class SequenceClassification(_Classifier):
+    name = "sequence-classification"
+    auto_class = "AutoModelForSequenceClassification"
+    mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
+    peft_task_type = "SEQ_CLS"
+
+    def _read(self, path, cfg):
+        return encoder_data.read_sequence_examples(path)
+
+    def _labels_seen(self, examples):
+        seen = {}
+        for *_, label, where in examples:
+            seen.setdefault(label, where)
+        return seen
+
+    def _rows(self, examples, tok, label2id, cfg):
+        return encoder_data.sequence_rows(examples, tok, label2id, cfg.max_length)
+
+    def local_count(self, batch):
+        return torch.tensor(batch["labels"].numel(), device=batch["labels"].device)
+
+    def count(self, rows):
+        return len(rows)
+
+    def _pair(self, row, pred):
+        return [int(row["labels"])], [int(pred)]
+
+    def evaluate(self, model, rows, tok, cfg, device, dist):
+        loss_sum, count, pairs = self._predict(model, rows, cfg, device, tok.pad_token_id)
+        gold = [self.labels[g[0]] for g, _ in pairs]
+        pred = [self.labels[p[0]] for _, p in pairs]
+        return {"eval_loss": loss_sum / max(count, 1), **metrics.class_metrics(gold, pred, self.labels)}
+
+    def summary(self, m):
+        return f"eval loss {m['eval_loss']:.4f}, accuracy {m['eval_accuracy']:.3f}, macro-F1 {m['eval_macro_f1']:.3f}"
+
+    def report(self, m):
+        return metrics.report_table("Classes", m["eval_per_class"], m)

@@ -65,9 +65,20 @@ def read_records(path: str) -> list:
     return records
 
 
+# fields the encoder tasks read: under causal-lm such a record means the wrong task (train/tasks)
+OTHER_TASKS = {"label": "sequence-classification", "text_pair": "sequence-classification",
+               "tags": "token-classification", "tokens": "token-classification"}
+
+
 def detect_format(record: dict, where: str) -> str:
+    """The record's format; a field no format uses is refused with its name (it would be dropped silently)."""
     for name, fields in FORMATS.items():
         if all(k in record for k in fields):
+            extra = sorted(set(record) - set(fields))
+            if extra:
+                other = OTHER_TASKS.get(extra[0])
+                raise DataError(f"{where}: field {extra[0]!r} is not used by --task causal-lm ({name} records: "
+                                f"{{{', '.join(fields)}}})" + (f"; it is a {other} field: --task {other}" if other else ""))
             return name
     raise DataError(f"{where}: cannot tell the record format from its fields {sorted(record)}; expected one of "
                     + ", ".join("{" + ", ".join(f) + "}" for f in FORMATS.values()))

@@ -43,7 +43,11 @@ SIZES = {
     "small": dict(hidden=256, layers=4, heads=4, kv=2, inter=688, vocab=2048),
     "1.1B": dict(hidden=2048, layers=22, heads=32, kv=4, inter=5632, vocab=32000),
     "8B": dict(hidden=4096, layers=32, heads=32, kv=8, inter=14336, vocab=128256),
+    # encoders (BERT, token classification with 7 tags: the NER program): all-MiniLM-L6-v2's shape, BERT-base's
+    "minilm": dict(arch="bert", hidden=384, layers=6, heads=12, kv=12, inter=1536, vocab=30522),
+    "bert-base": dict(arch="bert", hidden=768, layers=12, heads=12, kv=12, inter=3072, vocab=30522),
 }
+NER_TAGS = 7
 METHODS = ("full", "lora", "qlora", "lora+offload")
 TOKENS_PER_STEP = 16384
 TARGETS = {"speedup": 2.0, "memory_ratio": 0.40, "context_ratio": 4.0}
@@ -67,6 +71,8 @@ def cases(quick, device):
 
 def _params(p) -> int:
     h, i, L = p["hidden"], p["inter"], p["layers"]
+    if p.get("arch") == "bert":
+        return L * (4 * h * h + 2 * h * i)  # attention and MLP (the 7-tag classifier is negligible)
     kv = h // p["heads"] * p["kv"]
     return L * (2 * h * h + 2 * h * kv + 3 * h * i) + h * p["vocab"]  # layers + LM head
 
@@ -104,6 +110,7 @@ class Step:
 
     def __init__(self, p, device, dtype):
         self.p, self.device, self.dtype = p, torch.device(device), dtype
+        self.encoder = p.get("arch") == "bert"
         self.dir = tempfile.mkdtemp(prefix="fastnlg-step-")
         weakref.finalize(self, shutil.rmtree, self.dir, True)
         self.current, self.model, self.undo = None, None, None
@@ -112,8 +119,12 @@ class Step:
     def set_shape(self, batch, seq):
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.p["vocab"], (batch, seq), generator=g)
-        self.batch = {"input_ids": ids, "labels": ids.clone(),
-                      "position_ids": torch.arange(seq).expand(batch, -1).contiguous()}
+        if self.encoder:
+            self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                          "labels": torch.randint(0, NER_TAGS, (batch, seq), generator=g)}
+        else:
+            self.batch = {"input_ids": ids, "labels": ids.clone(),
+                          "position_ids": torch.arange(seq).expand(batch, -1).contiguous()}
         self.tokens = int(ids.numel())
 
     def _config(self, impl):
@@ -122,7 +133,8 @@ class Step:
         method = self.p["method"]
         offload = method == "lora+offload"
         bf16 = self.device.type == "cuda" and self.dtype != torch.float32
-        return TrainConfig(model=self.dir, method="lora" if offload else method, lora_r=16, lora_alpha=32,
+        return TrainConfig(model=self.dir, task="token-classification" if self.encoder else "causal-lm",
+                           method="lora" if offload else method, lora_r=16, lora_alpha=32,
                            learning_rate=1e-5, max_steps=10 ** 6, gradient_checkpointing=offload,
                            offload_activations=offload, patch=impl == "fastnlg", precision="bf16" if bf16 else "fp32")
 
@@ -130,6 +142,11 @@ class Step:
         import transformers
 
         p = self.p
+        if self.encoder:
+            return transformers.BertConfig(hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                                           num_attention_heads=p["heads"], intermediate_size=p["inter"],
+                                           vocab_size=p["vocab"], max_position_embeddings=max(p["seq"], 512),
+                                           num_labels=NER_TAGS)
         return transformers.LlamaConfig(hidden_size=p["hidden"], num_hidden_layers=p["layers"],
                                         num_attention_heads=p["heads"], num_key_value_heads=p["kv"],
                                         intermediate_size=p["inter"], vocab_size=p["vocab"],
@@ -141,14 +158,16 @@ class Step:
         import transformers
 
         from fastnlg.train.setup import bnb_4bit, load_model
+        from fastnlg.train.tasks import get as get_task
 
-        big = self.device.type == "cuda" and self.p["size"] not in ("tiny", "small")
+        big = self.device.type == "cuda" and self.p["size"] in ("1.1B", "8B")
         if not big or bnb_4bit(cfg, self.device):
             if not os.path.exists(os.path.join(self.dir, "config.json")):
                 torch.manual_seed(0)
                 dtype = torch.bfloat16 if big else torch.float32
-                transformers.AutoModelForCausalLM.from_config(self._hf_config(), dtype=dtype).save_pretrained(self.dir)
-            return load_model(cfg, self.device)
+                getattr(transformers, get_task(cfg.task).auto_class).from_config(
+                    self._hf_config(), dtype=dtype).save_pretrained(self.dir)
+            return load_model(cfg, self.device, get_task(cfg.task))
         frozen = cfg.method != "full" and cfg.precision != "fp32"
         torch.manual_seed(0)
         with torch.device(self.device):
@@ -193,7 +212,8 @@ class Step:
 
         if self.current != impl or self.model is None:
             self._build(impl)
-        n = int((self.batch["labels"][:, 1:] != -100).sum())
+        labels = self.batch["labels"] if self.encoder else self.batch["labels"][:, 1:]
+        n = int((labels != -100).sum())
         loss = forward_backward(self.model, [(self.batch, n)], self.cfg, self.device)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
@@ -290,13 +310,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side-by-side", action="store_true", help="patched vs unpatched steps alternated, tiny and small "
                     "sizes (on CPU without CUDA): side_by_side.md")
+    ap.add_argument("--encoder", action="store_true", help="with --side-by-side: BERT token classification at the "
+                    "MiniLM shape, 8 x 128 tokens (and BERT-base's on CUDA)")
     ap.add_argument("--max-context", action="store_true")
     ap.add_argument("--budget-gb", type=float, default=24.0, help="the memory budget (a consumer GPU: 24)")
     ap.add_argument("--size", default="1.1B", choices=list(SIZES))
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.side_by_side:
-        text = side_by_side(device="cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.encoder:
+            text = side_by_side(("minilm", "bert-base") if device == "cuda" else ("minilm",), batch=8, seq=128,
+                                device=device)
+        else:
+            text = side_by_side(device=device)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "side_by_side.md"), "w") as f:
             f.write(text)

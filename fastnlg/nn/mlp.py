@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops import geglu, gelu, swiglu
+from ..ops.gelu import gelu_backend
 
 
 class FastGatedMLP(nn.Module):
@@ -88,6 +89,8 @@ class FastDenseGELU(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dense = self.dense
+        if not torch.compiler.is_compiling() and gelu_backend(hidden_states, self.approximate) == "torch":
+            return self.intermediate_act_fn(dense(hidden_states))  # (aten's GELU: the eager computation itself)
         if type(dense) is nn.Linear and dense.bias is not None:
             h = nn.functional.linear(hidden_states, dense.weight)  # (under autocast: in the autocast dtype)
             return gelu(h, dense.bias.to(h.dtype), approximate=self.approximate)

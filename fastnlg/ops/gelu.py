@@ -88,6 +88,12 @@ def _backend_for(x, tanh):
     return _backend.choose("gelu", x, BACKENDS, cpu_default_cpp=tanh)  # (see the docstring)
 
 
+def gelu_backend(x: torch.Tensor, approximate: str = "tanh") -> str:
+    """The backend `gelu` runs on for tensors like x (modules that would only wrap aten's own GELU on the
+    torch backend run the eager computation instead)."""
+    return _backend_for(x, approximate == "tanh")
+
+
 def _gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
     return shaped(_FWD[_backend_for(x, tanh)](rows(x), bias, tanh), x.shape)
 

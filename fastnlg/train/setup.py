@@ -103,6 +103,10 @@ def peft_config(cfg: TrainConfig):
 
     task_type = tasks.get(cfg.task).peft_task_type
     common = dict(task_type=task_type) if task_type else {}
+    if task_type in ("TOKEN_CLS", "SEQ_CLS") and _targets(cfg) == "all-linear":
+        # the classification head is trained in full (PEFT's modules_to_save for these tasks), so "all-linear"
+        # leaves it out (LoRA on it too is refused by PEFT)
+        common["exclude_modules"] = r"(.*\.)?(classifier|score)(\..*)?"
     if cfg.method in ("lora", "qlora"):
         return peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules=_targets(cfg), **common)

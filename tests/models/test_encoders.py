@@ -10,8 +10,9 @@ import transformers
 
 import fastnlg
 
-if not torch.cuda.is_available():  # the attention kernels, defined under the interpreter conftest.py sets (the
-    importlib.import_module("fastnlg.kernels.attention")  # tests below run the CPU defaults, TRITON_INTERPRET=0)
+if not torch.cuda.is_available():  # the kernels, defined under the interpreter conftest.py sets (the tests
+    for _name in ("attention", "layer_norm", "gelu", "glu", "rope", "cross_entropy"):  # below run the CPU defaults)
+        importlib.import_module(f"fastnlg.kernels.{_name}")
 
 FAMILIES = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert",
             "modernbert": "ModernBert"}
@@ -228,10 +229,11 @@ def test_compiles_fullgraph(family, head):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run the Triton kernels under the interpreter only")
-@pytest.mark.parametrize("family", ["modernbert", "bert"])
-def test_attention_kernels_bidirectional_padded_and_windowed(family, monkeypatch):
-    """The flash-attention kernels (under the interpreter) on the encoders' masks: non-causal with key padding,
-    and ModernBERT's symmetric local window on alternate layers: the unpatched model's loss and gradients."""
+@pytest.mark.parametrize("family", ["modernbert", "bert", "distilbert"])
+def test_every_kernel_in_the_encoders(family, monkeypatch):
+    """Every op on its Triton kernels (under the interpreter): attention on the encoders' masks (non-causal with
+    key padding; ModernBERT's symmetric local window on alternate layers), add_layer_norm, the GELU with its
+    bias, GeGLU, RoPE, the losses: the unpatched model's loss and gradients."""
     from fastnlg import backend
     from fastnlg.ops import attention
 
@@ -242,7 +244,7 @@ def test_attention_kernels_bidirectional_padded_and_windowed(family, monkeypatch
     ours = copy.deepcopy(ref)
     fastnlg.patch(ours)
     batch = _batch("ForTokenClassification")
-    with backend.use("triton", op="flash_attention", interpret=True):
+    with backend.use("triton", interpret=True):
         out, g = _step(ours, batch)
     out_ref, g_ref = _step(ref, batch)
     assert len(calls) == ours.config.num_hidden_layers

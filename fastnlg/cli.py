@@ -2,7 +2,10 @@
 
     fastnlg demo [--quick]        fine-tune a small model on a data-to-text task, patched vs unpatched, report
     fastnlg train --config run.yaml --model DIR --train-files data.jsonl ...   (flags override the file)
-    fastnlg eval --model DIR [--adapter DIR] --data eval.jsonl      loss/perplexity/accuracy, BLEU/ROUGE, examples
+    fastnlg train --task token-classification | sequence-classification | masked-lm ...   (encoders: BERT, ...)
+    fastnlg eval --model DIR [--adapter DIR] --data eval.jsonl      loss/perplexity/accuracy, BLEU/ROUGE, examples;
+                                                                    entity / class reports for classifiers
+    fastnlg predict --model DIR --text "..."                        entities with spans, or the label
     fastnlg generate --model DIR [--adapter DIR] --prompt "..."     (or --prompts-file F, or stdin)
     fastnlg merge --model DIR --adapter DIR --out DIR               LoRA merged into the base, safetensors
     fastnlg bench [--suite ops|e2e|all] [--compare DIR] ...   the benchmark suite (fastnlg bench --help)
@@ -16,6 +19,8 @@ import argparse
 import dataclasses
 import os
 import sys
+
+TASKS = ("causal-lm", "token-classification", "sequence-classification", "masked-lm")  # fastnlg.train.tasks.NAMES
 
 
 class UserError(Exception):
@@ -119,12 +124,61 @@ def _load(model_dir, adapter, device):
     return load_causal_lm(model_dir, dtype=torch.float32, device=dev, adapter=adapter), load_tokenizer(model_dir), dev
 
 
+def _encoder(args, task_name: str, data_files: list):
+    """(task, model, tokenizer, device, cfg) of a saved encoder model for eval / predict: its label set is
+    its own (config.json of the model, or of the adapter folder), so data labels outside it are refused."""
+    import torch
+
+    from .loading import load_config, load_pretrained, load_tokenizer
+    from .train.config import TrainConfig
+    from .train.setup import pick_device
+    from .train.tasks import get
+
+    for path in (args.model, args.adapter):
+        if path and not os.path.isdir(path):
+            raise UserError(f"{path}: no such model folder")
+    labelled = args.adapter if args.adapter and os.path.isfile(os.path.join(args.adapter, "config.json")) else args.model
+    config = load_config(labelled)
+    task = get(task_name)
+    names = [config.id2label[i] for i in sorted(config.id2label)] if task_name != "masked-lm" else []
+    cfg = TrainConfig(task=task_name, model=args.model, eval_files=data_files, labels=names,
+                      max_length=getattr(args, "max_length", 512), batch_size=getattr(args, "batch_size", 16))
+    tok = load_tokenizer(args.model, words=task_name == "token-classification")
+    kwargs = task.load_kwargs(cfg, tok, config)
+    dev = pick_device(args.device)
+    model = load_pretrained(args.model, dtype=torch.float32, device=dev, adapter=args.adapter, auto_class=task.auto_class,
+                            **kwargs).eval()
+    return task, model, tok, dev, cfg
+
+
+def _task_of(args) -> str:
+    from .loading import load_config
+    from .train.tasks import of_model
+
+    if getattr(args, "task", None):
+        return args.task
+    return of_model(load_config(args.adapter if args.adapter and os.path.isfile(os.path.join(args.adapter, "config.json"))
+                                else args.model))
+
+
 def cmd_eval(args) -> int:
     import json
 
     from .train import data
     from .train.evaluate import generation_metrics, loss_metrics, save_examples
 
+    if not os.path.isdir(args.model):
+        raise UserError(f"{args.model}: no such model folder")
+    task_name = _task_of(args)
+    if task_name != "causal-lm":
+        task, model, tok, dev, cfg = _encoder(args, task_name, [args.data])
+        metrics = task.evaluate(model, task.held_out(cfg, tok), tok, cfg, dev, None)
+        print(task.report(metrics) or task.summary(metrics))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "eval.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        return 0
     model, tok, dev = _load(args.model, args.adapter, args.device)
     samples, fmt = data.load_samples(args.data, tok, args.max_length)
     metrics = loss_metrics(model, data.pad_rows(samples, tok.pad_token_id), tok.pad_token_id, args.batch_size, dev)
@@ -143,6 +197,26 @@ def cmd_eval(args) -> int:
             json.dump(metrics, f, indent=2)
         if examples:
             save_examples(examples, os.path.join(args.out, "examples"))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    task_name = _task_of(args)
+    if task_name not in ("token-classification", "sequence-classification"):
+        raise UserError(f"{args.model}: predict runs classification models; this one is a {task_name} model "
+                        "(fastnlg generate runs causal LMs)")
+    task, model, tok, dev, _ = _encoder(args, task_name, [])
+    for text in args.text:
+        found = task.predict(model, tok, text, dev)
+        if task_name == "sequence-classification":
+            label, p = found[0]
+            print(f"{label}\t{p:.3f}\t{text}")
+            continue
+        print(text)
+        for kind, start, end, span, p in found:
+            print(f"  {kind}\t[{start}:{end}]\t{span!r}\t{p:.3f}")
+        if not found:
+            print("  (no entities)")
     return 0
 
 
@@ -214,6 +288,7 @@ def build_parser():
         s.add_argument("--device", default="auto")
         if name == "eval":
             s.add_argument("--data", required=True)
+            s.add_argument("--task", choices=TASKS, help="default: the model's own (from its architecture)")
             s.add_argument("--max-length", type=int, default=512)
             s.add_argument("--batch-size", type=int, default=16)
             s.add_argument("--generate", type=int, default=64, help="records to generate for BLEU/ROUGE (0: none)")
@@ -230,6 +305,13 @@ def build_parser():
         else:
             s.add_argument("--out", required=True)
             s.add_argument("--nf4", action="store_true", help="also NF4 copies of the linear weights")
+    s = sub.add_parser("predict", help="entities or the label of texts, with a classification model",
+                       epilog='example: fastnlg predict --model out/ner/model --text "Anna Novak joined Bluepeak Labs"')
+    s.add_argument("--model", required=True, help="a token- or sequence-classification model folder")
+    s.add_argument("--adapter", help="a PEFT adapter folder (fastnlg train's adapter/)")
+    s.add_argument("--text", action="append", required=True, help="a text (repeat for several)")
+    s.add_argument("--task", choices=TASKS[1:3], help="default: the model's own (from its architecture)")
+    s.add_argument("--device", default="auto")
     sub.add_parser("bench", help="benchmark suite; extra options go to benchmarks.run", add_help=False)
     sub.add_parser("aot", help="AOT compile check of every Triton kernel", add_help=False)
     return p
@@ -260,7 +342,8 @@ def main(argv=None) -> int:
             from fastnlg.aot import main as aot_main
 
             return aot_main(rest)
-        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge}[args.cmd](args)
+        return {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge,
+                "predict": cmd_predict}[args.cmd](args)
     except _user_errors() as exc:
         print(f"fastnlg {args.cmd}: error: {exc}", file=sys.stderr)
         return 2

@@ -124,11 +124,35 @@ def test_seqeval_metrics_by_hand():
     assert m["eval_token_accuracy"] == 0.75
 
 
-def test_cli_token_classification(enc, tmp_path):
+def test_cli_train_eval_predict(enc, tmp_path, capsys):
+    """The commands on a token-classification model: train, eval (the report table), predict (entities with
+    their spans); a sequence classifier's predict (label and probability)."""
     from fastnlg import cli
+    from fastnlg.train import tasks
 
-    rc = cli.main(["train", "--task", "token-classification", "--model", enc["model"], "--train-files",
-                   enc["ner_train"], "--eval-files", enc["ner_eval"], "--output-dir", str(tmp_path), "--method", "full",
-                   "--max-steps", "3", "--batch-size", "8", "--progress", "false", "--device", "cpu",
-                   "--tensorboard", "false", "--tag-column", "-1"])
-    assert rc == 0 and (tmp_path / "report.md").exists()
+    assert cli.TASKS == tasks.NAMES
+    common = ["--model", enc["model"], "--method", "full", "--batch-size", "8", "--progress", "false", "--device", "cpu",
+              "--tensorboard", "false", "--learning-rate", "1e-2"]
+    rc = cli.main(["train", "--task", "token-classification", "--train-files", enc["ner_train"], "--eval-files",
+                   enc["ner_eval"], "--output-dir", str(tmp_path / "ner"), "--max-steps", "40", "--tag-column", "-1",
+                   *common])
+    assert rc == 0 and (tmp_path / "ner" / "report.md").exists()
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "ner" / "model"), "--data", enc["ner_eval"]]) == 0
+    out = capsys.readouterr().out
+    assert "| PER |" in out and "| LOC |" in out and "f1 " in out
+    assert cli.main(["predict", "--model", str(tmp_path / "ner" / "model"), "--text",
+                     "Greta Fischer joined Riverside Bank in Leeds ."]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Greta Fischer") and all(line.startswith("  ") for line in out[1:]), out
+    for line in out[1:]:
+        if "(no entities)" not in line:
+            kind, span, text, p = line.split("\t")
+            start, end = map(int, span.strip("[]").split(":"))
+            assert kind.strip() in ("PER", "ORG", "LOC") and text.strip("'") == out[0][start:end] and 0 < float(p) <= 1
+    rc = cli.main(["train", "--task", "sequence-classification", "--train-files", enc["cls_train"], "--eval-files",
+                   enc["cls_eval"], "--output-dir", str(tmp_path / "cls"), "--max-steps", "2", *common])
+    capsys.readouterr()
+    assert rc == 0 and cli.main(["predict", "--model", str(tmp_path / "cls" / "model"), "--text", "The hotel was great ."]) == 0
+    label, p, text = capsys.readouterr().out.strip().split("\t")
+    assert label in ("positive", "negative") and 0.5 <= float(p) <= 1 and text == "The hotel was great ."

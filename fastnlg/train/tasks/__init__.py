@@ -33,6 +33,10 @@ class Task:
         """-> (training rows, held-out rows, a description of the data); DataError on bad data."""
         raise NotImplementedError
 
+    def held_out(self, cfg, tok) -> list:
+        """The rows of cfg.eval_files alone, for `fastnlg eval` (after load_kwargs)."""
+        raise NotImplementedError
+
     def prepare(self, rows: list) -> list:
         """The global micro-batch's rows before counting and sharding (masked LM masks here)."""
         return rows
@@ -62,6 +66,16 @@ class Task:
     def report(self, metrics: dict) -> str:
         """report.md's task section (markdown) for the last evaluation."""
         return ""
+
+
+def of_model(config) -> str:
+    """The task a saved model was trained for, from its architecture (a causal LM when nothing else fits)."""
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, task in (("ForTokenClassification", "token-classification"),
+                             ("ForSequenceClassification", "sequence-classification"), ("ForMaskedLM", "masked-lm")):
+            if arch.endswith(suffix):
+                return task
+    return "causal-lm"
 
 
 def get(name: str) -> Task:

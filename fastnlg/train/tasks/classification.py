@@ -56,6 +56,9 @@ class _Classifier(Task):
                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
         return train_rows, eval_rows, f"{self.name} data ({len(self.labels)} labels from {self.label_source})"
 
+    def held_out(self, cfg, tok):
+        return self._rows(self.eval_examples, tok, {n: i for i, n in enumerate(self.labels)}, cfg)
+
     def collate(self, rows, pad_id):
         return data.collate([{k: r[k] for k in MODEL_KEYS if k in r} for r in rows], pad_id)
 
@@ -124,6 +127,38 @@ class TokenClassification(_Classifier):
     def report(self, m):
         return metrics.report_table("Entities (seqeval, entity level)", m["eval_per_type"], m)
 
+    @torch.no_grad()
+    def predict(self, model, tok, text: str, device) -> list:
+        """The entities of `text`: [(type, start, end, text, mean probability of its words' tags)], BIO spans
+        over the words (a word's tag is its first sub-token's)."""
+        enc = tok(text, return_offsets_mapping=True, return_tensors="pt", truncation=True)
+        offsets = enc.pop("offset_mapping")[0].tolist()
+        words = enc.word_ids()
+        probs = model(**{k: v.to(device) for k, v in enc.items()}).logits[0].float().softmax(-1).cpu()
+        id2label = model.config.id2label
+        tagged, previous = [], None  # (tag, prob, start, end) per word
+        for i, w in enumerate(words):
+            if w is None:
+                continue
+            if w != previous:
+                p, k = probs[i].max(-1)
+                tagged.append([id2label[int(k)], float(p), offsets[i][0], offsets[i][1]])
+            else:
+                tagged[-1][3] = offsets[i][1]
+            previous = w
+        entities, current = [], None
+        for tag, p, start, end in tagged:
+            kind = tag.split("-", 1)[-1] if tag != "O" else None
+            if current and kind == current[0] and tag.startswith("I-"):
+                current[2], current[4] = end, current[4] + [p]
+                continue
+            if current:
+                entities.append(current)
+            current = [kind, start, end, None, [p]] if kind else None
+        if current:
+            entities.append(current)
+        return [(k, s, e, text[s:e], sum(ps) / len(ps)) for k, s, e, _, ps in entities]
+
 
 class SequenceClassification(_Classifier):
     name = "sequence-classification"
@@ -163,3 +198,11 @@ class SequenceClassification(_Classifier):
 
     def report(self, m):
         return metrics.report_table("Classes", m["eval_per_class"], m)
+
+    @torch.no_grad()
+    def predict(self, model, tok, text: str, device) -> list:
+        """[(label, probability)] of `text`, most probable first."""
+        enc = tok(text, return_tensors="pt", truncation=True)
+        probs = model(**{k: v.to(device) for k, v in enc.items()}).logits[0].float().softmax(-1).cpu()
+        order = probs.argsort(descending=True).tolist()
+        return [(model.config.id2label[i], float(probs[i])) for i in order]

@@ -45,6 +45,10 @@ class MaskedLM(Task):
         eval_rows = _masked(self._collator(tok, cfg, cfg.seed + 1), encoder_data.text_rows(held, tok, cfg.max_length))
         return train_rows, eval_rows, f"masked-lm data (mask probability {cfg.mlm_probability})"
 
+    def held_out(self, cfg, tok):
+        held = [e for p in cfg.eval_files for e in encoder_data.read_texts(p)]
+        return _masked(self._collator(tok, cfg, cfg.seed + 1), encoder_data.text_rows(held, tok, cfg.max_length))
+
     def prepare(self, rows):
         return _masked(self.masker, rows)
 

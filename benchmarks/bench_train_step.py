@@ -46,6 +46,7 @@ SIZES = {
     # encoders (BERT, token classification with 7 tags: the NER program): all-MiniLM-L6-v2's shape, BERT-base's
     "minilm": dict(arch="bert", hidden=384, layers=6, heads=12, kv=12, inter=1536, vocab=30522),
     "bert-base": dict(arch="bert", hidden=768, layers=12, heads=12, kv=12, inter=3072, vocab=30522),
+    "bert-tiny": dict(arch="bert", hidden=64, layers=2, heads=4, kv=4, inter=128, vocab=1000),  # (rehearsals)
 }
 NER_TAGS = 7
 METHODS = ("full", "lora", "qlora", "lora+offload")

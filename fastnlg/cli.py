@@ -1,6 +1,7 @@
 """The `fastnlg` command.
 
     fastnlg demo [--quick]        fine-tune a small model on a data-to-text task, patched vs unpatched, report
+    fastnlg demo --task ner       fine-tune all-MiniLM-L6-v2 for named entities: F1 per type, patched vs unpatched
     fastnlg train --config run.yaml --model DIR --train-files data.jsonl ...   (flags override the file)
     fastnlg train --task token-classification | sequence-classification | masked-lm ...   (encoders: BERT, ...)
     fastnlg eval --model DIR [--adapter DIR] --data eval.jsonl      loss/perplexity/accuracy, BLEU/ROUGE, examples;
@@ -275,7 +276,9 @@ def build_parser():
     d = sub.add_parser("demo", help="fine-tune a small model on a data-to-text task, with a report",
                        epilog="example: fastnlg demo --quick --out out/demo")
     d.add_argument("--quick", action="store_true", help="CI size (under a minute)")
-    d.add_argument("--out", default="out/demo")
+    d.add_argument("--out", default=None, help="default: out/demo (out/demo-ner with --task ner)")
+    d.add_argument("--task", choices=("data-to-text", "ner"), default="data-to-text",
+                   help="ner: fine-tune all-MiniLM-L6-v2 (offline) for named entities, F1 per type before and after")
     d.add_argument("--device", default="auto")
     _train_parser(sub)
     for name, helptext in (("eval", "evaluate a model or adapter on a data file"),
@@ -332,9 +335,12 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.cmd == "demo":
-            from .demo import run
+            if args.task == "ner":
+                from .demo_ner import run
+            else:
+                from .demo import run
 
-            run(args.out, quick=args.quick, device=args.device)
+            run(args.out or ("out/demo-ner" if args.task == "ner" else "out/demo"), quick=args.quick, device=args.device)
             return 0
         if args.cmd == "bench":
             return _benchmarks(rest)

@@ -156,3 +156,15 @@ def test_cli_train_eval_predict(enc, tmp_path, capsys):
     assert rc == 0 and cli.main(["predict", "--model", str(tmp_path / "cls" / "model"), "--text", "The hotel was great ."]) == 0
     label, p, text = capsys.readouterr().out.strip().split("\t")
     assert label in ("positive", "negative") and 0.5 <= float(p) <= 1 and text == "The hotel was great ."
+
+
+@pytest.mark.slow
+def test_ner_demo_quick(tmp_path):
+    """fastnlg demo --task ner --quick: entity F1 rises by fine-tuning (MiniLM, or the tiny BERT fallback), and
+    the report has the per-type table and the side-by-side ratio."""
+    from fastnlg import demo_ner
+
+    s = demo_ner.run(str(tmp_path), quick=True, device="cpu")
+    assert s["after"]["eval_f1"] > s["before"]["eval_f1"] + 0.3, s
+    report = (tmp_path / "report.md").read_text()
+    assert "| PER |" in report and "side by side" in report and (tmp_path / "f1_by_type.png").exists()

@@ -54,7 +54,7 @@ class _Classifier(Task):
         if len(train_rows) < cfg.batch_size * dist.world:
             raise DataError(f"{cfg.train_files[0]}: {len(train_rows)} training examples, fewer than one global batch "
                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
-        return train_rows, eval_rows, f"{self.name} data ({len(self.labels)} labels from {self.label_source})"
+        return train_rows, eval_rows, f"{self.name} ({len(self.labels)} labels from {self.label_source})"
 
     def held_out(self, cfg, tok):
         return self._rows(self.eval_examples, tok, {n: i for i, n in enumerate(self.labels)}, cfg)

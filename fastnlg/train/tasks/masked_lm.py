@@ -43,7 +43,7 @@ class MaskedLM(Task):
                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
         self.masker = self._collator(tok, cfg, cfg.seed)
         eval_rows = _masked(self._collator(tok, cfg, cfg.seed + 1), encoder_data.text_rows(held, tok, cfg.max_length))
-        return train_rows, eval_rows, f"masked-lm data (mask probability {cfg.mlm_probability})"
+        return train_rows, eval_rows, f"masked-lm (mask probability {cfg.mlm_probability})"
 
     def held_out(self, cfg, tok):
         held = [e for p in cfg.eval_files for e in encoder_data.read_texts(p)]

@@ -70,6 +70,16 @@ def test_sequence_classification_learns_and_lora_runs(enc, tmp_path):
     assert saved["task_type"] == "SEQ_CLS" and "classifier" in (saved["modules_to_save"] or [])
 
 
+def test_qlora_token_classification(enc, tmp_path):
+    """QLoRA on an encoder: the frozen linear layers in NF4 (fastnlg's NF4Linear on CPU), the LoRA layers over
+    them fused (lora_linear), the classifier trained in full."""
+    logs = []
+    train(_cfg(enc, tmp_path, "token-classification", method="qlora", max_steps=3), log=logs.append)
+    assert any("quantised to NF4" in line for line in logs), logs
+    report = (tmp_path / "patch_report.txt").read_text()
+    assert "-> lora_linear" in report and "FastAddNormOutput" in report, report
+
+
 def test_masked_lm_trains_on_the_masked_tokens(enc, tmp_path):
     last = train(_cfg(enc, tmp_path, "masked-lm", max_steps=20, eval_fraction=0.1), log=lambda *_: None)
     rows = [r for r in _metrics(tmp_path) if "loss" in r]

@@ -66,7 +66,8 @@ def cases(quick, device):
     out += [_case("full", "1.1B", TOKENS_PER_STEP // 2048, 2048, 2048),
             _case("qlora", "1.1B", TOKENS_PER_STEP // 2048, 2048, 2048),
             _case("lora+offload", "1.1B", TOKENS_PER_STEP // 8192, 8192, 8192),
-            _case("qlora", "8B", 2, 2048, 2048)]
+            _case("qlora", "8B", 2, 2048, 2048),
+            _case("full", "bert-base", 32, 128, 128), _case("lora", "bert-base", 32, 128, 128)]
     return out
 
 

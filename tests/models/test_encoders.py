@@ -165,14 +165,15 @@ def test_base_model_and_padded_attention(family):
     assert torch.allclose(a[keep], b[keep], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["ForTokenClassification", "ForSequenceClassification"])
-def test_bf16_autocast_by_the_rule(head):
+@pytest.mark.parametrize("family,head", [("bert", "ForSequenceClassification")] + [
+    (f, "ForTokenClassification") for f in FAMILIES])
+def test_bf16_autocast_by_the_rule(family, head):
     """fp32 weights under bf16 autocast: the patched model as close to the fp64 model as the unpatched one
     under the same autocast (loss and the whole gradient, DESIGN's rule)."""
     batch = _batch(head, seed=2, B=8, T=24)
-    (o64, g64) = _step(_model("bert", head).double(), batch)
-    (op, gp) = _step(_model("bert", head), batch, autocast=True)
-    ours = _model("bert", head)
+    (o64, g64) = _step(_model(family, head).double(), batch)
+    (op, gp) = _step(_model(family, head), batch, autocast=True)
+    ours = _model(family, head)
     fastnlg.patch(ours)
     (oo, go) = _step(ours, batch, autocast=True)
     l64, lp, lo = o64.loss.item(), op.loss.item(), oo.loss.item()

@@ -64,6 +64,7 @@ class TrainConfig:
     tensorboard: bool = True  # also log to output_dir/tensorboard when the tensorboard package is installed
     sync_debug: bool = False  # CUDA: raise on any host synchronisation inside a training step between logs
     labels: list = field(default_factory=list)  # classification: the label set, in id order (default: see tasks)
+    class_weights: list = field(default_factory=list)  # classification: one loss weight per label, in label order
     tag_column: int = -1  # token classification, CoNLL files: the column holding the tag
     label_all_tokens: bool = False  # token classification: label every sub-token (default: a word's first)
     mlm_probability: float = 0.15  # masked LM: the share of tokens masked
@@ -92,7 +93,25 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed: {allowed}")
 
         from .builtin import CONFIGS
+        from .tasks import NAMES
 
+        need(self.task in NAMES, "task", f"one of {NAMES}")
+        encoder = self.task != "causal-lm"
+        need(not (encoder and self.model in CONFIGS and not os.path.isdir(self.model)), "model",
+             f"a local model folder with task={self.task} (the built-in configs are causal LMs)")
+        need(not (encoder and self.packing), "packing", f"false with task={self.task} (one example per row)")
+        need(not (encoder and self.method in PROMPT_METHODS), "method",
+             f"not {self.method} with task={self.task} (full, lora, qlora, ia3, adalora or bitfit)")
+        need(0 < self.mlm_probability < 1, "mlm_probability", "in (0, 1)")
+        need(not self.class_weights or self.task in ("token-classification", "sequence-classification"),
+             "class_weights", "given only with task=token-classification or sequence-classification")
+        need(not self.class_weights or self.patch, "class_weights",
+             "given only with the patch on (the unpatched model's own loss takes no class weights)")
+        try:
+            weights = [float(w) for w in self.class_weights]
+        except ValueError:
+            weights = None
+        need(weights is not None and all(w >= 0 for w in weights), "class_weights", "numbers >= 0")
         need(bool(self.model), "model", "a local model folder or a built-in config name is required")
         need(os.path.isdir(self.model) or self.model in CONFIGS, "model",
              f"no such folder, and not a built-in config ({', '.join(CONFIGS)})")

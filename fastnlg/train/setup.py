@@ -74,7 +74,9 @@ def model_and_tokenizer(cfg: TrainConfig, device, task=None):
         config = loading.load_config(cfg.model)
         task.check_model(config, cfg.model)
         tok = loading.load_tokenizer(cfg.tokenizer or cfg.model, words=task.name == "token-classification")
-        return cfg, load_model(cfg, device, task, **task.load_kwargs(cfg, tok, config)), tok, None
+        model = load_model(cfg, device, task, **task.load_kwargs(cfg, tok, config))
+        task.configure(model, cfg)
+        return cfg, model, tok, None
     return cfg, None, builtin.train_tokenizer(data.corpus(cfg.train_files), built_in["vocab"]), built_in
 
 

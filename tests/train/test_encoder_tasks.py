@@ -70,6 +70,22 @@ def test_sequence_classification_learns_and_lora_runs(enc, tmp_path):
     assert saved["task_type"] == "SEQ_CLS" and "classifier" in (saved["modules_to_save"] or [])
 
 
+def test_class_weights(enc, tmp_path):
+    """class_weights (one per label, in label order) weight the patched loss; a wrong count and --no-patch are
+    refused."""
+    first = {}
+    for name, weights in (("plain", []), ("uniform", ["2"] * 7), ("no_o", ["0"] + ["1"] * 6)):
+        train(_cfg(enc, tmp_path / name, "token-classification", max_steps=1, log_every=1, class_weights=weights),
+              log=lambda *_: None)
+        first[name] = _metrics(tmp_path / name)[0]["loss"]
+    assert first["uniform"] == pytest.approx(first["plain"], rel=1e-5)  # a weighted mean: uniform weights cancel
+    assert abs(first["no_o"] - first["plain"]) > 1e-3
+    with pytest.raises(ConfigError, match=r"class_weights=.* one weight per label, 7"):
+        train(_cfg(enc, tmp_path / "bad", "token-classification", class_weights=["1", "2"]), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="class_weights.*patch on"):
+        _cfg(enc, tmp_path / "bad2", "token-classification", class_weights=["1"] * 7, patch=False)
+
+
 def test_qlora_token_classification(enc, tmp_path):
     """QLoRA on an encoder: the frozen linear layers in NF4 (fastnlg's NF4Linear on CPU), the LoRA layers over
     them fused (lora_linear), the classifier trained in full."""
@@ -178,3 +194,15 @@ def test_ner_demo_quick(tmp_path):
     assert s["after"]["eval_f1"] > s["before"]["eval_f1"] + 0.3, s
     report = (tmp_path / "report.md").read_text()
     assert "| PER |" in report and "side by side" in report and (tmp_path / "f1_by_type.png").exists()
+
+
+def test_config_refuses_what_the_encoder_tasks_cannot_run(enc, tmp_path):
+    for kw, error in ((dict(task="ner"), r"task='ner' is not allowed: one of"),
+                      (dict(packing=True), r"packing=True is not allowed: false with task=token-classification"),
+                      (dict(method="prompt-tuning"), r"method='prompt-tuning' is not allowed"),
+                      (dict(model="llama-tiny"), r"model='llama-tiny' is not allowed: a local model folder"),
+                      (dict(class_weights=["x"]), r"class_weights=\['x'\] is not allowed: numbers >= 0")):
+        with pytest.raises(ConfigError, match=error):
+            _cfg(enc, tmp_path, "token-classification", **kw)
+    with pytest.raises(ConfigError, match=r"mlm_probability=1.5 is not allowed"):
+        _cfg(enc, tmp_path, "masked-lm", mlm_probability=1.5)

@@ -29,6 +29,9 @@ class Task:
         """Extra from_pretrained arguments (the label set of a classifier); may read the data."""
         return {}
 
+    def configure(self, model, cfg) -> None:
+        """After the model is loaded: what the task sets on it (a classifier's class weights)."""
+
     def rows(self, cfg, tok, dist) -> tuple[list, list, str]:
         """-> (training rows, held-out rows, a description of the data); DataError on bad data."""
         raise NotImplementedError

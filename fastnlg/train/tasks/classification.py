@@ -45,6 +45,15 @@ class _Classifier(Task):
             kwargs["ignore_mismatched_sizes"] = True  # a new head for this label set
         return kwargs
 
+    def configure(self, model, cfg):
+        """cfg.class_weights, one per label in label order, as the patched loss's class weights."""
+        if not cfg.class_weights:
+            return
+        if len(cfg.class_weights) != len(self.labels):
+            raise ConfigError(f"class_weights={cfg.class_weights!r} is not allowed: one weight per label, "
+                              f"{len(self.labels)} ({', '.join(self.labels)})")
+        model.loss_class_weight = torch.tensor([float(w) for w in cfg.class_weights])
+
     def rows(self, cfg, tok, dist):
         label2id = {n: i for i, n in enumerate(self.labels)}
         train, held = self.train_examples, self.eval_examples

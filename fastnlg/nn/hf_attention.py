@@ -18,6 +18,7 @@ skipped and a 4-D mask runs SDPA as given, so a compiled model has no graph brea
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 
 import torch
@@ -137,10 +138,73 @@ def _packed_cu_seqlens(mask, position_ids, window, T, S, is_causal):
     return result
 
 
+# Keyword arguments a layer may pass that change nothing here: position ids (read for packed batches), cache
+# bookkeeping, flash-attention's varlen hints (the mask says the same), the loss's token count, flash flags.
+IGNORED = frozenset({"position_ids", "use_cache", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                     "max_length_k", "num_items_in_batch", "output_hidden_states", "return_dict", "deterministic",
+                     "layer_idx", "past_key_values", "past_key_value", "target_dtype"})
+_binary_cache: list = []  # [(weakref to a float mask, its version, whether it holds only 0 and -inf / min)]
+
+
+def _binary(mask) -> bool:
+    """Whether a float mask only allows or forbids (0, or -inf / the dtype's minimum): the form the kernels and
+    the bool SDPA mask represent; any other value is an additive bias. Read once per mask tensor."""
+    for ref, version, result in _binary_cache:
+        if ref() is mask and version == mask._version:
+            return result
+    low = torch.finfo(mask.dtype).min / 2
+    result = bool(((mask == 0) | (mask <= low)).all())
+    _binary_cache[:] = [e for e in _binary_cache if e[0]() is not None][-7:]
+    _binary_cache.append((weakref.ref(mask), mask._version, result))
+    return result
+
+
+def fallback_reason(attention_mask, kwargs) -> str | None:
+    """Why this call must run the model's own attention instead (an argument fastnlg's attention does not
+    implement, or a mask it cannot represent), or None. Unknown arguments count: one added by a later
+    Transformers version is never dropped silently."""
+    for name, value in kwargs.items():
+        if name not in IGNORED and value is not None and value is not False:
+            return name
+    if attention_mask is not None and attention_mask.is_floating_point() and (
+            torch.compiler.is_compiling() or not _binary(attention_mask)):
+        return "a float attention_mask with values other than 0 and -inf (an additive bias)"
+    return None
+
+
+def _own_attention(module, reason, *args, **kwargs):
+    """The layer's modelling module's eager_attention_forward (its family's reference), warned once per reason
+    and family; an error where the family has none (never a silently wrong result)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"fastnlg attention: {type(module).__name__} passes {reason}, which fastnlg's "
+                                  "attention does not implement, and its module has no eager_attention_forward")
+    key = (reason, type(module).__name__)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("fastnlg attention: %s passes %s; those calls run %s's own eager attention",
+                       type(module).__name__, reason, type(module).__module__.rsplit(".", 1)[-1])
+    query, key, value, mask, *rest = args
+    T, S = query.shape[2], key.shape[2]
+    causal = kwargs.get("is_causal")
+    if mask is None and (getattr(module, "is_causal", True) if causal is None else causal) and T > 1:
+        # SDPA's mask builder leaves out a plain causal mask (SDPA's is_causal); eager needs it (bottom-right)
+        mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)[None, None]
+    if mask is not None and mask.dtype == torch.bool:  # "fastnlg" builds SDPA's bool masks; eager adds a float one
+        mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    return eager(module, query, key, value, mask, *rest, **kwargs)
+
+
 def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """Transformers' attention-function contract: q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
-    ((B, T, Hq, D), None)."""
+    ((B, T, Hq, D), None). A call with an argument it does not implement runs the family's own attention
+    (fallback_reason)."""
+    reason = fallback_reason(attention_mask, kwargs)
+    if reason is not None:
+        named = {k: v for k, v in (("scaling", scaling), ("dropout", dropout), ("sliding_window", sliding_window),
+                                   ("softcap", softcap), ("is_causal", is_causal)) if v is not None}
+        return _own_attention(module, reason, query, key, value, attention_mask, **named, **kwargs)
     T, S = query.shape[2], key.shape[2]
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     window = _window(sliding_window, bool(is_causal))

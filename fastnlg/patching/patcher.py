@@ -126,7 +126,8 @@ def _patch_attention(walk, hf, report):
         report.skipped.append(Entry("", "attention", "no Transformers model inside"))
         return
     if not getattr(type(hf), "_supports_attention_backend", False):
-        report.skipped.append(Entry("", "attention", f"{type(hf).__name__} does not use AttentionInterface"))
+        report.skipped.append(Entry("", "attention", f"{type(hf).__name__} does not declare attention backends "
+                                    "(_supports_attention_backend); its own attention runs"))
         return
     previous = hf.config._attn_implementation
     if previous == hf_attention.NAME:

@@ -193,3 +193,60 @@ def test_torch_backend_runs_sdpa_under_the_given_mask(use_backend, monkeypatch):
     torch.testing.assert_close(hf_attention.fastnlg_attention_forward(module, q, k, v, additive, scaling=0.3)[0], ref)
     del mask, additive
     assert hf_attention._sdpa_cache == {}
+
+
+def _t5_pair():
+    hf_attention.register()
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0)
+    cfg._attn_implementation = "eager"
+    ref = transformers.T5ForConditionalGeneration(cfg)
+    ours = copy.deepcopy(ref)
+    ours.set_attn_implementation("fastnlg")
+    return ref, ours
+
+
+def test_t5_position_bias_is_never_dropped(caplog):
+    """T5 passes its relative position bias as `position_bias`: fastnlg's attention does not implement it, so
+    those calls run T5's own attention (one warning), and the logits and gradients are eager's, bias-table
+    gradient included (dropping it silently gave logits off by 0.21)."""
+    ref, ours = _t5_pair()
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(1, VOCAB, (2, 7), generator=g), torch.randint(1, VOCAB, (2, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with caplog.at_level(logging.WARNING, logger="fastnlg"):
+        outs = [m(input_ids=ids, attention_mask=mask, labels=labels) for m in (ref, ours)]
+    for o in outs:
+        o.loss.backward()
+    assert torch.allclose(outs[1].logits, outs[0].logits, atol=1e-6)
+    table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert torch.allclose(ours.get_parameter(table).grad, ref.get_parameter(table).grad, atol=1e-6)
+    warned = [r.getMessage() for r in caplog.records if "passes position_bias" in r.getMessage()]
+    assert len(warned) == 1, warned
+
+
+@pytest.mark.parametrize("argument", ["position_bias", "head_mask", "output_attentions", "s_aux", "a_future_argument"])
+def test_every_argument_it_does_not_implement_runs_the_familys_attention(argument, monkeypatch):
+    """Each argument fastnlg's attention does not implement (and any argument it does not know) sends the call
+    to the family's eager_attention_forward with every argument as given."""
+    calls = []
+    module = type("LlamaAttention", (torch.nn.Module,), {"__module__": "transformers.models.llama.modeling_llama"})()
+    llama = __import__("transformers.models.llama.modeling_llama", fromlist=["eager_attention_forward"])
+    monkeypatch.setattr(llama, "eager_attention_forward", lambda *a, **k: calls.append(k) or ("own", None))
+    q = torch.randn(1, 2, 4, 8)
+    value = True if argument == "output_attentions" else torch.zeros(1, 2, 4, 4)
+    out = hf_attention.fastnlg_attention_forward(module, q, q, q, None, scaling=0.5, **{argument: value})
+    assert out == ("own", None) and calls[0][argument] is value and calls[0]["scaling"] == 0.5
+    assert hf_attention.fallback_reason(None, {"position_ids": q, "use_cache": True, "output_attentions": False}) is None
+
+
+def test_an_additive_float_mask_is_not_read_as_allowed_or_not():
+    """A float mask holding a bias (values other than 0 / -inf) is not representable as allow/forbid: the call
+    runs the family's attention; a 0 / min mask is representable."""
+    lowest = torch.finfo(torch.float32).min
+    binary = torch.tensor([[[[0.0, lowest], [0.0, 0.0]]]])
+    assert hf_attention.fallback_reason(binary, {}) is None
+    assert "additive bias" in hf_attention.fallback_reason(binary + 0.5, {})
+    assert hf_attention.fallback_reason(binary.bool(), {}) is None

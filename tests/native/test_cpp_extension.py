@@ -115,7 +115,8 @@ def test_readme_backend_table_matches_the_ops():
     def of(module):  # fastnlg.ops exports functions named as their modules
         return importlib.import_module(f"fastnlg.ops.{module}").BACKENDS
 
-    declared = {"RMS_NORM": of("rms_norm"), "LAYER_NORM": of("layer_norm"), "APPLY_ROPE": of("rope"),
+    declared = {"RMS_NORM": of("rms_norm"), "LAYER_NORM": of("layer_norm"), "ADD_LAYER_NORM": of("add_layer_norm"),
+                "APPLY_ROPE": of("rope"),
                 "CROSS_ENTROPY": of("cross_entropy"), "GLU": of("glu"), "GELU": of("gelu"),
                 "FLASH_ATTENTION": of("attention"),
                 "LORA_LINEAR": of("lora_linear"), "QUANTIZE_NF4": nf4.BACKENDS, "DEQUANTIZE_NF4": nf4.DEQUANT_BACKENDS,

@@ -54,6 +54,16 @@ def mark(fn):
     return fn
 
 
+def _swap(walk, path, module, cls, describe):
+    """Swap in cls.from_module(module) (a ValueError from it: Skipped with its message); describe(new)."""
+    try:
+        new = cls.from_module(module)
+    except ValueError as exc:
+        raise Skipped(str(exc)) from None
+    walk.swap(path, module, new)
+    return describe(new)
+
+
 def rms_norm(walk, path, module, offset, casting_mode):
     from ..nn import FastRMSNorm
     walk.swap(path, module, FastRMSNorm.from_module(module, offset=offset, casting_mode=casting_mode))
@@ -81,12 +91,7 @@ def gated_mlp(walk, path, module, act):
 
 def gpt2_mlp(walk, path, module):
     from ..nn import FastGPT2MLP
-    try:
-        new = FastGPT2MLP.from_module(module)
-    except ValueError as exc:
-        raise Skipped(str(exc)) from None
-    walk.swap(path, module, new)
-    return f"GPT2MLP -> FastGPT2MLP({new.activation})"
+    return _swap(walk, path, module, FastGPT2MLP, lambda new: f"GPT2MLP -> FastGPT2MLP({new.activation})")
 
 
 def cross_entropy(walk, path, module, head):
@@ -122,22 +127,12 @@ def cross_entropy(walk, path, module, head):
 
 def add_norm_output(walk, path, module):
     from ..nn.encoder import FastAddNormOutput
-    try:
-        new = FastAddNormOutput.from_module(module)
-    except ValueError as exc:
-        raise Skipped(str(exc)) from None
-    walk.swap(path, module, new)
-    return f"{type(module).__name__} -> FastAddNormOutput (add_layer_norm)"
+    return _swap(walk, path, module, FastAddNormOutput, lambda new: f"{type(module).__name__} -> FastAddNormOutput (add_layer_norm)")
 
 
 def dense_gelu(walk, path, module):
     from ..nn.mlp import FastDenseGELU
-    try:
-        new = FastDenseGELU.from_module(module)
-    except ValueError as exc:
-        raise Skipped(str(exc)) from None
-    walk.swap(path, module, new)
-    return f"{type(module).__name__} -> FastDenseGELU({new.approximate})"
+    return _swap(walk, path, module, FastDenseGELU, lambda new: f"{type(module).__name__} -> FastDenseGELU({new.approximate})")
 
 
 def _forward_replaceable(module) -> bool:
@@ -195,22 +190,12 @@ def distilbert_block(walk, path, module):
 
 def modernbert_mlp(walk, path, module):
     from ..nn.encoder import FastModernBertMLP
-    try:
-        new = FastModernBertMLP.from_module(module)
-    except ValueError as exc:
-        raise Skipped(str(exc)) from None
-    walk.swap(path, module, new)
-    return f"ModernBertMLP -> FastModernBertMLP(geglu {new.approximate})"
+    return _swap(walk, path, module, FastModernBertMLP, lambda new: f"ModernBertMLP -> FastModernBertMLP(geglu {new.approximate})")
 
 
 def distilbert_ffn(walk, path, module):
     from ..nn.encoder import FastDistilBertFFN
-    try:
-        new = FastDistilBertFFN.from_module(module)
-    except ValueError as exc:
-        raise Skipped(str(exc)) from None
-    walk.swap(path, module, new)
-    return f"FFN -> FastDistilBertFFN({new.approximate})"
+    return _swap(walk, path, module, FastDistilBertFFN, lambda new: f"FFN -> FastDistilBertFFN({new.approximate})")
 
 
 def _owner(fn) -> str:

@@ -152,7 +152,7 @@ def test_seqeval_metrics_by_hand():
 
 def test_cli_train_eval_predict(enc, tmp_path, capsys):
     """The commands on a token-classification model: train, eval (the report table), predict (entities with
-    their spans); a sequence classifier's predict (label and probability)."""
+    their spans); a masked LM's train and eval; a sequence classifier's predict (label and probability)."""
     from fastnlg import cli
     from fastnlg.train import tasks
 
@@ -176,6 +176,11 @@ def test_cli_train_eval_predict(enc, tmp_path, capsys):
             kind, span, text, p = line.split("\t")
             start, end = map(int, span.strip("[]").split(":"))
             assert kind.strip() in ("PER", "ORG", "LOC") and text.strip("'") == out[0][start:end] and 0 < float(p) <= 1
+    rc = cli.main(["train", "--task", "masked-lm", "--train-files", enc["mlm"], "--eval-fraction", "0.1",
+                   "--output-dir", str(tmp_path / "mlm"), "--max-steps", "2", *common])
+    capsys.readouterr()
+    assert rc == 0 and cli.main(["eval", "--model", str(tmp_path / "mlm" / "model"), "--data", enc["mlm"]]) == 0
+    assert "masked-token accuracy" in capsys.readouterr().out
     rc = cli.main(["train", "--task", "sequence-classification", "--train-files", enc["cls_train"], "--eval-files",
                    enc["cls_eval"], "--output-dir", str(tmp_path / "cls"), "--max-steps", "2", *common])
     capsys.readouterr()

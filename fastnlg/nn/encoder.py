@@ -96,6 +96,28 @@ class FastModernBertMLP(nn.Module):
         return self.Wo(self.drop(geglu(a, g, approximate=self.approximate)))
 
 
+class FastT5GatedMLP(nn.Module):
+    """T5 v1.1 / Flan-T5 / mT5's T5DenseGatedActDense, wo(dropout(act(wi_0(x)) * wi_1(x))) with the gated-GELU
+    on fastnlg.ops.geglu (over the module's own wi_0, wi_1, wo, dropout; wo's input cast to wo's dtype as T5
+    does, for its fp32-kept wo)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FastT5GatedMLP":
+        approximate = gelu_approximate("FastT5GatedMLP", module.act)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.wi_0, new.wi_1, new.wo, new.dropout, new.act = module.wi_0, module.wi_1, module.wo, module.dropout, module.act
+        new.approximate = approximate
+        return new
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(geglu(self.wi_0(hidden_states), self.wi_1(hidden_states), approximate=self.approximate))
+        w = getattr(self.wo, "weight", None)
+        if isinstance(w, torch.Tensor) and h.dtype != w.dtype and w.dtype != torch.int8:
+            h = h.to(w.dtype)
+        return self.wo(h)
+
+
 def _problem_type(model, labels) -> str:
     """The config's problem_type, set as Transformers' sequence classifiers set it on their first loss."""
     config = model.config

@@ -54,3 +54,27 @@ class FastLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class FastT5LayerNorm(nn.Module):
+    """T5LayerNorm (T5, Flan-T5, mT5, UMT5) on fastnlg.ops.rms_norm, rounding as T5's: the variance in fp32;
+    x * rstd cast to the weight's dtype when that is fp16/bf16 (then times the weight), else kept in fp32 (the
+    output fp32, as T5's promotion gives). Shares the module's weight."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FastT5LayerNorm":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight, new.variance_epsilon = module.weight, module.variance_epsilon
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype in (torch.float16, torch.bfloat16):
+            if x.dtype == w.dtype:  # x_hat rounded to x's (= w's) dtype, then times w: the llama mode
+                return rms_norm(x, w, self.variance_epsilon, casting_mode="llama")
+            variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)  # (mixed dtypes, rare: T5's own steps)
+            return w * (x * torch.rsqrt(variance + self.variance_epsilon)).to(w.dtype)
+        if x.dtype != w.dtype:
+            x = x.to(torch.promote_types(x.dtype, w.dtype))  # T5: bf16 x * fp32 rstd promotes, the output stays fp32
+        return rms_norm(x, w, self.variance_epsilon, casting_mode="gemma")

@@ -193,6 +193,17 @@ def modernbert_mlp(walk, path, module):
     return _swap(walk, path, module, FastModernBertMLP, lambda new: f"ModernBertMLP -> FastModernBertMLP(geglu {new.approximate})")
 
 
+def t5_norm(walk, path, module):
+    from ..nn.norms import FastT5LayerNorm
+    return _swap(walk, path, module, FastT5LayerNorm, lambda new: f"{type(module).__name__} -> FastT5LayerNorm")
+
+
+def t5_gated_mlp(walk, path, module):
+    from ..nn.encoder import FastT5GatedMLP
+    return _swap(walk, path, module, FastT5GatedMLP, lambda new: f"T5DenseGatedActDense -> FastT5GatedMLP(geglu "
+                 f"{new.approximate})")
+
+
 def distilbert_ffn(walk, path, module):
     from ..nn.encoder import FastDistilBertFFN
     return _swap(walk, path, module, FastDistilBertFFN, lambda new: f"FFN -> FastDistilBertFFN({new.approximate})")

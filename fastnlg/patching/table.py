@@ -1,7 +1,7 @@
 """What fastnlg.patch recognises, as data (DESIGN.md §4.4): rules `(kind, names, fuse, options)` that the
 patcher applies in one walk over the model. A family is rows only; a family is listed only when
-tests/models/test_patch.py checks it against the unpatched model. Anything else is reported as skipped,
-never patched by guessing.
+tests/models/test_patch.py (decoders), test_encoders.py or test_seq2seq.py checks it against the unpatched
+model. Anything else is reported as skipped, never patched by guessing.
 
 - kind: what the report calls the change (norm, mlp, cross_entropy, rope, lora, linear4bit); patch()'s
   keyword of the same name turns the kind off (linear4bit goes with lora).
@@ -35,6 +35,8 @@ RULES = (
     Rule("norm", ("BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput", "XLMRobertaSelfOutput",
                   "XLMRobertaOutput"), b.add_norm_output),
     Rule("norm", ("transformers.models.distilbert.modeling_distilbert.TransformerBlock",), b.distilbert_block),
+    # T5's RMSNorm (variance in fp32; x_hat in the weight's dtype when that is half) -> FastT5LayerNorm.
+    Rule("norm", ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm"), b.t5_norm),
     Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), b.layer_norm),
     Rule("norm", ("*Norm",), b.unknown),
 
@@ -50,6 +52,9 @@ RULES = (
     Rule("mlp", ("transformers.models.distilbert.modeling_distilbert.FFN",), b.distilbert_ffn),
     # ModernBERT: Wo(act(a) * g), (a, g) = Wi(x) halves -> FastModernBertMLP (fastnlg.ops.geglu).
     Rule("mlp", ("ModernBertMLP",), b.modernbert_mlp),
+    # T5 v1.1 / Flan-T5 / mT5: wo(act(wi_0(x)) * wi_1(x)), a gated GELU -> FastT5GatedMLP (fastnlg.ops.geglu);
+    # T5 v1.0's ReLU MLP (T5DenseActDense) stays: eager ReLU is one op each way.
+    Rule("mlp", ("T5DenseGatedActDense", "MT5DenseGatedActDense", "UMT5DenseGatedActDense"), b.t5_gated_mlp),
     Rule("mlp", ("*MLP", "*Intermediate"), b.unknown),
 
     # Causal LMs whose forward is "base model -> lm_head -> self.loss_function" (fastnlg.nn.causal_lm_forward);
@@ -74,7 +79,8 @@ RULES = (
     Rule("cross_entropy", ("DistilBertForMaskedLM",), b.masked_lm_loss, {"head": "", "decoder": "vocab_projector"}),
     Rule("cross_entropy", ("ModernBertForMaskedLM",), b.masked_lm_loss,  # (its loss_function takes num_items)
          {"head": "head", "decoder": "decoder", "num_items": True}),
-    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForTokenClassification", "*ForSequenceClassification",
+    Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForConditionalGeneration", "*ForTokenClassification",
+                           "*ForSequenceClassification",
                            "*ForMaskedLM"), b.unknown),
 
     # Attention layers calling their modelling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)

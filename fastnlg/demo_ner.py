@@ -75,7 +75,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
                       max_length=64, batch_size=size["batch"])
     tok = load_tokenizer(model_dir, words=True)
     kwargs = task.load_kwargs(cfg, tok, load_config(model_dir))
-    rows = task._rows(task.train_examples[:size["batch"] * 4], tok, {n: i for i, n in enumerate(ner_data.TAGS)}, cfg)
+    rows = task.encode(task.train_examples[:size["batch"] * 4], tok, {n: i for i, n in enumerate(ner_data.TAGS)}, cfg)
     batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
                for i in range(0, len(rows), size["batch"])]
     torch.manual_seed(0)

@@ -30,6 +30,9 @@ class _Classifier(Task):
     def _read(self, paths, cfg) -> list:
         raise NotImplementedError
 
+    def encode(self, examples, tok, label2id, cfg) -> list:
+        raise NotImplementedError
+
     def _labels_seen(self, examples) -> dict:
         raise NotImplementedError
 
@@ -59,14 +62,14 @@ class _Classifier(Task):
         train, held = self.train_examples, self.eval_examples
         if not held:
             train, held = data.split(train, cfg.eval_fraction, cfg.seed)
-        train_rows, eval_rows = self._rows(train, tok, label2id, cfg), self._rows(held, tok, label2id, cfg)
+        train_rows, eval_rows = self.encode(train, tok, label2id, cfg), self.encode(held, tok, label2id, cfg)
         if len(train_rows) < cfg.batch_size * dist.world:
             raise DataError(f"{cfg.train_files[0]}: {len(train_rows)} training examples, fewer than one global batch "
                             f"(batch_size {cfg.batch_size} x {dist.world} processes)")
         return train_rows, eval_rows, f"{self.name} ({len(self.labels)} labels from {self.label_source})"
 
     def held_out(self, cfg, tok):
-        return self._rows(self.eval_examples, tok, {n: i for i, n in enumerate(self.labels)}, cfg)
+        return self.encode(self.eval_examples, tok, {n: i for i, n in enumerate(self.labels)}, cfg)
 
     def collate(self, rows, pad_id):
         return data.collate([{k: r[k] for k in MODEL_KEYS if k in r} for r in rows], pad_id)
@@ -115,7 +118,8 @@ class TokenClassification(_Classifier):
                 seen.setdefault(tag, where)
         return seen
 
-    def _rows(self, examples, tok, label2id, cfg):
+    def encode(self, examples, tok, label2id, cfg):
+        """Rows of `examples` (as read) under the label ids `label2id`."""
         return encoder_data.token_rows(examples, tok, label2id, cfg.max_length, cfg.label_all_tokens)
 
     def _pair(self, row, pred):
@@ -184,7 +188,7 @@ class SequenceClassification(_Classifier):
             seen.setdefault(label, where)
         return seen
 
-    def _rows(self, examples, tok, label2id, cfg):
+    def encode(self, examples, tok, label2id, cfg):
         return encoder_data.sequence_rows(examples, tok, label2id, cfg.max_length)
 
     def local_count(self, batch):

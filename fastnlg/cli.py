@@ -36,6 +36,35 @@ def _user_errors():
     return (UserError, ConfigError, DataError, FileNotFoundError)
 
 
+# What the commands import once they run (metrics, plots, progress, configs), by import name -> pip name; the
+# encoder tasks' metrics too. All come with the [train] extra.
+TRAIN_NEEDS = {"matplotlib": "matplotlib", "sacrebleu": "sacrebleu", "rouge_score": "rouge-score", "tqdm": "tqdm",
+               "yaml": "PyYAML"}
+ENCODER_NEEDS = {"seqeval": "seqeval", "sklearn": "scikit-learn"}
+
+
+def check_dependencies(command: str, encoder: bool) -> None:
+    """A UserError naming the first missing package `command` will import, before any work is done."""
+    import importlib.util
+
+    for module, package in {**TRAIN_NEEDS, **(ENCODER_NEEDS if encoder else {})}.items():
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"fastnlg {command} needs {package}, which is not installed: pip install 'fastnlg[train]' "
+                            f"(or pip install {package})")
+
+
+def _encoder_run(args) -> bool:
+    """Whether this command runs an encoder task (their metrics need seqeval and scikit-learn)."""
+    if args.cmd == "demo":
+        return args.task == "ner"
+    if args.cmd == "predict":
+        return True
+    task = getattr(args, "task", None)
+    if args.cmd == "train" and task is None and getattr(args, "config", None):
+        return True  # (the task may be in the config file: check the encoder packages too)
+    return bool(task) and task != "causal-lm"
+
+
 def _benchmarks(argv):
     from .benchmarks.run import main as run  # benchmarks/ installs as fastnlg.benchmarks
 
@@ -172,6 +201,7 @@ def cmd_eval(args) -> int:
         raise UserError(f"{args.model}: no such model folder")
     task_name = _task_of(args)
     if task_name != "causal-lm":
+        check_dependencies("eval", True)
         task, model, tok, dev, cfg = _encoder(args, task_name, [args.data])
         metrics = task.evaluate(model, task.held_out(cfg, tok), tok, cfg, dev, None)
         print(task.report(metrics) or task.summary(metrics))
@@ -334,6 +364,8 @@ def main(argv=None) -> int:
         print(f"fastnlg {args.cmd}: unknown arguments {' '.join(rest)}", file=sys.stderr)
         return 2
     try:
+        if args.cmd in ("train", "eval", "demo", "predict"):
+            check_dependencies(args.cmd, _encoder_run(args))
         if args.cmd == "demo":
             if args.task == "ner":
                 from .demo_ner import run

@@ -57,6 +57,19 @@ def test_user_errors(tiny, tmp_path):
     _one_line_error(_cli("merge", "--model", tiny["model"], "--out", str(tmp_path / "m")), "merge needs --adapter")
 
 
+@pytest.mark.parametrize("hidden,args", [("matplotlib", ()), ("seqeval", ("--task", "token-classification"))])
+def test_a_missing_package_is_named_before_any_work(tiny, tmp_path, hidden, args):
+    """With a package the command will import hidden from import, it stops at once with one line naming the
+    package and the extra, and writes nothing (the demo used to crash in its plot after pre-training)."""
+    code = ("import sys; sys.modules[sys.argv[1]] = None; from fastnlg.cli import main; "
+            "sys.exit(main(sys.argv[2:]))")
+    r = subprocess.run([sys.executable, "-c", code, hidden, *_train_args(tiny, tmp_path / "o", *args)],
+                       capture_output=True, text=True, timeout=600)
+    package = {"matplotlib": "matplotlib", "seqeval": "seqeval"}[hidden]
+    line = _one_line_error(r, f"fastnlg train needs {package}, which is not installed")
+    assert "pip install 'fastnlg[train]'" in line and not (tmp_path / "o").exists()
+
+
 def test_train_eval_generate_merge(tiny, tmp_path):
     out = tmp_path / "run"
     r = _cli(*_train_args(tiny, out, "--max-steps", "8", "--method", "lora", "--eval-every", "4", "--log-every", "2"))

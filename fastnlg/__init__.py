@@ -7,8 +7,12 @@
     fastnlg.unpatch(model)
     model, report = fastnlg.from_pretrained(path, load_in_4bit=True, lora={"r": 16, ...})   # loaded, patched
 """
-from . import backend, ops  # noqa: F401
-from .loading import from_pretrained  # noqa: F401
-from .patching import PatchReport, is_patched, patch, unpatch  # noqa: F401
+from . import _quiet
+
+_quiet.install()  # before bitsandbytes is imported (fastnlg/_quiet.py)
+
+from . import backend, ops  # noqa: E402, F401
+from .loading import from_pretrained  # noqa: E402, F401
+from .patching import PatchReport, is_patched, patch, unpatch  # noqa: E402, F401
 
 __version__ = "0.1.0"

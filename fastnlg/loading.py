@@ -15,6 +15,8 @@ import importlib.util
 
 import torch
 
+from . import _quiet
+
 
 def bitsandbytes_4bit_available(device: torch.device) -> bool:
     """Whether bitsandbytes' NF4 layers can hold the model: CUDA, with bitsandbytes installed."""
@@ -53,7 +55,8 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device, bnb_4bit: bool = F
     if adapter:
         import peft
 
-        model = peft.PeftModel.from_pretrained(model, adapter).to(device)
+        with _quiet.peft_calls():
+            model = peft.PeftModel.from_pretrained(model, adapter).to(device)
     return model
 
 
@@ -98,14 +101,16 @@ def prepare_for_training(model, peft_config=None, *, four_bit: bool = False, gra
     if bnb and peft_config is not None:
         import peft
 
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                     gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        with _quiet.peft_calls():
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                         gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     elif gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=use_reentrant)
     if peft_config is not None:
         import peft
 
-        model = peft.get_peft_model(model, peft_config)
+        with _quiet.peft_calls():
+            model = peft.get_peft_model(model, peft_config)
     quantised = []
     if four_bit and not bnb:
         from .nn import quantize_linears

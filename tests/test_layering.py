@@ -21,7 +21,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ("fastnlg.kernels",),
-    ("fastnlg.backend", "fastnlg._checks", "fastnlg._native", "fastnlg._C", "fastnlg._C_cuda"),
+    ("fastnlg.backend", "fastnlg._checks", "fastnlg._native", "fastnlg._quiet", "fastnlg._C", "fastnlg._C_cuda"),
     ("fastnlg.quant",),
     ("fastnlg.ops",),
     ("fastnlg.nn",),

@@ -120,6 +120,10 @@ def test_demo_quick(tmp_path):
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     report = open(out / "report.md").read()
     assert "BLEU" in report and "ROUGE-L" in report and "--no-patch" in report
+    # a clean first run (run from the repository root): fastnlg's own output, no third-party alarms
+    alarming = [line for line in (r.stdout + r.stderr).splitlines()
+                if any(word in line for word in ("Failed", "Traceback", "FutureWarning", "DeprecationWarning"))]
+    assert not alarming, alarming
 
 
 def test_bench_runs_from_the_installed_package(tmp_path):

@@ -46,3 +46,20 @@ def grads_of(fn, inputs, dy):
 
 def leaf(t: torch.Tensor, dtype=None, requires_grad=True):
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(requires_grad)
+
+
+def assert_training_step_by_rule(build, step, patch):
+    """A model under bf16 autocast, patched, against the same unpatched and the fp64 model (DESIGN's rule over a
+    whole training step): its loss, and its whole gradient, within twice the unpatched model's error plus a
+    small atol. build() -> a fresh model; step(model, autocast) -> (output with .loss, {name: gradient})."""
+    o64, g64 = step(build().double(), False)
+    op, gp = step(build(), True)
+    ours = build()
+    patch(ours)
+    oo, go = step(ours, True)
+    l64, lp, lo = o64.loss.item(), op.loss.item(), oo.loss.item()
+    assert abs(lo - l64) <= 2 * abs(lp - l64) + 2e-3, (lo, lp, l64)
+    assert go.keys() == gp.keys() == g64.keys()
+    names = sorted(g64)
+    ref, mine, plain = (torch.cat([g[n].double().flatten() for n in names]) for g in (g64, go, gp))
+    assert (mine - ref).norm() <= 2 * (plain - ref).norm() + 2e-3 * ref.norm(), "gradient"

@@ -45,8 +45,10 @@ class Task:
         return rows
 
     def count(self, rows: list) -> int:
-        """Target tokens (or examples) of rows, for the step's exact loss scaling."""
-        raise NotImplementedError
+        """Target tokens (or examples) of rows, for the step's exact loss scaling (here: the labels not ignored)."""
+        from ..data import IGNORE
+
+        return sum(int((r["labels"] != IGNORE).sum()) for r in rows)
 
     def collate(self, rows: list, pad_id: int) -> dict:
         raise NotImplementedError
@@ -57,7 +59,27 @@ class Task:
         return None
 
     def local_count(self, batch: dict):
-        raise NotImplementedError
+        """count() of a collated batch, as a device tensor (no host read in the training step)."""
+        from ..data import IGNORE
+
+        return (batch["labels"] != IGNORE).sum()
+
+    @staticmethod
+    def eval_batches(model, rows: list, collate, batch_size: int, device):
+        """(rows of the batch, the batch on `device`, the model's output) over `rows`, in eval mode under
+        no_grad; the model's training mode comes back afterwards."""
+        import torch
+
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(rows), batch_size):
+                    chunk = rows[i:i + batch_size]
+                    batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                    yield chunk, batch, model(**batch)
+        finally:
+            model.train(was)
 
     def evaluate(self, model, rows: list, tok, cfg, device, dist) -> dict:
         """Held-out metrics, with eval_loss (early stopping) among them."""

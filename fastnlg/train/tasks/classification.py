@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from .. import data
-from ..data import IGNORE
 from ..errors import ConfigError, DataError
 from . import Task, encoder_data, metrics
 
@@ -74,31 +73,16 @@ class _Classifier(Task):
     def collate(self, rows, pad_id):
         return data.collate([{k: r[k] for k in MODEL_KEYS if k in r} for r in rows], pad_id)
 
-    def local_count(self, batch):
-        return (batch["labels"] != IGNORE).sum()
-
-    def count(self, rows):
-        return sum(int((r["labels"] != IGNORE).sum()) for r in rows)
-
-    @torch.no_grad()
     def _predict(self, model, rows, cfg, device, pad_id):
         """-> (summed loss x targets, targets, [(gold ids, predicted ids) per row over its counted positions])."""
-        was = model.training
-        model.eval()
         loss_sum, count, pairs = 0.0, 0, []
-        try:
-            for i in range(0, len(rows), cfg.batch_size):
-                chunk = rows[i:i + cfg.batch_size]
-                batch = {k: v.to(device) for k, v in self.collate(chunk, pad_id).items()}
-                out = model(**batch)
-                n = int(self.local_count(batch))
-                loss_sum += float(out.loss) * n
-                count += n
-                pred = out.logits.argmax(-1).cpu()
-                for j, r in enumerate(chunk):
-                    pairs.append(self._pair(r, pred[j]))
-        finally:
-            model.train(was)
+        for chunk, batch, out in self.eval_batches(model, rows, lambda c: self.collate(c, pad_id), cfg.batch_size,
+                                                   device):
+            n = int(self.local_count(batch))
+            loss_sum += float(out.loss) * n
+            count += n
+            pred = out.logits.argmax(-1).cpu()
+            pairs += [self._pair(r, pred[j]) for j, r in enumerate(chunk)]
         return loss_sum, count, pairs
 
 

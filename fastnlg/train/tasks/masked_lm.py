@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .. import data
 from ..data import IGNORE
 from ..errors import ConfigError, DataError
@@ -52,31 +50,18 @@ class MaskedLM(Task):
     def prepare(self, rows):
         return _masked(self.masker, rows)
 
-    def count(self, rows):
-        return sum(int((r["labels"] != IGNORE).sum()) for r in rows)
-
     def collate(self, rows, pad_id):
         return data.collate(rows, pad_id)
 
-    def local_count(self, batch):
-        return (batch["labels"] != IGNORE).sum()
-
-    @torch.no_grad()
     def evaluate(self, model, rows, tok, cfg, device, dist):
-        was = model.training
-        model.eval()
         loss_sum = correct = count = 0.0
-        try:
-            for i in range(0, len(rows), cfg.batch_size):
-                batch = {k: v.to(device) for k, v in self.collate(rows[i:i + cfg.batch_size], tok.pad_token_id).items()}
-                out = model(**batch)
-                keep = batch["labels"] != IGNORE
-                n = int(keep.sum())
-                loss_sum += float(out.loss) * n
-                correct += int((out.logits.argmax(-1)[keep] == batch["labels"][keep]).sum())
-                count += n
-        finally:
-            model.train(was)
+        for _, batch, out in self.eval_batches(model, rows, lambda c: self.collate(c, tok.pad_token_id),
+                                               cfg.batch_size, device):
+            keep = batch["labels"] != IGNORE
+            n = int(keep.sum())
+            loss_sum += float(out.loss) * n
+            correct += int((out.logits.argmax(-1)[keep] == batch["labels"][keep]).sum())
+            count += n
         if not count:
             raise DataError("masked-lm evaluation: no masked token in the held-out texts (too few or too short)")
         loss = loss_sum / count

@@ -140,6 +140,19 @@ def _torchrun(nproc: int, argv: list) -> int:
         return 130
 
 
+def _require_folders(*paths) -> None:
+    for path in paths:
+        if path and not os.path.isdir(path):
+            raise UserError(f"{path}: no such model folder")
+
+
+def _config_folder(args) -> str:
+    """The folder whose config.json describes the model to run: the adapter's when it saved one (a
+    classifier's label set), else the model's."""
+    _require_folders(args.model, args.adapter)
+    return args.adapter if args.adapter and os.path.isfile(os.path.join(args.adapter, "config.json")) else args.model
+
+
 def _load(model_dir, adapter, device):
     """(model in fp32 with the adapter on top, tokenizer, device) for eval, generate and merge."""
     import torch
@@ -147,9 +160,7 @@ def _load(model_dir, adapter, device):
     from .loading import load_causal_lm, load_tokenizer
     from .train.setup import pick_device
 
-    for path in (model_dir, adapter):
-        if path and not os.path.isdir(path):
-            raise UserError(f"{path}: no such model folder")
+    _require_folders(model_dir, adapter)
     dev = pick_device(device)
     return load_causal_lm(model_dir, dtype=torch.float32, device=dev, adapter=adapter), load_tokenizer(model_dir), dev
 
@@ -157,27 +168,18 @@ def _load(model_dir, adapter, device):
 def _encoder(args, task_name: str, data_files: list):
     """(task, model, tokenizer, device, cfg) of a saved encoder model for eval / predict: its label set is
     its own (config.json of the model, or of the adapter folder), so data labels outside it are refused."""
-    import torch
-
-    from .loading import load_config, load_pretrained, load_tokenizer
+    from .loading import load_config
+    from .train import tasks
     from .train.config import TrainConfig
     from .train.setup import pick_device
-    from .train.tasks import get
 
-    for path in (args.model, args.adapter):
-        if path and not os.path.isdir(path):
-            raise UserError(f"{path}: no such model folder")
-    labelled = args.adapter if args.adapter and os.path.isfile(os.path.join(args.adapter, "config.json")) else args.model
-    config = load_config(labelled)
-    task = get(task_name)
+    config = load_config(_config_folder(args))
     names = [config.id2label[i] for i in sorted(config.id2label)] if task_name != "masked-lm" else []
     cfg = TrainConfig(task=task_name, model=args.model, eval_files=data_files, labels=names,
                       max_length=getattr(args, "max_length", 512), batch_size=getattr(args, "batch_size", 16))
-    tok = load_tokenizer(args.model, words=task_name == "token-classification")
-    kwargs = task.load_kwargs(cfg, tok, config)
     dev = pick_device(args.device)
-    model = load_pretrained(args.model, dtype=torch.float32, device=dev, adapter=args.adapter, auto_class=task.auto_class,
-                            **kwargs).eval()
+    task, model, tok = tasks.load(cfg, dev, adapter=args.adapter, config=config)
+    model.eval()
     return task, model, tok, dev, cfg
 
 
@@ -187,8 +189,7 @@ def _task_of(args) -> str:
 
     if getattr(args, "task", None):
         return args.task
-    return of_model(load_config(args.adapter if args.adapter and os.path.isfile(os.path.join(args.adapter, "config.json"))
-                                else args.model))
+    return of_model(load_config(_config_folder(args)))
 
 
 def cmd_eval(args) -> int:
@@ -197,8 +198,7 @@ def cmd_eval(args) -> int:
     from .train import data
     from .train.evaluate import generation_metrics, loss_metrics, save_examples
 
-    if not os.path.isdir(args.model):
-        raise UserError(f"{args.model}: no such model folder")
+    _require_folders(args.model, args.adapter)
     task_name = _task_of(args)
     if task_name != "causal-lm":
         check_dependencies("eval", True)

@@ -40,17 +40,13 @@ def _evaluate(model_dir: str, paths: dict, device) -> dict:
     """Entity metrics of a model folder on the held-out file (a base model gets a new, untrained head)."""
     import torch
 
-    from .loading import load_config, load_pretrained, load_tokenizer
+    from .train import tasks
     from .train.config import TrainConfig
-    from .train.tasks import get
 
-    task = get("token-classification")
-    cfg = TrainConfig(task=task.name, model=model_dir, eval_files=[paths["eval"]], labels=list(ner_data.TAGS),
-                      max_length=64, batch_size=32)
-    tok = load_tokenizer(model_dir, words=True)
-    torch.manual_seed(0)
-    kwargs = task.load_kwargs(cfg, tok, load_config(model_dir))
-    model = load_pretrained(model_dir, dtype=torch.float32, device=device, auto_class=task.auto_class, **kwargs)
+    cfg = TrainConfig(task="token-classification", model=model_dir, eval_files=[paths["eval"]],
+                      labels=list(ner_data.TAGS), max_length=64, batch_size=32)
+    torch.manual_seed(0)  # (a base model's new head)
+    task, model, tok = tasks.load(cfg, device)
     return task.evaluate(model, task.held_out(cfg, tok), tok, cfg, device, None)
 
 
@@ -65,21 +61,18 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
 
     import torch
 
-    from .loading import load_config, load_pretrained, load_tokenizer
     from .patching import patch
+    from .train import tasks
     from .train.config import TrainConfig
-    from .train.tasks import get
 
-    task = get("token-classification")
-    cfg = TrainConfig(task=task.name, model=model_dir, train_files=[paths["train"]], labels=list(ner_data.TAGS),
-                      max_length=64, batch_size=size["batch"])
-    tok = load_tokenizer(model_dir, words=True)
-    kwargs = task.load_kwargs(cfg, tok, load_config(model_dir))
+    cfg = TrainConfig(task="token-classification", model=model_dir, train_files=[paths["train"]],
+                      labels=list(ner_data.TAGS), max_length=64, batch_size=size["batch"])
+    torch.manual_seed(0)
+    task, plain, tok = tasks.load(cfg, device)
+    plain.train()
     rows = task.encode(task.train_examples[:size["batch"] * 4], tok, {n: i for i, n in enumerate(ner_data.TAGS)}, cfg)
     batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
                for i in range(0, len(rows), size["batch"])]
-    torch.manual_seed(0)
-    plain = load_pretrained(model_dir, dtype=torch.float32, device=device, auto_class=task.auto_class, **kwargs).train()
     fused = copy.deepcopy(plain)
     patch(fused)
 

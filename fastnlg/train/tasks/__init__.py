@@ -103,6 +103,23 @@ def of_model(config) -> str:
     return "causal-lm"
 
 
+def load(cfg, device, *, adapter: str | None = None, config=None):
+    """(task, model in fp32 on `device`, tokenizer) of cfg.model for cfg.task, outside a training run (eval,
+    predict, the demo): the task reads cfg's files and checks their labels against the label set
+    (load_kwargs); `config` (default: cfg.model's) is the config that label set comes from, e.g. an adapter
+    folder's; `adapter` goes on top."""
+    import torch
+
+    from ...loading import load_config, load_pretrained, load_tokenizer
+
+    task = get(cfg.task)
+    tok = load_tokenizer(cfg.model, words=cfg.task == "token-classification")
+    kwargs = task.load_kwargs(cfg, tok, config if config is not None else load_config(cfg.model))
+    model = load_pretrained(cfg.model, dtype=torch.float32, device=device, adapter=adapter, auto_class=task.auto_class,
+                            **kwargs)
+    return task, model, tok
+
+
 def get(name: str) -> Task:
     from .causal_lm import CausalLM
     from .classification import SequenceClassification, TokenClassification

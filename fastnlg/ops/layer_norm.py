@@ -84,15 +84,13 @@ def _bwd_cpp(dy2, x2, weight, mean, rstd, compute_dw, compute_db, ds2=None):
 def _fwd_triton(x2, weight, bias, eps, r2=None):
     from fastnlg.kernels import layer_norm as k
 
-    return k.forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps,
-                     residual=None if r2 is None else rows(r2))
+    return k.forward(x2, weight.contiguous(), None if bias is None else bias.contiguous(), eps, residual=r2)
 
 
 def _bwd_triton(dy2, x2, weight, mean, rstd, compute_dw, compute_db, ds2=None):
     from fastnlg.kernels import layer_norm as k
 
-    return k.backward(dy2, x2, weight.contiguous(), mean, rstd, compute_dw, compute_db,
-                      ds=None if ds2 is None else rows(ds2))
+    return k.backward(dy2, x2, weight.contiguous(), mean, rstd, compute_dw, compute_db, ds=ds2)
 
 
 _FWD = {"torch": _fwd_torch, "cpp": _fwd_cpp, "triton": _fwd_triton}

@@ -100,9 +100,11 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: key j visible to query i (bottom-right aligned positions)."""
-    pos = offs_m + (k_len - q_len)
+def _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+             shift=0):
+    """(BLOCK_M, BLOCK_N) bool: key j visible to query i at position i + k_len - q_len + shift (bottom-right
+    aligned; relative_position_attention's query_offset shifts it)."""
+    pos = offs_m + (k_len - q_len) + shift
     j = offs_n[None, :]
     ok = (offs_m[:, None] < q_len) & (j < k_len)
     if CAUSAL:
@@ -116,9 +118,10 @@ def _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL: tl
 
 
 @triton.jit
-def _key_range(m0, q_len, k_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def _key_range(m0, q_len, k_len, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               shift):
     """[lo, hi) of the keys rows m0 .. m0 + BLOCK_M - 1 can see, lo a multiple of BLOCK_N."""
-    first = m0 + k_len - q_len
+    first = m0 + k_len - q_len + shift
     last = first + BLOCK_M - 1
     hi = k_len
     if CAUSAL:
@@ -162,14 +165,33 @@ def _dropout_keep(seed, bh, rows, cols, s_total, dropout_p):
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, O, LSE: "*fp32", KPM: "*u8", CU: "*i32",
+def _relpos_index(offs_m, offs_n, q_len, k_len, shift, maxd):
+    """(BLOCK_M, BLOCK_N) index of j - p_i clamped to [-maxd, maxd], + maxd: into the lookups of
+    relative_position_attention (fastnlg/ops/relative_position_attention.py)."""
+    pos = offs_m + (k_len - q_len) + shift
+    return tl.minimum(tl.maximum(offs_n[None, :] - pos[:, None], -maxd), maxd) + maxd
+
+
+@triton.jit
+def _relpos_bias(s, offs_m, offs_n, q_len, k_len, shift, RB, h, maxd, HAS_RELPOS: tl.constexpr):
+    """s + bias_table[bucket(j - p_i), h], the bias read from RB (H, 2 maxd + 1) (single return)."""
+    z = s
+    if HAS_RELPOS:
+        idx = _relpos_index(offs_m, offs_n, q_len, k_len, shift, maxd)
+        z = s + tl.load(RB + h.to(tl.int64) * (2 * maxd + 1) + idx)
+    return z
+
+
+@triton.jit
+def attn_fwd_kernel(Q, K, V, O, LSE: "*fp32", KPM: "*u8", CU: "*i32", RB: "*fp32",
                     sqb: tl.int64, sqh: tl.int32, sqt: tl.int32, skb: tl.int64, skh: tl.int32, skt: tl.int32,
                     svb: tl.int64, svh: tl.int32, svt: tl.int32, sob: tl.int64, soh: tl.int32, sot: tl.int32,
                     slb: tl.int64, slh: tl.int32, skpm: tl.int64,
                     T: tl.int32, S: tl.int32, Hq: tl.int32, GROUP: tl.int32, D: tl.int32, scale: tl.float32,
                     softcap: tl.float32, left: tl.int32, right: tl.int32, dropout_p: tl.float32, seed: tl.int32,
+                    shift: tl.int32, maxd: tl.int32,
                     CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_RELPOS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh, b, h, hk, row0, q_len, k_len, m0 = _query_program(CU, T, S, Hq, GROUP, BLOCK_M, IS_VARLEN)
     if m0 < q_len:
@@ -184,13 +206,16 @@ def attn_fwd_kernel(Q, K, V, O, LSE: "*fp32", KPM: "*u8", CU: "*i32",
         m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, hi = _key_range(m0, q_len, k_len, left, right, BLOCK_M, BLOCK_N, CAUSAL)
+        lo, hi = _key_range(m0, q_len, k_len, left, right, BLOCK_M, BLOCK_N, CAUSAL, shift)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < k_len) & d_ok[None, :]
             k = tl.load(_rows(k_ptr, row0 + offs_n, skt, offs_d), mask=kv_ok, other=0.0)
-            ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
-            s = tl.where(ok, _scores(q, k, scale, softcap, HAS_SOFTCAP), -float("inf"))  # (BLOCK_M, BLOCK_N)
+            ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM,
+                          shift)
+            s = _relpos_bias(_scores(q, k, scale, softcap, HAS_SOFTCAP), offs_m, offs_n, q_len, k_len, shift, RB, h,
+                             maxd, HAS_RELPOS)
+            s = tl.where(ok, s, -float("inf"))  # (BLOCK_M, BLOCK_N)
             p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
             acc = acc * alpha[:, None]
             if DROPOUT:
@@ -208,28 +233,30 @@ def attn_fwd_kernel(Q, K, V, O, LSE: "*fp32", KPM: "*u8", CU: "*i32",
 
 
 @triton.jit
-def _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, lse,
-                CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr):
+def _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, lse, shift, RB, h,
+                maxd, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_RELPOS: tl.constexpr):
     """P = exp(S - LSE) (0 where invisible) and the softcap derivative factor dS/dS_raw."""
     z = _scores(q, k, scale, softcap, HAS_SOFTCAP)
-    ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL, HAS_KPM)
-    p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
+    ok = _visible(offs_m, offs_n, q_len, k_len, left, right, KPM, kpm_row, CAUSAL, HAS_KPM, shift)
+    zb = _relpos_bias(z, offs_m, offs_n, q_len, k_len, shift, RB, h, maxd, HAS_RELPOS)
+    p = tl.where(ok, tl.exp(zb - lse[:, None]), 0.0)
     t = z / softcap
     dcap = 1.0 - t * t
     return p, dcap
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM: "*u8", CU: "*i32",
+def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM: "*u8", CU: "*i32", RB: "*fp32",
                          sqb: tl.int64, sqh: tl.int32, sqt: tl.int32, skb: tl.int64, skh: tl.int32, skt: tl.int32,
                          svb: tl.int64, svh: tl.int32, svt: tl.int32, sdob: tl.int64, sdoh: tl.int32,
                          sdot: tl.int32, slb: tl.int64, slh: tl.int32, sdkb: tl.int64, sdkh: tl.int32,
                          sdkt: tl.int32, sdvb: tl.int64, sdvh: tl.int32, sdvt: tl.int32, skpm: tl.int64,
                          T: tl.int32, S: tl.int32, Hkv: tl.int32, GROUP: tl.int32, D: tl.int32, scale: tl.float32,
                          softcap: tl.float32, left: tl.int32, right: tl.int32, dropout_p: tl.float32,
-                         seed: tl.int32,
+                         seed: tl.int32, shift: tl.int32, maxd: tl.int32,
                          CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                         IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_RELPOS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -247,7 +274,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM:
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # query rows that can see keys n0 .. n0 + BLOCK_N - 1 (inverse of _key_range)
-        off = k_len - q_len
+        off = k_len - q_len + shift
         lo = 0
         if CAUSAL:
             lo = tl.maximum(n0 - off, 0)
@@ -269,7 +296,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM:
                 lse = tl.load(LSE + l_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
                 delta = tl.load(DELTA + l_ptr + offs_m, mask=offs_m < q_len, other=0.0)
                 p, dcap = _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM,
-                                      b.to(tl.int64) * skpm, lse, CAUSAL, HAS_SOFTCAP, HAS_KPM)
+                                      b.to(tl.int64) * skpm, lse, shift, RB, h, maxd, CAUSAL, HAS_SOFTCAP, HAS_KPM,
+                                      HAS_RELPOS)
                 dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
                 pd = p
                 if DROPOUT:
@@ -289,15 +317,17 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM:
 
 
 @triton.jit
-def attn_bwd_dq_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DQ, KPM: "*u8", CU: "*i32",
+def attn_bwd_dq_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DQ, KPM: "*u8", CU: "*i32", RB: "*fp32",
+                       BK: "*i32", PART: "*fp32",
                        sqb: tl.int64, sqh: tl.int32, sqt: tl.int32, skb: tl.int64, skh: tl.int32, skt: tl.int32,
                        svb: tl.int64, svh: tl.int32, svt: tl.int32, sdob: tl.int64, sdoh: tl.int32, sdot: tl.int32,
                        slb: tl.int64, slh: tl.int32, sdqb: tl.int64, sdqh: tl.int32, sdqt: tl.int32, skpm: tl.int64,
                        T: tl.int32, S: tl.int32, Hq: tl.int32, GROUP: tl.int32, D: tl.int32, scale: tl.float32,
                        softcap: tl.float32, left: tl.int32, right: tl.int32, dropout_p: tl.float32, seed: tl.int32,
+                       shift: tl.int32, maxd: tl.int32, part_rows: tl.int32,
                        CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                       IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, HAS_RELPOS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NB_PAD: tl.constexpr):
     pid_bh, b, h, hk, row0, q_len, k_len, m0 = _query_program(CU, T, S, Hq, GROUP, BLOCK_M, IS_VARLEN)
     if m0 < q_len:
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -312,24 +342,34 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DQ, KPM: "*u8"
         k_ptr = _head(K, b, hk, skb, skh)
         v_ptr = _head(V, b, hk, svb, svh)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, hi = _key_range(m0, q_len, k_len, left, right, BLOCK_M, BLOCK_N, CAUSAL)
+        offs_nb = tl.arange(0, NB_PAD)
+        dtab = tl.zeros([NB_PAD], dtype=tl.float32)  # this program's part of d bias_table[:, h]
+        lo, hi = _key_range(m0, q_len, k_len, left, right, BLOCK_M, BLOCK_N, CAUSAL, shift)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_ok = (offs_n[:, None] < k_len) & d_ok[None, :]
             k = tl.load(_rows(k_ptr, row0 + offs_n, skt, offs_d), mask=kv_ok, other=0.0)
             v = tl.load(_rows(v_ptr, row0 + offs_n, svt, offs_d), mask=kv_ok, other=0.0)
             p, dcap = _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM,
-                                  b.to(tl.int64) * skpm, lse, CAUSAL, HAS_SOFTCAP, HAS_KPM)
+                                  b.to(tl.int64) * skpm, lse, shift, RB, h, maxd, CAUSAL, HAS_SOFTCAP, HAS_KPM,
+                                  HAS_RELPOS)
             dp = tl.dot(do, tl.trans(v))
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh, row0 + offs_m, row0 + offs_n, S, dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
+            if HAS_RELPOS:  # the tile's dS summed by bucket (the buckets it holds: one, far from the diagonal)
+                bk = tl.load(BK + _relpos_index(offs_m, offs_n, q_len, k_len, shift, maxd))
+                bk = tl.where(p > 0.0, bk, NB_PAD)  # (invisible (i, j): dS = 0, no bucket)
+                for nb in range(tl.min(tl.min(bk, axis=1), axis=0), tl.minimum(tl.max(tl.max(bk, axis=1), axis=0) + 1, NB_PAD)):
+                    dtab += tl.where(offs_nb == nb, tl.sum(tl.sum(tl.where(bk == nb, ds, 0.0), axis=1), axis=0), 0.0)
             if HAS_SOFTCAP:
                 ds = ds * dcap
             dq += tl.dot(ds.to(k.dtype), k)
         dq = dq * scale
         tl.store(_rows(_head(DQ, b, h, sdqb, sdqh), row0 + offs_m, sdqt, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
+        if HAS_RELPOS:
+            tl.store(PART + (pid_bh.to(tl.int64) * part_rows + tl.program_id(0)) * NB_PAD + offs_nb, dtab)
 
 
 def _config_table(backward, dtype):
@@ -340,20 +380,26 @@ def _config_table(backward, dtype):
 
 # Launch groups that may have no candidate on some architecture, and what runs instead (the AOT tier accepts a
 # group without a candidate there only when it is named here).
-AOT_FALLBACK = {"attn_fwd_kernel": "flash_attention runs on its torch backend (SDPA)",
-                "attn_bwd_dkdv_kernel": "flash_attention runs on its torch backend (SDPA)",
-                "attn_bwd_dq_kernel": "flash_attention runs on its torch backend (SDPA)"}
+_TORCH = "flash_attention runs on its torch backend (SDPA); relative_position_attention (/RP1) on its torch one"
+AOT_FALLBACK = {"attn_fwd_kernel": _TORCH, "attn_bwd_dkdv_kernel": _TORCH, "attn_bwd_dq_kernel": _TORCH}
 
 
-def unsupported(dtype, D: int, device, backward: bool) -> str | None:
-    """Why the kernels cannot run attention of head dim D in `dtype` (with its backward when `backward`) on
-    `device`: a launch group without a config that compiles cleanly for its architecture; None when they can."""
+def _group(kernel, dtype, block_d: int, relpos: bool) -> str:
+    """The launch group (kernels/_arch.py): T5's relative position bias is a group of its own, so that its
+    extra registers exclude configs only for its own launches."""
+    return group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d, **({"RP": 1} if relpos else {}))
+
+
+def unsupported(dtype, D: int, device, backward: bool, relpos: bool = False) -> str | None:
+    """Why the kernels cannot run attention of head dim D in `dtype` (with its backward when `backward`, with
+    T5's relative position bias when `relpos`) on `device`: a launch group without a config that compiles
+    cleanly for its architecture; None when they can."""
     block_d = max(32, triton.next_power_of_2(D))
     kernels = [(attn_fwd_kernel, False)] + ([(attn_bwd_dkdv_kernel, True), (attn_bwd_dq_kernel, True)]
                                             if backward else [])
     for kernel, bwd in kernels:
         table = _config_table(bwd, dtype)
-        group = group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d)
+        group = _group(kernel, dtype, block_d, relpos)
         if block_d in table and not has_candidate(group, table[block_d], device):
             return f"{group} has no config that compiles without spills for sm_{device_arch(device)}"
     return None
@@ -367,8 +413,7 @@ def _tuned_launch(name, kernel, grid_rows, n_heads_prog, args, flags, D, backwar
     key = (name, dtype, block_d, *flags.values(), *(triton.next_power_of_2(max(1, n)) for n in sizes))
     tuned_launch(kernel, _config_table(backward, dtype)[block_d], CONFIG_FIELDS, INTERPRET_CONFIG,
                  lambda cfg: (triton.cdiv(grid_rows, cfg[rows_block]), n_heads_prog), key, args,
-                 {**flags, "BLOCK_D": block_d}, device,
-                 group=group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d))
+                 {**flags, "BLOCK_D": block_d}, device, group=_group(kernel, dtype, block_d, flags["HAS_RELPOS"]))
 
 
 def _common(q, k, cu_seqlens, max_seqlen, key_padding_mask):
@@ -383,64 +428,99 @@ def _common(q, k, cu_seqlens, max_seqlen, key_padding_mask):
     return B, Hq, Hkv, T, S, D, varlen, n_prog_b, rows_q, rows_k, kpm, cu
 
 
-def _flags(causal, softcap, key_padding_mask, varlen, dropout_p):
+def _flags(causal, softcap, key_padding_mask, varlen, dropout_p, relpos=None):
     return dict(CAUSAL=causal, HAS_SOFTCAP=softcap is not None, HAS_KPM=key_padding_mask is not None,
-                IS_VARLEN=varlen, DROPOUT=dropout_p > 0)
+                IS_VARLEN=varlen, DROPOUT=dropout_p > 0, HAS_RELPOS=relpos is not None)
 
 
-def forward(q, k, v, *, causal, scale, softcap, window, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, seed):
+def _relpos(relpos, T, S, dummy):
+    """(bias lookup RB, bucket lookup, shift, max distance) for the kernels' HAS_RELPOS arguments; dummies
+    without it. relpos: relative_position_attention's lookups (fastnlg/ops/relative_position_attention.py)."""
+    if relpos is None:
+        return dummy, dummy, 0, 0
+    return (relpos["bias_lut"], relpos["bucket_lut"], relpos["query_offset"] - (S - T), relpos["max_distance"])
+
+
+def forward(q, k, v, *, causal, scale, softcap, window, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, seed,
+            relpos=None):
     """q (B, Hq, T, D), k/v (B, Hkv, S, D), unit stride in D; key_padding_mask (B, S) uint8 or None;
-    cu_seqlens int32 (n + 1,) with B = 1. -> (o like q, lse (B, Hq, T) fp32)."""
+    cu_seqlens int32 (n + 1,) with B = 1; relpos: T5's relative position bias (see _relpos).
+    -> (o like q, lse (B, Hq, T) fp32)."""
     B, Hq, Hkv, T, S, D, varlen, nb, rows_q, rows_k, kpm, cu = _common(q, k, cu_seqlens, max_seqlen,
                                                                        key_padding_mask)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     left, right = window
-    args = (q, k, v, o, lse, kpm, cu, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+    rb, _, shift, maxd = _relpos(relpos, T, S, lse)
+    args = (q, k, v, o, lse, kpm, cu, rb, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             lse.stride(0), lse.stride(1), key_padding_mask.stride(0) if key_padding_mask is not None else 0,
-            T, S, Hq, Hq // Hkv, D, scale, softcap or 1.0, left, right, dropout_p, seed)
-    flags = _flags(causal, softcap, key_padding_mask, varlen, dropout_p)
+            T, S, Hq, Hq // Hkv, D, scale, softcap or 1.0, left, right, dropout_p, seed, shift, maxd)
+    flags = _flags(causal, softcap, key_padding_mask, varlen, dropout_p, relpos)
     _tuned_launch("attn_fwd", attn_fwd_kernel, rows_q, nb * Hq, args, flags, D, False, q.dtype,
                   (rows_q, rows_k, nb * Hq), q.device)
     return o, lse
 
 
 def backward(do, q, k, v, o, lse, *, causal, scale, softcap, window, key_padding_mask, cu_seqlens, max_seqlen,
-             dropout_p, seed):
-    """-> (dq, dk, dv); Delta = rowsum(dO * O) in fp32."""
+             dropout_p, seed, relpos=None):
+    """-> (dq, dk, dv), and d bias_table (num_buckets, Hq) fp32 with relpos; Delta = rowsum(dO * O) in fp32.
+    The bias table's gradient: each dQ program writes its (query block, head)'s sums by bucket into a row of
+    `part`, sized for the smallest BLOCK_M any config has (the tuned one leaves the other rows zero), summed
+    here."""
     B, Hq, Hkv, T, S, D, varlen, nb, rows_q, rows_k, kpm, cu = _common(q, k, cu_seqlens, max_seqlen, key_padding_mask)
     delta = (do.float() * o.float()).sum(-1)  # (B, Hq, T)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     left, right = window
     skpm = key_padding_mask.stride(0) if key_padding_mask is not None else 0
-    flags = _flags(causal, softcap, key_padding_mask, varlen, dropout_p)
-    scalars = (D, scale, softcap or 1.0, left, right, dropout_p, seed)
+    flags = _flags(causal, softcap, key_padding_mask, varlen, dropout_p, relpos)
+    rb, bk, shift, maxd = _relpos(relpos, T, S, lse)
+    nb_pad = triton.next_power_of_2(relpos["num_buckets"]) if relpos is not None else 1
+    smallest_m = (min(c[0] for t in _config_table(True, q.dtype).values() for c in t) if q.device.type == "cuda"
+                  else INTERPRET_CONFIG[0])  # (CPU tensors run the interpreter's config)
+    part_rows = triton.cdiv(rows_q, smallest_m)
+    part = (torch.zeros(nb * Hq * part_rows, nb_pad, dtype=torch.float32, device=q.device) if relpos is not None
+            else lse)
+    scalars = (D, scale, softcap or 1.0, left, right, dropout_p, seed, shift, maxd)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], lse.stride(0), lse.stride(1))
     sizes = (rows_q, rows_k, nb * Hq)
     _tuned_launch("attn_bwd_dkdv", attn_bwd_dkdv_kernel, rows_k, nb * Hkv,
-                  (q, k, v, do, lse, delta, dk, dv, kpm, cu, *strides, *dk.stride()[:3], *dv.stride()[:3], skpm,
+                  (q, k, v, do, lse, delta, dk, dv, kpm, cu, rb, *strides, *dk.stride()[:3], *dv.stride()[:3], skpm,
                    T, S, Hkv, Hq // Hkv, *scalars), flags, D, True, q.dtype, sizes, q.device)
     _tuned_launch("attn_bwd_dq", attn_bwd_dq_kernel, rows_q, nb * Hq,
-                  (q, k, v, do, lse, delta, dq, kpm, cu, *strides, *dq.stride()[:3], skpm, T, S, Hq, Hq // Hkv,
-                   *scalars), flags, D, True, q.dtype, sizes, q.device)
-    return dq, dk, dv
+                  (q, k, v, do, lse, delta, dq, kpm, cu, rb, bk, part, *strides, *dq.stride()[:3], skpm, T, S, Hq,
+                   Hq // Hkv, *scalars, part_rows), {**flags, "NB_PAD": nb_pad}, D, True, q.dtype, sizes, q.device)
+    if relpos is None:
+        return dq, dk, dv
+    dtable = part.view(nb, Hq, part_rows, nb_pad).sum((0, 2))[:, :relpos["num_buckets"]].t().contiguous()
+    return dq, dk, dv, dtable
+
+
+# The variants the AOT tier compiles, each with every feature its launches can turn on: the most registers
+# and the same tiles (shared memory) as the plainer variants, which are left out to keep CI's compile time down.
+# flash_attention: everything but the relative position bias; relative_position_attention (T5): the bias with
+# causal, key padding and dropout (it takes neither a soft cap nor cu_seqlens), with T5's 32 buckets.
+_AOT_VARIANTS = ({"CAUSAL": True, "HAS_SOFTCAP": True, "HAS_KPM": True, "IS_VARLEN": True, "DROPOUT": True,
+                  "HAS_RELPOS": False},
+                 {"CAUSAL": True, "HAS_SOFTCAP": False, "HAS_KPM": True, "IS_VARLEN": False, "DROPOUT": True,
+                  "HAS_RELPOS": True})
 
 
 def _specs():
-    """Every (kernel, head-dim config, dtype table) with all features on: the most registers and the same
-    tiles (shared memory) as the plain variant, which is left out to keep CI's compile time down. Each
-    spec names its launch group and config (kernels/_arch.py)."""
+    """Every (kernel, variant, head-dim config, dtype table); each spec names its launch group and config
+    (kernels/_arch.py)."""
     specs = []
-    flags = {"CAUSAL": True, "HAS_SOFTCAP": True, "HAS_KPM": True, "IS_VARLEN": True, "DROPOUT": True}
     for kernel, backward in ((attn_fwd_kernel, False), (attn_bwd_dkdv_kernel, True), (attn_bwd_dq_kernel, True)):
-        for dtype in (torch.bfloat16, torch.float32):
-            for block_d, configs in _config_table(backward, dtype).items():
-                group = group_name(kernel.fn.__name__, TRITON_DTYPE[dtype], D=block_d)
-                for bm, bn, warps, stages in configs:
-                    specs.append({"kernel": kernel, "signature": declared_signature(kernel, dtype),
-                                  "num_warps": warps, "num_stages": stages, "group": group,
-                                  "config": (bm, bn, warps, stages),
-                                  "constexprs": {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d}})
+        for flags in _AOT_VARIANTS:
+            extra = {"NB_PAD": 32 if flags["HAS_RELPOS"] else 1} if kernel is attn_bwd_dq_kernel else {}
+            for dtype in (torch.bfloat16, torch.float32):
+                for block_d, configs in _config_table(backward, dtype).items():
+                    group = _group(kernel, dtype, block_d, flags["HAS_RELPOS"])
+                    for bm, bn, warps, stages in configs:
+                        specs.append({"kernel": kernel, "signature": declared_signature(kernel, dtype),
+                                      "num_warps": warps, "num_stages": stages, "group": group,
+                                      "config": (bm, bn, warps, stages),
+                                      "constexprs": {**flags, **extra, "BLOCK_M": bm, "BLOCK_N": bn,
+                                                     "BLOCK_D": block_d}})
     return specs
 
 

@@ -54,7 +54,7 @@ def attn_decode_kernel(Q, K, V, O_PART: "*fp32", LSE_PART: "*fp32", KPM: "*u8",
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < hi) & d_ok[None, :]
         k = tl.load(_rows(k_ptr, offs_n, skt, offs_d), mask=kv_ok, other=0.0)
-        ok = _visible(i, offs_n, T, S, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM)
+        ok = _visible(i, offs_n, T, S, left, right, KPM, b.to(tl.int64) * skpm, CAUSAL, HAS_KPM, 0)
         ok = ok & row_ok[:, None] & (offs_n[None, :] < hi)
         s = tl.where(ok, _scores(q, k, scale, softcap, HAS_SOFTCAP), -float("inf"))
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)

@@ -7,8 +7,9 @@ from .gelu import gelu
 from .glu import geglu, swiglu
 from .layer_norm import layer_norm
 from .lora_linear import lora_linear
+from .relative_position_attention import relative_position_attention
 from .rms_norm import rms_norm
 from .rope import apply_rope
 
 __all__ = ["rms_norm", "layer_norm", "add_layer_norm", "apply_rope", "swiglu", "geglu", "gelu", "cross_entropy",
-           "fused_linear_cross_entropy", "flash_attention", "lora_linear"]
+           "fused_linear_cross_entropy", "flash_attention", "relative_position_attention", "lora_linear"]

@@ -29,6 +29,15 @@ def test_every_kernel_has_aot_specs():
         assert not missing, f"{mod.__name__}: kernels without AOT_SPECS: {sorted(missing)}"
 
 
+def _may_fall_back(group, arch):
+    """The (group, target)s allowed to have no clean candidate (their launcher runs something else): sm_75's
+    small register file and shared memory; fp32 decode at D256; the dQ kernel with T5's bias sums (RP1) on
+    sm_80 at fp32 D128 and at D256."""
+    return (arch == 75 or group == "attn_decode_kernel/fp32/D256"
+            or (arch == 80 and group in ("attn_bwd_dq_kernel/fp32/D128/RP1", "attn_bwd_dq_kernel/fp32/D256/RP1",
+                                         "attn_bwd_dq_kernel/half/D256/RP1")))
+
+
 def test_every_launch_group_has_a_candidate_on_every_target():
     """From the tables alone (no compile): no (group, target) is left without a candidate, and the exclusion
     table names only groups and configs that exist."""
@@ -47,7 +56,7 @@ def test_every_launch_group_has_a_candidate_on_every_target():
         for arch in ARCHS:
             if not candidates(group, configs, arch):  # only where the launcher runs something else
                 assert group.split("/")[0] in fallback, f"{group}: no candidate on sm_{arch} and no fallback"
-                assert arch == 75 or group == "attn_decode_kernel/fp32/D256", (group, arch)
+                assert _may_fall_back(group, arch), (group, arch)
     for group, by_arch in EXCLUDED.items():
         assert group in groups, f"kernels/_excluded.py names an unknown group {group}"
         for arch, configs in by_arch.items():
@@ -74,7 +83,7 @@ def test_all_kernels_compile_for_all_targets(tmp_path):
     groups = {r["group"] for r in rows if r["group"]}
     assert set(per_group) | falling_back == {(g, a) for g in groups for a in ARCHS}
     assert set(per_group.values()) == {1} and not set(per_group) & falling_back
-    assert all(a == 75 or g.startswith("attn_decode_kernel/fp32/D256") for g, a in falling_back), falling_back
+    assert all(_may_fall_back(g, a) for g, a in falling_back), falling_back
     assert all(r["spill_bytes"] == 0 for r in rows if r["group"] and not r["excluded"])  # every candidate
     sm75 = [r for r in rows if r["arch"] == 75 and "bf16" in r["config"]]
     assert not sm75, "sm_75 has no bf16: its half-precision builds compile in fp16"

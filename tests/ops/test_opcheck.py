@@ -26,7 +26,14 @@ def _cases(strided):
     rstd = torch.rand(15) + 0.5
     mean = torch.randn(15)
     ops = torch.ops.fastnlg
+    kv = _rows(2, 2, 7, 8, strided=strided)
+    table, kpm = torch.randn(8, 4, requires_grad=True), torch.rand(2, 7) > 0.3
+    rpa = (q, kv, kv, table, kpm, True, 1.0, False, 8, 12, 2, 0.0, 0)  # (GQA, causal with a query offset)
+    o, lse = (t.detach() for t in ops.relative_position_attention_fwd(*rpa))
     return [
+        ("relative_position_attention_fwd", ops.relative_position_attention_fwd, rpa),
+        ("relative_position_attention_bwd", ops.relative_position_attention_bwd,
+         (torch.randn_like(o), q.detach(), kv.detach(), kv.detach(), o, lse, table.detach(), *rpa[4:])),
         ("rms_norm_fwd", ops.rms_norm_fwd, (x, w, 1e-6, 0.0, False)),
         ("rms_norm_fwd_llama", ops.rms_norm_fwd, (x, w, 1e-6, 0.0, True)),
         ("rms_norm_bwd", ops.rms_norm_bwd, (dy, x.detach(), w.detach(), rstd, 0.0, True)),

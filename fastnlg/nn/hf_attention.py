@@ -25,6 +25,7 @@ import torch
 
 from .. import backend as _backend
 from ..ops.attention import BACKENDS, flash_attention, masked_attention_reference, visible_mask
+from ..ops.relative_position_attention import relative_position_attention, relative_position_bias
 
 NAME = "fastnlg"
 logger = logging.getLogger("fastnlg")
@@ -143,20 +144,114 @@ def _packed_cu_seqlens(mask, position_ids, window, T, S, is_causal):
 IGNORED = frozenset({"position_ids", "use_cache", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                      "max_length_k", "num_items_in_batch", "output_hidden_states", "return_dict", "deterministic",
                      "layer_idx", "past_key_values", "past_key_value", "target_dtype"})
-_binary_cache: list = []  # [(weakref to a float mask, its version, whether it holds only 0 and -inf / min)]
+_read_cache: list = []  # [(weakref to a tensor, its version, the question, the answer)]
+
+
+def _read_once(t, question, answer):
+    """answer(t), a host read, once per live tensor and version (all layers share their mask and bias)."""
+    for ref, version, q, result in _read_cache:
+        if ref() is t and version == t._version and q == question:
+            return result
+    result = answer(t)
+    _read_cache[:] = [e for e in _read_cache if e[0]() is not None][-7:]
+    _read_cache.append((weakref.ref(t), t._version, question, result))
+    return result
 
 
 def _binary(mask) -> bool:
     """Whether a float mask only allows or forbids (0, or -inf / the dtype's minimum): the form the kernels and
     the bool SDPA mask represent; any other value is an additive bias. Read once per mask tensor."""
-    for ref, version, result in _binary_cache:
-        if ref() is mask and version == mask._version:
-            return result
-    low = torch.finfo(mask.dtype).min / 2
-    result = bool(((mask == 0) | (mask <= low)).all())
-    _binary_cache[:] = [e for e in _binary_cache if e[0]() is not None][-7:]
-    _binary_cache.append((weakref.ref(mask), mask._version, result))
-    return result
+    return _read_once(mask, "binary", lambda m: bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()))
+
+
+def _all_zero(bias) -> bool:
+    """Whether a position_bias tensor is all zeros (T5's layers without a bias table pass one); read once."""
+    return _read_once(bias, "zero", lambda b: not bool(b.any()))
+
+
+class RelativePositionBias:
+    """T5's relative position bias before it is computed: what T5Attention.compute_bias(query_length,
+    key_length, past_seen_tokens=query_offset) would return, kept as the layer's table and bucket settings.
+    fastnlg.patch makes T5's compute_bias return one (while the attention implementation is "fastnlg"); T5
+    passes it on to the later layers as it does the tensor, and fastnlg's attention runs
+    relative_position_attention on it, so the (1, H, T, S) bias is never built. `materialize()` builds it
+    for the calls that need the tensor (the family's own attention, a mask the kernels cannot express)."""
+
+    def __init__(self, table, *, bidirectional, num_buckets, max_distance, query_offset, query_length, key_length):
+        self.table, self.bidirectional, self.num_buckets = table, bool(bidirectional), int(num_buckets)
+        self.max_distance, self.query_offset = int(max_distance), int(query_offset)
+        self.query_length, self.key_length = int(query_length), int(key_length)
+
+    @classmethod
+    def of(cls, module, query_length, key_length, past_seen_tokens=0):
+        """The marker for a T5Attention with a bias table, or None where the tensor must be built: another
+        attention implementation, or a cache length held in a tensor (a static cache) under torch.compile."""
+        if getattr(module.config, "_attn_implementation", None) != NAME:
+            return None
+        if isinstance(past_seen_tokens, torch.Tensor):
+            if torch.compiler.is_compiling():
+                return None
+            past_seen_tokens = int(past_seen_tokens)
+        return cls(module.relative_attention_bias.weight, bidirectional=not module.is_decoder,
+                   num_buckets=module.relative_attention_num_buckets,
+                   max_distance=module.relative_attention_max_distance, query_offset=past_seen_tokens,
+                   query_length=query_length, key_length=key_length)
+
+    def materialize(self, T=None, S=None):
+        """(1, H, T, S) in the table's dtype, as T5's compute_bias (T, S: the call's, default the marker's)."""
+        return relative_position_bias(self.table, self.query_length if T is None else T,
+                                      self.key_length if S is None else S, bidirectional=self.bidirectional,
+                                      num_buckets=self.num_buckets, max_distance=self.max_distance,
+                                      query_offset=self.query_offset)
+
+
+def _biased_sdpa(query, key, value, mask, bias, scaling, dropout, is_causal):
+    """Transformers' SDPA path for a position bias: SDPA under the float mask holding the bias where the
+    mask allows and the dtype's minimum elsewhere (causal bottom-right when no mask is given)."""
+    T, S = query.shape[2], key.shape[2]
+    bias = bias.to(query.dtype)
+    if mask is None and is_causal and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)[None, None]
+    if mask is not None:
+        bias = torch.where(_allowed(mask), bias, torch.finfo(query.dtype).min)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
+                                                            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _with_position_bias(module, query, key, value, mask, bias, scaling, dropout, is_causal):
+    """Attention with T5's position bias (a RelativePositionBias, or a tensor) -> (B, Hq, T, D), or None when
+    the bias is a tensor of zeros (the layer then runs as without one). relative_position_attention where the
+    mask is causal / key padding and the cache offset agrees with it; otherwise SDPA with the bias added."""
+    T, S = query.shape[2], key.shape[2]
+    compiling = torch.compiler.is_compiling()
+    if not isinstance(bias, RelativePositionBias):
+        if not compiling and _all_zero(bias):
+            return None
+        if not compiling:  # (under torch.compile a tensor is not read: T5's zeros get added)
+            _note(("position_bias tensor", type(module).__name__), f"{type(module).__name__} passes a position_bias "
+                  "tensor (not fastnlg.patch's RelativePositionBias); those calls run SDPA with the bias added")
+        return _biased_sdpa(query, key, value, mask, bias[..., :T, :S], scaling, dropout, is_causal)
+    if mask is None:
+        form = (bool(is_causal) and T > 1, None)
+    else:
+        form = None if compiling else _as_kernel_mask(mask, T, S, None, bool(is_causal))
+    if form is None or (form[0] and bias.query_offset != S - T):
+        if not compiling:
+            _note(("relative bias mask", type(module).__name__), f"{type(module).__name__}: a mask that is not "
+                  "causal + key padding (or a cache offset it does not agree with); those calls run SDPA with "
+                  "T5's bias built")
+        return _biased_sdpa(query, key, value, mask, bias.materialize(T, S), scaling, dropout, is_causal)
+    causal, kpm = form
+    return relative_position_attention(query, key, value, bias.table, bidirectional=bias.bidirectional,
+                                       num_buckets=bias.num_buckets, max_distance=bias.max_distance, causal=causal,
+                                       key_padding_mask=kpm, softmax_scale=1.0 if scaling is None else scaling,
+                                       query_offset=bias.query_offset, dropout_p=dropout)
+
+
+def _note(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        logger.info("fastnlg attention: %s", message)
 
 
 def fallback_reason(attention_mask, kwargs) -> str | None:
@@ -199,11 +294,17 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """Transformers' attention-function contract: q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
     ((B, T, Hq, D), None). A call with an argument it does not implement runs the family's own attention
-    (fallback_reason)."""
+    (fallback_reason). T5's `position_bias` runs relative_position_attention (_with_position_bias)."""
+    position_bias = kwargs.pop("position_bias", None)
     reason = fallback_reason(attention_mask, kwargs)
+    if reason is None and position_bias is not None and (softcap is not None or sliding_window is not None):
+        reason = "position_bias with a softcap or a sliding window"
     if reason is not None:
         named = {k: v for k, v in (("scaling", scaling), ("dropout", dropout), ("sliding_window", sliding_window),
                                    ("softcap", softcap), ("is_causal", is_causal)) if v is not None}
+        if position_bias is not None:
+            named["position_bias"] = (position_bias.materialize(query.shape[2], key.shape[2])
+                                      if isinstance(position_bias, RelativePositionBias) else position_bias)
         return _own_attention(module, reason, query, key, value, attention_mask, **named, **kwargs)
     T, S = query.shape[2], key.shape[2]
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -216,6 +317,11 @@ def fastnlg_attention_forward(module, query, key, value, attention_mask, scaling
         key, value, S = key[:, :, :T], value[:, :, :T], T
     compiling = torch.compiler.is_compiling()
     dropout = dropout if module.training else 0.0
+    if position_bias is not None:
+        out = _with_position_bias(module, query, key, value, attention_mask, position_bias, scaling, dropout,
+                                  is_causal)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and (compiling or _backend.choose("flash_attention", query, BACKENDS) == "torch"):
         # SDPA under the mask as given: the torch backend's own computation, and what a compiled graph runs
         # (the conversion below is verified on the host)

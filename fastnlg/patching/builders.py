@@ -204,6 +204,25 @@ def t5_gated_mlp(walk, path, module):
                  f"{new.approximate})")
 
 
+def t5_relative_bias(walk, path, module):
+    """T5's attention layer with a bias table: compute_bias -> a RelativePositionBias marker (while the
+    attention implementation is "fastnlg"), which fastnlg's attention runs as relative_position_attention."""
+    if not getattr(module, "has_relative_attention_bias", False) or ours(module, "compute_bias"):
+        return None
+    walk.set_method(module, "compute_bias", _t5_compute_bias)
+    return "compute_bias -> fastnlg.ops.relative_position_attention (no (1, H, T, S) bias)"
+
+
+@mark
+def _t5_compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
+    from ..nn.hf_attention import RelativePositionBias
+
+    marker = RelativePositionBias.of(self, query_length, key_length, past_seen_tokens)
+    if marker is not None:
+        return marker
+    return type(self).compute_bias(self, query_length, key_length, device=device, past_seen_tokens=past_seen_tokens)
+
+
 def distilbert_ffn(walk, path, module):
     from ..nn.encoder import FastDistilBertFFN
     return _swap(walk, path, module, FastDistilBertFFN, lambda new: f"FFN -> FastDistilBertFFN({new.approximate})")

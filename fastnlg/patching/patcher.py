@@ -13,7 +13,8 @@ original Parameters), so optimizers, checkpoints and PEFT's save_pretrained see 
   FastGPT2MLP (c_fc's bias fused into the GELU);
 - cross_entropy: the causal LM's lm_head -> FusedLMHead and its forward -> causal_lm_forward (the loss
   without logits in training), on the instance; a head set later (resize_token_embeddings) is fused too;
-- attention: config attn implementation -> "fastnlg" (fastnlg.nn.hf_attention);
+- attention: config attn implementation -> "fastnlg" (fastnlg.nn.hf_attention); T5's compute_bias -> a
+  RelativePositionBias that it runs with relative_position_attention (on the instance);
 - rope: the modelling module's apply_rotary_pos_emb -> fastnlg.ops.apply_rope (a module-level function,
   shared by every model of that family; restored when no patched model uses it any more);
 - lora: PEFT LoRA linear layers -> forward computed by fastnlg.ops.lora_linear from the layer's live state
@@ -125,7 +126,8 @@ def _patch_attention(walk, hf, report):
     if hf is None:
         report.skipped.append(Entry("", "attention", "no Transformers model inside"))
         return
-    if not getattr(type(hf), "_supports_attention_backend", False):
+    by_rule = any(e.what == "attention" for e in report.patched + walk.state.report.patched)
+    if not getattr(type(hf), "_supports_attention_backend", False) and not by_rule:
         report.skipped.append(Entry("", "attention", f"{type(hf).__name__} does not declare attention backends "
                                     "(_supports_attention_backend); its own attention runs"))
         return
@@ -200,7 +202,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
     holders = _states(model)
     state = holders[0].__dict__[_STATE] if holders else _State()
     kinds = {k for k, on in (("norm", norm), ("mlp", mlp), ("cross_entropy", cross_entropy), ("rope", rope),
-                             ("lora", lora), ("linear4bit", lora)) if on}
+                             ("attention", attention), ("lora", lora), ("linear4bit", lora)) if on}
     walk, report = _Walk(model, state, eager_rounding), PatchReport()
     try:
         _apply_rules(walk, kinds, report)
@@ -212,7 +214,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
             report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))
         if attention:
             _patch_attention(walk, hf, report)
-        missed = [e for e in report.skipped if e.what in kinds | ({"attention"} if attention else set())]
+        missed = [e for e in report.skipped if e.what in kinds]
         if strict and missed:
             raise ValueError("fastnlg.patch(strict=True): not patched:\n" + "\n".join(
                 f"  {e.what}: {e.detail} ({e.path or 'model'})" for e in missed[:20])
@@ -259,7 +261,7 @@ def unpatch(model: nn.Module) -> PatchReport:
         parent._modules[name] = old
     for module in model.modules():
         module.__dict__.pop(_IN, None)
-        for method in ("forward", "set_output_embeddings"):
+        for method in ("forward", "set_output_embeddings", "compute_bias"):
             if ours(module, method):
                 restore_method(module, method)
     report = PatchReport()

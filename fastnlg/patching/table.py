@@ -3,8 +3,8 @@ patcher applies in one walk over the model. A family is rows only; a family is l
 tests/models/test_patch.py (decoders), test_encoders.py or test_seq2seq.py checks it against the unpatched
 model. Anything else is reported as skipped, never patched by guessing.
 
-- kind: what the report calls the change (norm, mlp, cross_entropy, rope, lora, linear4bit); patch()'s
-  keyword of the same name turns the kind off (linear4bit goes with lora).
+- kind: what the report calls the change (norm, mlp, cross_entropy, rope, attention, lora, linear4bit);
+  patch()'s keyword of the same name turns the kind off (linear4bit goes with lora).
 - names: a module matches when its class name, or `module.ClassName` for a name with a dot, matches one of
   these (fnmatch patterns). Each module gets the first matching rule of each kind, in table order, so the
   catch-all rules at the end of a kind only see what no family row took.
@@ -87,6 +87,11 @@ RULES = (
     # with rotate_half (Phi-3's with partial rotary): that function -> fastnlg.ops.apply_rope, once per module.
     Rule("rope", ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
                   "Gemma2Attention", "Gemma3Attention", "Phi3Attention", "ModernBertAttention"), b.rope),
+
+    # T5's first-layer attention computes the relative position bias that every layer adds: compute_bias ->
+    # fastnlg.nn.hf_attention.RelativePositionBias, run by relative_position_attention (the kind goes with
+    # patch's `attention`; it is what lets the attention implementation be set on these families).
+    Rule("attention", ("T5Attention", "MT5Attention"), b.t5_relative_bias),
 
     # PEFT LoRA layers over nn.Linear, GPT-2's Conv1D or bitsandbytes NF4 -> fastnlg.nn.peft_lora_forward.
     Rule("lora", ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit"), b.peft_lora),

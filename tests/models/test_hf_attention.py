@@ -208,22 +208,24 @@ def _t5_pair():
 
 
 def test_t5_position_bias_is_never_dropped(caplog):
-    """T5 passes its relative position bias as `position_bias`: fastnlg's attention does not implement it, so
-    those calls run T5's own attention (one warning), and the logits and gradients are eager's, bias-table
-    gradient included (dropping it silently gave logits off by 0.21)."""
+    """T5 (set to "fastnlg" without fastnlg.patch) passes its relative position bias as a `position_bias`
+    tensor: those calls run SDPA with the bias added (one note), and the logits and gradients are eager's,
+    bias-table gradient included (dropping it silently gave logits off by 0.21). fastnlg.patch's marker:
+    tests/models/test_seq2seq.py."""
     ref, ours = _t5_pair()
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(1, VOCAB, (2, 7), generator=g), torch.randint(1, VOCAB, (2, 5), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
-    with caplog.at_level(logging.WARNING, logger="fastnlg"):
+    hf_attention._warned.clear()
+    with caplog.at_level(logging.INFO, logger="fastnlg"):
         outs = [m(input_ids=ids, attention_mask=mask, labels=labels) for m in (ref, ours)]
     for o in outs:
         o.loss.backward()
     assert torch.allclose(outs[1].logits, outs[0].logits, atol=1e-6)
     table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     assert torch.allclose(ours.get_parameter(table).grad, ref.get_parameter(table).grad, atol=1e-6)
-    warned = [r.getMessage() for r in caplog.records if "passes position_bias" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "passes a position_bias tensor" in r.getMessage()]
     assert len(warned) == 1, warned
 
 
@@ -236,8 +238,12 @@ def test_every_argument_it_does_not_implement_runs_the_familys_attention(argumen
     llama = __import__("transformers.models.llama.modeling_llama", fromlist=["eager_attention_forward"])
     monkeypatch.setattr(llama, "eager_attention_forward", lambda *a, **k: calls.append(k) or ("own", None))
     q = torch.randn(1, 2, 4, 8)
-    value = True if argument == "output_attentions" else torch.zeros(1, 2, 4, 4)
-    out = hf_attention.fastnlg_attention_forward(module, q, q, q, None, scaling=0.5, **{argument: value})
+    value = True if argument == "output_attentions" else torch.randn(1, 2, 4, 4)
+    if argument == "position_bias":  # (a bias with output_attentions: the weights need the family's attention)
+        kwargs = {"output_attentions": True}
+    else:
+        kwargs = {}
+    out = hf_attention.fastnlg_attention_forward(module, q, q, q, None, scaling=0.5, **{argument: value}, **kwargs)
     assert out == ("own", None) and calls[0][argument] is value and calls[0]["scaling"] == 0.5
     assert hf_attention.fallback_reason(None, {"position_ids": q, "use_cache": True, "output_attentions": False}) is None
 

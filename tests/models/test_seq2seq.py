@@ -1,13 +1,17 @@
 """fastnlg.patch on encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, mT5): T5's RMSNorm and gated-GELU MLP fused,
-its attention its own (relative position bias: tests/models/test_hf_attention.py), against the unpatched
-model: loss, logits and every gradient (the bias table's too) in fp32, bf16 autocast by the rule, generate."""
+its relative-position-bias attention on relative_position_attention (the marker from compute_bias), against
+the unpatched model: loss, logits and every gradient (the bias table's too) in fp32, bf16 autocast by the rule,
+greedy and beam generate, torch.compile(fullgraph=True), the Triton kernels under the interpreter, dropout."""
 import copy
+import importlib
 
 import pytest
 import torch
 import transformers
 
 import fastnlg
+import fastnlg.kernels.attention  # noqa: F401  (imported under conftest's TRITON_INTERPRET=1: interpretable)
+from fastnlg.nn import hf_attention
 from tests.tolerance import assert_training_step_by_rule
 
 VOCAB = 64
@@ -18,10 +22,11 @@ def _cpu_backends(backend_env):
     backend_env.setenv("TRITON_INTERPRET", "0")
 
 
-def _model(kind):
+def _model(kind, **config):
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0,
                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    common.update(config)
     if kind == "t5-v1.0":
         return transformers.T5ForConditionalGeneration(transformers.T5Config(**common)).train()
     if kind == "t5-v1.1":
@@ -47,16 +52,31 @@ def _step(model, batch, autocast=False):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _counting(monkeypatch):
+    """The relative_position_attention calls fastnlg's attention makes (their keyword arguments)."""
+    calls, op = [], hf_attention.relative_position_attention
+    monkeypatch.setattr(hf_attention, "relative_position_attention", lambda *a, **kw: calls.append(kw) or op(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["t5-v1.0", "t5-v1.1", "mt5"])
-def test_patched_matches_unpatched(kind):
+def test_patched_matches_unpatched(kind, monkeypatch):
     ref = _model(kind)
     ours = copy.deepcopy(ref)
     report = fastnlg.patch(ours)
     details = " | ".join(e.detail for e in report.patched)
     assert "FastT5LayerNorm" in details, details
     assert ("FastT5GatedMLP(geglu tanh)" in details) == (kind != "t5-v1.0"), details
+    assert ours.config._attn_implementation == "fastnlg"
+    assert [e.path for e in report.patched if "relative_position_attention" in e.detail] == [
+        "encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.0.SelfAttention"]
+    calls = _counting(monkeypatch)
     batch = _batch()
     (o_ref, g_ref), (o, g) = _step(ref, batch), _step(ours, batch)
+    # every self-attention layer ran the op (the layers after the first reuse the first's marker): the
+    # encoder's with its key padding, the decoder's causal; cross-attention has no bias (T5's zeros dropped)
+    assert [(c["causal"], c["key_padding_mask"] is not None, c["bidirectional"]) for c in calls] == \
+        [(False, True, True)] * 2 + [(True, False, False)] * 2
     assert torch.allclose(o.loss, o_ref.loss, rtol=1e-5) and torch.allclose(o.logits, o_ref.logits, rtol=1e-5, atol=1e-5)
     assert g.keys() == g_ref.keys() and any("relative_attention_bias" in n for n in g)
     scale = max(v.abs().max().item() for v in g_ref.values())
@@ -72,6 +92,87 @@ def test_patched_matches_unpatched(kind):
                            ref.generate(input_ids=batch["input_ids"], num_beams=beams, **kw))
     fastnlg.unpatch(ours)
     assert not [m for m in ours.modules() if type(m).__module__.startswith("fastnlg")]
+    assert not [m for m in ours.modules() if "compute_bias" in m.__dict__]
+    assert ours.config._attn_implementation != "fastnlg"
+
+
+def test_generate_with_a_cache_offset_and_a_static_cache(monkeypatch):
+    """Decoding one token at a time runs the op with query_offset = the cached length; sampling with a seed,
+    and the static cache, give the unpatched tokens."""
+    ref = _model("t5-v1.1").eval()
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours)
+    calls = _counting(monkeypatch)
+    batch = _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(ours.generate(**kw, do_sample=False), ref.generate(**kw, do_sample=False))
+    offsets = sorted({c["query_offset"] for c in calls if not c["bidirectional"]})
+    assert offsets == list(range(6)), offsets
+    for model in (ours, ref):
+        torch.manual_seed(3)
+        model.sampled = model.generate(**kw, do_sample=True, top_k=8)
+    assert torch.equal(ours.sampled, ref.sampled)
+    static = dict(kw, do_sample=False, cache_implementation="static")
+    assert torch.equal(ours.generate(**static), ref.generate(**static))
+
+
+def test_torch_compile_fullgraph():
+    """The patched model compiles with fullgraph=True (the marker is a plain object; a mask in a compiled
+    graph runs SDPA with the bias built) and trains as the unpatched one."""
+    ref = _model("t5-v1.1")
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours)
+    compiled = torch.compile(ours, fullgraph=True)
+    batch = _batch()
+    for b in (dict(batch, attention_mask=None), batch):
+        (o_ref, g_ref), (o, g) = _step(ref, b), _step(compiled, b)
+        g = {name.removeprefix("_orig_mod."): grad for name, grad in g.items()}
+        assert g.keys() == g_ref.keys()
+        torch.testing.assert_close(o.logits, o_ref.logits, rtol=1e-5, atol=1e-5)
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_kernels_under_the_interpreter(backend_env, monkeypatch):
+    """The Triton path of relative_position_attention (bias and its table gradient in the kernels) inside the
+    model, under the interpreter: loss and gradients as unpatched."""
+    backend_env.setenv("TRITON_INTERPRET", "1")
+    backend_env.setenv("FASTNLG_BACKEND_RELATIVE_POSITION_ATTENTION", "triton")
+    rpa = importlib.import_module("fastnlg.ops.relative_position_attention")
+    used = []
+    kernel_fwd = rpa._FWD["triton"]
+    monkeypatch.setitem(rpa._FWD, "triton", lambda *a: used.append(1) or kernel_fwd(*a))
+    ref = _model("t5-v1.0")
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours, norm=False, mlp=False)
+    batch = _batch()
+    (o_ref, g_ref), (o, g) = _step(ref, batch), _step(ours, batch)
+    assert len(used) == 4
+    torch.testing.assert_close(o.loss, o_ref.loss, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_dropout_trains():
+    """With dropout on (T5's attention dropout in the op), a training step is finite, its table gets a
+    gradient, and the same seed gives the same step; eval mode matches the unpatched model."""
+    ref = _model("t5-v1.1", dropout_rate=0.3)
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours)
+    batch = _batch()
+    table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    steps = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        out, grads = _step(ours, batch)
+        assert torch.isfinite(out.loss) and grads[table].abs().sum() > 0
+        steps.append((out.loss.detach(), grads[table]))
+    assert torch.equal(steps[0][0], steps[1][0]) and torch.equal(steps[0][1], steps[1][1])
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["t5-v1.0", "t5-v1.1"])

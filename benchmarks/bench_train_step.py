@@ -308,12 +308,54 @@ def side_by_side(sizes=("tiny", "small"), methods=("full", "lora"), batch=4, seq
     return "\n".join(lines) + "\n"
 
 
+def t5_side_by_side(batch=4, source=128, target=32, rounds=11, device="cpu", feed_forward_proj="relu") -> str:
+    """A t5-small-shaped training step (d_model 512, 8 heads of 64, d_ff 2048, 6 + 6 layers, 32128 tokens, T5
+    v1.0's ReLU MLP; AdamW), fastnlg.patch against the unpatched model, the two alive together and their steps
+    alternating: a markdown table of the median ratio with its p20-p80 spread and verdict."""
+    import copy
+
+    import transformers
+
+    import fastnlg
+
+    from .side_by_side import compare
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(d_model=512, d_kv=64, num_heads=8, d_ff=2048, num_layers=6, vocab_size=32128,
+                                feed_forward_proj=feed_forward_proj, decoder_start_token_id=0)
+    models = {"eager": transformers.T5ForConditionalGeneration(cfg).to(device).train()}
+    models["fastnlg"] = copy.deepcopy(models["eager"])
+    fastnlg.patch(models["fastnlg"])
+    g = torch.Generator().manual_seed(0)
+    data = {"input_ids": torch.randint(2, 32128, (batch, source), generator=g),
+            "labels": torch.randint(2, 32128, (batch, target), generator=g)}
+    data["attention_mask"] = torch.ones_like(data["input_ids"])
+    data["attention_mask"][0, source // 2:] = 0  # one padded source: the encoder's key padding mask
+    data = {k: v.to(device) for k, v in data.items()}
+    optims = {n: torch.optim.AdamW(m.parameters(), lr=1e-5) for n, m in models.items()}
+
+    def step(name):
+        models[name](**data).loss.backward()
+        optims[name].step()
+        optims[name].zero_grad(set_to_none=True)
+    result = compare({n: (lambda n=n: step(n)) for n in models}, device=device, baseline="eager", rounds=rounds)
+    ms, ratio = result.ms, result.ratio("fastnlg")
+    return "\n".join([
+        f"# T5 training step (t5-small's shape, {feed_forward_proj}), fastnlg.patch against unpatched, side by side "
+        f"({device}, {torch.get_num_threads()} threads, {batch} x {source} source + {target} target tokens, fp32)",
+        "", "Ratio: unpatched step time / patched step time per round (> 1: fastnlg is faster).", "",
+        "| fastnlg ms | unpatched ms | ratio [p20-p80, rounds] | verdict |", "|---|---|---|---|",
+        f"| {ms['fastnlg'].median:.1f} | {ms['eager'].median:.1f} | {ratio} | {ratio.verdict()} |"]) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side-by-side", action="store_true", help="patched vs unpatched steps alternated, tiny and small "
                     "sizes (on CPU without CUDA): side_by_side.md")
     ap.add_argument("--encoder", action="store_true", help="with --side-by-side: BERT token classification at the "
                     "MiniLM shape, 8 x 128 tokens (and BERT-base's on CUDA)")
+    ap.add_argument("--t5", action="store_true", help="with --side-by-side: a t5-small-shaped step (4 x 128 source "
+                    "+ 32 target tokens)")
     ap.add_argument("--max-context", action="store_true")
     ap.add_argument("--budget-gb", type=float, default=24.0, help="the memory budget (a consumer GPU: 24)")
     ap.add_argument("--size", default="1.1B", choices=list(SIZES))
@@ -321,7 +363,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.side_by_side:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.encoder:
+        if args.t5:
+            text = t5_side_by_side(device=device)
+        elif args.encoder:
             text = side_by_side(("minilm", "bert-base") if device == "cuda" else ("minilm",), batch=8, seq=128,
                                 device=device)
         else:

@@ -26,7 +26,8 @@ OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "add_laye
        "swiglu": "bench_glu",
        "geglu": "bench_glu:GEGLU", "gelu": "bench_gelu", "rope": "bench_rope",
        "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy",
-       "attention": "bench_attention", "attention_decode": "bench_attention_decode", "lora_linear": "bench_lora_linear",
+       "attention": "bench_attention", "attention_decode": "bench_attention_decode",
+       "relative_position_attention": "bench_relative_position_attention", "lora_linear": "bench_lora_linear",
        "nf4": "bench_nf4", "train_step": "bench_train_step"}
 E2E = ("train_step",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

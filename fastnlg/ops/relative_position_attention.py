@@ -15,10 +15,11 @@ bucket_ij depends on j - p_i only, and is constant for j - p_i >= max_distance a
 (`bucket_lut`: Transformers' formula, same fp32 log, run on the call's device), and the bias through it.
 
 Backends:
-- torch (the CPU default): blocks of query rows in plain torch. Per block: the bias from the lookup, the
-  scores, the softmax, P V; the backward recomputes each block from the saved log-sum-exp and adds the
-  block's dS into the table's gradient by bucket. The peak is one block's scores (about 16 MB), not eager T5's
-  (B, H, T, S) scores, probabilities and bias.
+- torch (the CPU default): a problem of one block (T5 at training lengths) runs as one autograd graph
+  (`_composite`: it keeps P instead of recomputing the scores in backward); a larger one, in blocks of query
+  rows. Per block: the bias from the lookup, the scores, the softmax, P V; the backward recomputes each block
+  from the saved log-sum-exp and adds the block's dS into the table's gradient by bucket. The peak is one
+  block's scores (about 16 MB), not eager T5's (B, H, T, S) scores, probabilities and bias.
 - triton: the FlashAttention-2 kernels (kernels/attention.py, HAS_RELPOS): the bias is read per (i, j) of
   each tile; the dQ kernel sums each tile's dS by bucket into one partial row per program, and the rows are
   summed here: no float atomics, deterministic.
@@ -39,6 +40,7 @@ from .attention import MAX_HEAD_DIM, _warn_once
 BACKENDS = ("torch", "triton")
 _OP = "relative_position_attention"
 _BLOCK_SCORES = 1 << 22  # scores per block of the torch backend (16 MB in fp32)
+_COMPOSITE_SCORES = 1 << 22  # up to this many scores the torch backend runs as one autograd graph (_composite)
 
 
 def relative_position_bucket(relative_position, *, bidirectional, num_buckets, max_distance):
@@ -166,6 +168,37 @@ def _torch_fwd(q, k, v, table, kpm, causal, scale, bidirectional, num_buckets, m
             p = p * _keep(p.shape, seed, n, dropout_p, acc, q.device)
         o[:, :, r0:r1] = torch.matmul(p, vv).to(q.dtype)
     return o, lse
+
+
+def _composite(q, k, v, table, kpm, causal, scale, bidirectional, num_buckets, max_distance, query_offset,
+               dropout_p):
+    """The torch backend on a problem of one block (T5 at training lengths on CPU) as one autograd graph, as
+    eager T5 computes it: the (H, T, S) bias once (an embedding of the buckets: the table's gradient is the
+    embedding's), the masks added to it, scores + bias, softmax, P V; autograd keeps P for the backward
+    instead of recomputing the scores. Rows that see no key output 0. The memory is one block's."""
+    acc = native_dtype(q)
+    T, S = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    kk, vv = _expand_kv(k, rep, acc), _expand_kv(v, rep, acc)
+    L = max_distance
+    lut = bucket_lut(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=L, device=q.device)
+    rel = torch.arange(S, device=q.device)[None, :] - (torch.arange(T, device=q.device)[:, None] + query_offset)
+    bias = torch.nn.functional.embedding(lut[rel.clamp(-L, L) + L], table.to(acc)).permute(2, 0, 1)  # (H, T, S)
+    if causal:
+        bias = bias.masked_fill(rel > 0, -float("inf"))
+    if kpm is not None:
+        pad = torch.zeros(kpm.shape, dtype=acc, device=q.device).masked_fill(~kpm.to(torch.bool), torch.finfo(acc).min)
+        bias = bias + pad[:, None, None, :]
+    s = torch.matmul(q.to(acc), kk.transpose(-1, -2))
+    s = (s if scale == 1.0 else s * scale) + bias
+    p = torch.softmax(s, -1)
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    o = torch.matmul(p, vv)
+    if kpm is not None:  # (a padded key adds the dtype's minimum: a row whose keys are all padding is uniform)
+        empty = ~_visible(T, S, causal, query_offset, q.device, kpm).any(-1, keepdim=True)
+        o = o.masked_fill(empty, 0.0)
+    return o.to(q.dtype)
 
 
 def _torch_bwd(do, q, k, v, o, lse, table, kpm, causal, scale, bidirectional, num_buckets, max_distance,
@@ -360,6 +393,10 @@ def relative_position_attention(q, k, v, bias_table, *, bidirectional, num_bucke
     query_offset = int(query_offset)
     _check(q, k, v, bias_table, bidirectional, num_buckets, max_distance, causal, key_padding_mask, softmax_scale,
            query_offset, dropout_p)
+    B, H, T, _ = q.shape
+    if B * H * T * k.shape[2] <= _COMPOSITE_SCORES and _backend_for(q) == "torch":
+        return _composite(q, k, v, bias_table, key_padding_mask, bool(causal), float(softmax_scale),
+                          bool(bidirectional), int(num_buckets), int(max_distance), query_offset, float(dropout_p))
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
     o, _ = _RPA.forward(q, k, v, bias_table, key_padding_mask, bool(causal), float(softmax_scale),
                         bool(bidirectional), int(num_buckets), int(max_distance), query_offset, float(dropout_p), seed)

@@ -95,8 +95,11 @@ def _run(case, dtype, backend_env, backend, interpret):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_torch_backend_against_the_spec(case, dtype, backend_env, monkeypatch):
-    monkeypatch.setattr(rpa, "_BLOCK_SCORES", 600)  # several blocks of query rows
+@pytest.mark.parametrize("path", ["blocks", "composite"])
+def test_torch_backend_against_the_spec(case, dtype, path, backend_env, monkeypatch):
+    if path == "blocks":  # the custom op, several blocks of query rows
+        monkeypatch.setattr(rpa, "_BLOCK_SCORES", 600)
+        monkeypatch.setattr(rpa, "_COMPOSITE_SCORES", 0)
     _run(case, dtype, backend_env, "torch", False)
 
 
@@ -107,8 +110,10 @@ def test_triton_kernels_against_the_spec(case, dtype, backend_env):
     _run(case, dtype, backend_env, "triton", True)
 
 
-def test_gradcheck_fp64_with_the_bias_table_and_dropout(monkeypatch):
+@pytest.mark.parametrize("composite", [0, 1 << 22], ids=["blocks", "composite"])
+def test_gradcheck_fp64_with_the_bias_table_and_dropout(composite, monkeypatch):
     monkeypatch.setattr(rpa, "_BLOCK_SCORES", 200)
+    monkeypatch.setattr(rpa, "_COMPOSITE_SCORES", composite)
     for causal, offset in ((False, 0), (True, 3)):
         q, k, v, table, kpm = _inputs(torch.float64, B=2, H=2, Hkv=1, T=7, S=10, D=4, nb=8)
         kw = dict(bidirectional=not causal, num_buckets=8, max_distance=6, causal=causal, key_padding_mask=kpm,
@@ -122,7 +127,9 @@ def test_gradcheck_fp64_with_the_bias_table_and_dropout(monkeypatch):
         assert not torch.allclose(dropped, relative_position_attention(q, k, v, table, **kw))
 
 
-def test_rows_that_see_no_key_output_zero():
+@pytest.mark.parametrize("composite", [0, 1 << 22], ids=["blocks", "composite"])
+def test_rows_that_see_no_key_output_zero(composite, monkeypatch):
+    monkeypatch.setattr(rpa, "_COMPOSITE_SCORES", composite)
     q, k, v, table, _ = _inputs(torch.float32, T=6, S=6, pad=False)
     kpm = torch.zeros(2, 6, dtype=torch.bool)
     kpm[0] = True
@@ -133,7 +140,9 @@ def test_rows_that_see_no_key_output_zero():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, table))
 
 
-def test_custom_op_opcheck_and_compile():
+@pytest.mark.parametrize("composite", [0, 1 << 22], ids=["custom-op", "composite"])
+def test_custom_op_opcheck_and_compile(composite, monkeypatch):
+    monkeypatch.setattr(rpa, "_COMPOSITE_SCORES", composite)
     q, k, v, table, kpm = _inputs(torch.float32, T=9, S=13)
     ops = torch.ops.fastnlg
     args = (q, k, v, table, kpm, False, 1.0, True, 8, 12, 0, 0.0, 0)
@@ -175,3 +184,26 @@ def test_bad_input_is_a_clear_error(bad, match):
         relative_position_attention(args["q"], args["k"], args["v"], args["table"], bidirectional=True,
                                     num_buckets=bad.get("num_buckets", 8), max_distance=12,
                                     key_padding_mask=args["kpm"], query_offset=bad.get("query_offset", 0))
+
+
+def test_peak_memory_is_a_quarter_of_eager_t5(use_backend):
+    """CPU, B=2, H=8, T=S=2048, D=64, fwd+bwd with the table's gradient: the torch backend's peak is at most
+    1/4 of eager T5 attention's (its (1, H, T, S) bias and (B, H, T, S) scores and probabilities)."""
+    from benchmarks import bench_relative_position_attention as bench
+    from benchmarks.harness import peak_memory_mb
+
+    use_backend("torch")  # the CPU default; the interpreter would only make this slow
+    inputs = bench.make_inputs({"B": 2, "H": 8, "T": 2048, "D": 64, "causal": False}, "cpu", torch.float32)
+
+    def step(fn):
+        def run():
+            fn(**inputs).sum().backward()
+            for name in ("q", "k", "v", "table"):
+                inputs[name].grad = None
+        return run
+
+    eager_mb = peak_memory_mb(step(bench.eager), "cpu")
+    ours_mb = peak_memory_mb(step(bench.fastnlg), "cpu")
+    scores_mb = 2 * 8 * 2048 * 2048 * 4 / 2**20  # 256 MB
+    assert eager_mb > 2 * scores_mb, eager_mb
+    assert ours_mb <= eager_mb / 4, (ours_mb, eager_mb)

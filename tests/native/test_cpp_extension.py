@@ -118,7 +118,7 @@ def test_readme_backend_table_matches_the_ops():
     declared = {"RMS_NORM": of("rms_norm"), "LAYER_NORM": of("layer_norm"), "ADD_LAYER_NORM": of("add_layer_norm"),
                 "APPLY_ROPE": of("rope"),
                 "CROSS_ENTROPY": of("cross_entropy"), "GLU": of("glu"), "GELU": of("gelu"),
-                "FLASH_ATTENTION": of("attention"),
+                "FLASH_ATTENTION": of("attention"), "RELATIVE_POSITION_ATTENTION": of("relative_position_attention"),
                 "LORA_LINEAR": of("lora_linear"), "QUANTIZE_NF4": nf4.BACKENDS, "DEQUANTIZE_NF4": nf4.DEQUANT_BACKENDS,
                 "NF4_GEMV": ("torch", "cuda")}
     readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()

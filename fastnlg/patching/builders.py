@@ -204,6 +204,13 @@ def t5_gated_mlp(walk, path, module):
                  f"{new.approximate})")
 
 
+def attention_interface(walk, path, module):
+    """An attention layer that calls Transformers' attention interface with nothing fastnlg's attention does
+    not implement (BART's family: self- and cross-attention, key padding, causal): the module is left as it
+    is, and the row lets the model's attention implementation be set to "fastnlg"."""
+    return "calls the attention interface -> fastnlg's flash_attention"
+
+
 def t5_relative_bias(walk, path, module):
     """T5's attention layer with a bias table: compute_bias -> a RelativePositionBias marker (while the
     attention implementation is "fastnlg"), which fastnlg's attention runs as relative_position_attention."""

@@ -92,6 +92,9 @@ RULES = (
     # fastnlg.nn.hf_attention.RelativePositionBias, run by relative_position_attention (the kind goes with
     # patch's `attention`; it is what lets the attention implementation be set on these families).
     Rule("attention", ("T5Attention", "MT5Attention"), b.t5_relative_bias),
+    # BART, mBART, Pegasus: self- and cross-attention through the attention interface, no argument fastnlg's
+    # attention lacks (these models do not declare _supports_attention_backend; the row stands for the check).
+    Rule("attention", ("BartAttention", "MBartAttention", "PegasusAttention"), b.attention_interface),
 
     # PEFT LoRA layers over nn.Linear, GPT-2's Conv1D or bitsandbytes NF4 -> fastnlg.nn.peft_lora_forward.
     Rule("lora", ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit"), b.peft_lora),

@@ -315,7 +315,8 @@ def test_table_names_exist_in_transformers():
     import importlib
 
     found = set()
-    encoders = ("bert", "roberta", "xlm_roberta", "distilbert", "modernbert", "t5", "mt5", "umt5")  # test_encoders, _seq2seq
+    encoders = ("bert", "roberta", "xlm_roberta", "distilbert", "modernbert", "t5", "mt5", "umt5", "bart", "mbart",
+                "pegasus")  # test_encoders, test_seq2seq
     for family in (*FAMILIES, *encoders):
         found |= set(vars(importlib.import_module(f"transformers.models.{family}.modeling_{family}")))
     names = table.class_names()

@@ -1,7 +1,8 @@
 """fastnlg.patch on encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, mT5): T5's RMSNorm and gated-GELU MLP fused,
 its relative-position-bias attention on relative_position_attention (the marker from compute_bias), against
 the unpatched model: loss, logits and every gradient (the bias table's too) in fp32, bf16 autocast by the rule,
-greedy and beam generate, torch.compile(fullgraph=True), the Triton kernels under the interpreter, dropout."""
+greedy and beam generate, torch.compile(fullgraph=True), the Triton kernels under the interpreter, dropout.
+BART, mBART, Pegasus: their attention on flash_attention, as unpatched."""
 import copy
 import importlib
 
@@ -200,3 +201,49 @@ def test_t5_layernorm_rounds_as_t5():
         assert a.dtype == b.dtype, (w_dtype, x_dtype, a.dtype, b.dtype)
         tol = 1e-6 if b.dtype == torch.float32 else 1e-2
         assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol), (w_dtype, x_dtype)
+
+
+def _bart(kind):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{kind}Config")(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)
+    return getattr(transformers, f"{kind}ForConditionalGeneration")(cfg).train()
+
+
+@pytest.mark.parametrize("kind, backend", [("Bart", "torch"), ("MBart", "torch"), ("Pegasus", "torch"),
+                                           ("Bart", "triton")])
+def test_bart_family_attention_and_generate(kind, backend, backend_env, monkeypatch):
+    """BART, mBART, Pegasus: the attention setting applied by their table rows (they do not declare attention
+    backends), self- and cross-attention on flash_attention (the Triton kernels under the interpreter: the
+    encoder's and the cross-attention's key padding masks in the kernels' form), LayerNorms fused; loss,
+    logits, every gradient, greedy and beam generate as unpatched."""
+    if backend == "triton":
+        backend_env.setenv("TRITON_INTERPRET", "1")
+        backend_env.setenv("FASTNLG_BACKEND_FLASH_ATTENTION", "triton")
+    ref = _bart(kind)
+    ours = copy.deepcopy(ref)
+    report = fastnlg.patch(ours)
+    assert ours.config._attn_implementation == "fastnlg"
+    assert sum(e.what == "attention" and "flash_attention" in e.detail for e in report.patched) == 2 * 2 + 2
+    calls, op = [], hf_attention.flash_attention
+    monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **kw: calls.append(kw) or op(*a, **kw))
+    batch = _batch()
+    batch["input_ids"][:, -1] = 2  # (eos)
+    (o_ref, g_ref), (o, g) = _step(ref, batch), _step(ours, batch)
+    if backend == "triton":  # every layer through the kernels: 2 encoder, 2 decoder self (causal), 2 cross
+        assert len(calls) == 6 and sum(c["key_padding_mask"] is not None for c in calls) == 4
+        assert sum(bool(c["causal"]) for c in calls) == 2
+    else:  # the torch backend: a 4-D mask runs SDPA as given; the decoder's plain causal mask, flash_attention
+        assert len(calls) == 2 and all(c["causal"] for c in calls)
+    torch.testing.assert_close(o.logits, o_ref.logits, rtol=1e-5, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    ref.eval()
+    ours.eval()
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5, do_sample=False)
+    assert torch.equal(ours.generate(**kw), ref.generate(**kw))
+    assert torch.equal(ours.generate(**kw, num_beams=3), ref.generate(**kw, num_beams=3))

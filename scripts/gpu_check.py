@@ -53,7 +53,7 @@ PARTS = {
                "rms_norm", "layer_norm", "add_layer_norm", "swiglu", "geglu", "gelu", "rope", "cross_entropy",
                "fused_linear_cross_entropy"]],
     "ops-b": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
-               "attention", "attention_decode", "lora_linear", "nf4"]],
+               "attention", "attention_decode", "relative_position_attention", "lora_linear", "nf4"]],
     "e2e": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--rep", "5", "--out", "{dir}",
              "--ops", "train_step"]],
     "context": [[sys.executable, "-m", "benchmarks.bench_train_step", "--max-context", "--budget-gb", "24",

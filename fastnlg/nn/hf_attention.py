@@ -232,9 +232,11 @@ def _with_position_bias(module, query, key, value, mask, bias, scaling, dropout,
                   "tensor (not fastnlg.patch's RelativePositionBias); those calls run SDPA with the bias added")
         return _biased_sdpa(query, key, value, mask, bias[..., :T, :S], scaling, dropout, is_causal)
     if mask is None:
-        form = (bool(is_causal) and T > 1, None)
+        form = (bool(is_causal), None)
     else:
         form = None if compiling else _as_kernel_mask(mask, T, S, None, bool(is_causal))
+    if form is not None and T == 1:  # one query row (decoding): bottom-right causal sees every key
+        form = (False, form[1])
     if form is None or (form[0] and bias.query_offset != S - T):
         if not compiling:
             _note(("relative bias mask", type(module).__name__), f"{type(module).__name__}: a mask that is not "

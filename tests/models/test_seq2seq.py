@@ -115,7 +115,10 @@ def test_generate_with_a_cache_offset_and_a_static_cache(monkeypatch):
         model.sampled = model.generate(**kw, do_sample=True, top_k=8)
     assert torch.equal(ours.sampled, ref.sampled)
     static = dict(kw, do_sample=False, cache_implementation="static")
+    calls.clear()
     assert torch.equal(ours.generate(**static), ref.generate(**static))
+    # the static cache's decode steps (keys: every slot, the empty ones masked) run the op too
+    assert sorted({c["query_offset"] for c in calls if not c["bidirectional"]}) == list(range(6))
 
 
 def test_torch_compile_fullgraph():

@@ -16,7 +16,8 @@ target only where its kernel file names what runs instead (AOT_FALLBACK: the lau
 that spill or overflow to kernels/_excluded.py (with `--all-configs`: rewrites it from every config). Row kernels (one config per row width) are
 checked for shared memory; their spills are reported.
 
-    python -m fastnlg.aot [--arch 75 80 86 89 90 120] [--json out.json] [--all-configs | --write-exclusions]
+    python -m fastnlg.aot [--arch 75 80 86 89 90 120] [--json out.json] [--workers N]
+                          [--all-configs | --write-exclusions]
 """
 from __future__ import annotations
 
@@ -239,10 +240,11 @@ def main(argv=None) -> int:
     p.add_argument("--all-configs", action="store_true", help="compile the excluded configs too")
     p.add_argument("--write-exclusions", action="store_true",
                    help="compile every config for every target and rewrite kernels/_excluded.py")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
     args = p.parse_args(argv)
     if args.write_exclusions and sorted(args.arch) != sorted(ARCHS):
         p.error("--write-exclusions compiles for every target: leave --arch out")
-    rows = check(tuple(args.arch), all_configs=args.all_configs)
+    rows = check(tuple(args.arch), workers=args.workers, all_configs=args.all_configs)
     if args.write_exclusions:
         from fastnlg.kernels._excluded import EXCLUDED
 

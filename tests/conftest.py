@@ -134,3 +134,26 @@ def cpu_isa(request):
         pytest.skip(f"this CPU has no {request.param} (it runs {used})")
     yield used
     _C.set_cpu_isa("auto")
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: the run's own items
+def pytest_collection_modifyitems(session, config, items):
+    """The AOT compile check runs last, its compile started in the background now (tests/aot/background.py):
+    it costs the run little wall time beside the other tests."""
+    from tests.aot import background
+
+    aot = [item for item in items if item.nodeid.endswith(background.TEST)]
+    if not aot:
+        return
+    items.remove(aot[0])
+    items.append(aot[0])
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        background.start(workers=1 if len(items) > 100 else None)  # (a few tests beside it: every CPU)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.aot import background
+
+    background.stop()

@@ -2,12 +2,9 @@
 sm_120 RTX 50) and fits the target's shared memory; the tiled kernels' candidates on each target compile with
 0 spill bytes (the others are excluded there by kernels/_excluded.py) and every launch group has a default
 there. Runs `python -m fastnlg.aot` in a subprocess without TRITON_INTERPRET (the interpreter replaces
-@triton.jit functions, which the compiler cannot lower)."""
+@triton.jit functions, which the compiler cannot lower), in the background while the other tests run
+(background.py)."""
 import inspect
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -63,19 +60,17 @@ def test_every_launch_group_has_a_candidate_on_every_target():
             assert arch in ARCHS and set(configs) <= set(groups[group]), (group, arch)
 
 
-def test_all_kernels_compile_for_all_targets(tmp_path):
+def test_all_kernels_compile_for_all_targets():
     from fastnlg.kernels._arch import ARCHS
 
-    out = tmp_path / "aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "fastnlg.aot", "--json", str(out)], capture_output=True, text=True,
-                          env=env, timeout=2400)
-    rows = json.loads(out.read_text()) if out.exists() else []
-    assert rows, f"no kernels compiled:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    from . import background
+
+    code, rows, output = background.result(timeout=2400)  # (started at collection: tests/conftest.py)
+    assert rows, f"no kernels compiled:\n{output}"
     assert {r["arch"] for r in rows} == set(ARCHS)
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['config']}: {r['error']}" for r in bad[:20])
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert code == 0, output
     defaults = [r for r in rows if r["default"]]
     assert all(r["spill_bytes"] == 0 and not r["excluded"] for r in defaults)
     per_group = Counter((r["group"], r["arch"]) for r in defaults)

@@ -1,6 +1,7 @@
 """The command line: user errors exit 2 with one line naming the problem, --help of every subcommand, and
 train -> eval -> generate -> merge end to end (the merged model loads in plain Transformers with the same
 logits), and the demo in its --quick size."""
+import functools
 import json
 import os
 import subprocess
@@ -40,21 +41,31 @@ def _one_line_error(r, pattern):
     return last
 
 
-def test_user_errors(tiny, tmp_path):
+def _in_process(capsys, *args):
+    """main(args) in this process, as _cli's result (the error paths: no subprocess start for each)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_user_errors(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    # one as a process (exit code, stderr), the others through main() itself
     _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--train-files", str(bad))), "bad.jsonl:2: invalid JSON")
     assert not (tmp_path / "o").exists()  # nothing written before the data is valid
+    run = functools.partial(_in_process, capsys)
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"modle": "x"}))
-    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--config", str(cfg))), "unknown config key 'modle'")
-    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--max-steps", "many")), "'max_steps' must be int")
-    _one_line_error(_cli(*_train_args(tiny, tmp_path / "o", "--method", "magic")), "method='magic' is not allowed")
-    _one_line_error(_cli("train", "--model", str(tmp_path / "nope"), "--train-files", tiny["train"]),
+    _one_line_error(run(*_train_args(tiny, tmp_path / "o", "--config", str(cfg))), "unknown config key 'modle'")
+    _one_line_error(run(*_train_args(tiny, tmp_path / "o", "--max-steps", "many")), "'max_steps' must be int")
+    _one_line_error(run(*_train_args(tiny, tmp_path / "o", "--method", "magic")), "method='magic' is not allowed")
+    _one_line_error(run("train", "--model", str(tmp_path / "nope"), "--train-files", tiny["train"]),
                     "model=")
-    _one_line_error(_cli(*_train_args(tiny, tmp_path / "empty", "--resume")), "holds no checkpoint to resume from")
-    _one_line_error(_cli("eval", "--model", str(tmp_path / "nope"), "--data", tiny["eval"]), "no such model folder")
-    _one_line_error(_cli("merge", "--model", tiny["model"], "--out", str(tmp_path / "m")), "merge needs --adapter")
+    _one_line_error(run(*_train_args(tiny, tmp_path / "empty", "--resume")), "holds no checkpoint to resume from")
+    _one_line_error(run("eval", "--model", str(tmp_path / "nope"), "--data", tiny["eval"]), "no such model folder")
+    _one_line_error(run("merge", "--model", tiny["model"], "--out", str(tmp_path / "m")), "merge needs --adapter")
 
 
 @pytest.mark.parametrize("hidden,args", [("matplotlib", ()), ("seqeval", ("--task", "token-classification"))])
@@ -70,22 +81,27 @@ def test_a_missing_package_is_named_before_any_work(tiny, tmp_path, hidden, args
     assert "pip install 'fastnlg[train]'" in line and not (tmp_path / "o").exists()
 
 
-def test_train_eval_generate_merge(tiny, tmp_path):
+def test_train_eval_generate_merge(tiny, tmp_path, capsys, monkeypatch):
+    """The commands end to end, in this process (main() as the console script runs it; the process
+    behaviour, exit codes and stderr, is test_user_errors')."""
+    import io
+
+    run = functools.partial(_in_process, capsys)
     out = tmp_path / "run"
-    r = _cli(*_train_args(tiny, out, "--max-steps", "8", "--method", "lora", "--eval-every", "4", "--log-every", "2"))
+    r = run(*_train_args(tiny, out, "--max-steps", "8", "--method", "lora", "--eval-every", "4", "--log-every", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
     adapter = str(out / "adapter")
-    r = _cli("eval", "--model", tiny["model"], "--adapter", adapter, "--data", tiny["eval"], "--generate", "4",
-             "--max-new-tokens", "8", "--out", str(tmp_path / "ev"), "--device", "cpu")
+    r = run("eval", "--model", tiny["model"], "--adapter", adapter, "--data", tiny["eval"], "--generate", "4",
+            "--max-new-tokens", "8", "--out", str(tmp_path / "ev"), "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads(open(tmp_path / "ev" / "eval.json").read())
     assert {"eval_loss", "eval_perplexity", "bleu", "rougeL"} <= set(metrics)
     assert (tmp_path / "ev" / "examples.md").exists()
-    r = _cli("generate", "--model", tiny["model"], "--adapter", adapter, "--device", "cpu", "--max-new-tokens", "5",
-             input="Record: city: Oslo\nText:\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Record: city: Oslo\nText:\n"))  # prompts from stdin
+    r = run("generate", "--model", tiny["model"], "--adapter", adapter, "--device", "cpu", "--max-new-tokens", "5")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
     merged = tmp_path / "merged"
-    r = _cli("merge", "--model", tiny["model"], "--adapter", adapter, "--out", str(merged), "--nf4")
+    r = run("merge", "--model", tiny["model"], "--adapter", adapter, "--out", str(merged), "--nf4")
     assert r.returncode == 0, r.stderr[-3000:]
     import peft
 

@@ -4,6 +4,7 @@
     fastnlg demo --task ner       fine-tune all-MiniLM-L6-v2 for named entities: F1 per type, patched vs unpatched
     fastnlg train --config run.yaml --model DIR --train-files data.jsonl ...   (flags override the file)
     fastnlg train --task token-classification | sequence-classification | masked-lm ...   (encoders: BERT, ...)
+    fastnlg train --task seq2seq --model t5-tiny --train-files pairs.jsonl ...   (encoder-decoders: T5, BART)
     fastnlg eval --model DIR [--adapter DIR] --data eval.jsonl      loss/perplexity/accuracy, BLEU/ROUGE, examples;
                                                                     entity / class reports for classifiers
     fastnlg predict --model DIR --text "..."                        entities with spans, or the label
@@ -21,7 +22,7 @@ import dataclasses
 import os
 import sys
 
-TASKS = ("causal-lm", "token-classification", "sequence-classification", "masked-lm")  # fastnlg.train.tasks.NAMES
+TASKS = ("causal-lm", "token-classification", "sequence-classification", "masked-lm", "seq2seq")  # tasks.NAMES
 
 
 class UserError(Exception):
@@ -62,7 +63,7 @@ def _encoder_run(args) -> bool:
     task = getattr(args, "task", None)
     if args.cmd == "train" and task is None and getattr(args, "config", None):
         return True  # (the task may be in the config file: check the encoder packages too)
-    return bool(task) and task != "causal-lm"
+    return bool(task) and task not in ("causal-lm", "seq2seq")
 
 
 def _benchmarks(argv):
@@ -154,15 +155,21 @@ def _config_folder(args) -> str:
 
 
 def _load(model_dir, adapter, device):
-    """(model in fp32 with the adapter on top, tokenizer, device) for eval, generate and merge."""
+    """(model in fp32 with the adapter on top, tokenizer, device) for eval, generate and merge: a causal LM,
+    or the encoder-decoder a seq2seq folder holds."""
     import torch
 
-    from .loading import load_causal_lm, load_tokenizer
+    from .loading import load_config, load_pretrained, load_tokenizer
+    from .train import tasks
     from .train.setup import pick_device
 
     _require_folders(model_dir, adapter)
     dev = pick_device(device)
-    return load_causal_lm(model_dir, dtype=torch.float32, device=dev, adapter=adapter), load_tokenizer(model_dir), dev
+    task = tasks.get(tasks.of_model(load_config(model_dir)))
+    if task.name not in ("causal-lm", "seq2seq"):
+        raise UserError(f"{model_dir}: a {task.name} model (this command runs causal LMs and encoder-decoders)")
+    model = load_pretrained(model_dir, dtype=torch.float32, device=dev, adapter=adapter, auto_class=task.auto_class)
+    return model, load_tokenizer(model_dir), dev
 
 
 def _encoder(args, task_name: str, data_files: list):
@@ -174,7 +181,8 @@ def _encoder(args, task_name: str, data_files: list):
     from .train.setup import pick_device
 
     config = load_config(_config_folder(args))
-    names = [config.id2label[i] for i in sorted(config.id2label)] if task_name != "masked-lm" else []
+    names = ([config.id2label[i] for i in sorted(config.id2label)]
+             if task_name in ("token-classification", "sequence-classification") else [])
     cfg = TrainConfig(task=task_name, model=args.model, eval_files=data_files, labels=names,
                       max_length=getattr(args, "max_length", 512), batch_size=getattr(args, "batch_size", 16))
     dev = pick_device(args.device)
@@ -196,10 +204,12 @@ def cmd_eval(args) -> int:
     import json
 
     from .train import data
-    from .train.evaluate import generation_metrics, loss_metrics, save_examples
+    from .train.evaluate import generation_metrics, loss_metrics
 
     _require_folders(args.model, args.adapter)
     task_name = _task_of(args)
+    if task_name == "seq2seq":
+        return _eval_seq2seq(args)
     if task_name != "causal-lm":
         check_dependencies("eval", True)
         task, model, tok, dev, cfg = _encoder(args, task_name, [args.data])
@@ -221,6 +231,15 @@ def cmd_eval(args) -> int:
                                            batch_size=args.batch_size,
                                            records=[r["input"] for r, _ in records] if fmt == "data_to_text" else None)
         metrics.update(gen)
+    _write_eval(args, metrics, examples)
+    return 0
+
+
+def _write_eval(args, metrics: dict, examples: list) -> None:
+    import json
+
+    from .train.evaluate import save_examples
+
     print(json.dumps(metrics, indent=2))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -228,6 +247,26 @@ def cmd_eval(args) -> int:
             json.dump(metrics, f, indent=2)
         if examples:
             save_examples(examples, os.path.join(args.out, "examples"))
+
+
+def _eval_seq2seq(args) -> int:
+    """An encoder-decoder on {"source", "target"} records (train/tasks/seq2seq.py): loss, perplexity and token
+    accuracy over the targets; BLEU, ROUGE (and slot accuracy for data-to-text records) of what it generates
+    for the first --generate sources."""
+    from .train.evaluate import generation_metrics
+    from .train.tasks.seq2seq import read_examples
+
+    task, model, tok, dev, cfg = _encoder(args, "seq2seq", [args.data])
+    metrics = task.evaluate(model, task.held_out(cfg, tok), tok, cfg, dev, None)
+    examples = []
+    if args.generate > 0:
+        chosen = read_examples(args.data)[:args.generate]
+        records = [e.fields for e in chosen]
+        gen, examples = generation_metrics(model, tok, [(e.source, e.target) for e in chosen], dev,
+                                           records=records if all(r is not None for r in records) else None,
+                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        metrics.update(gen)
+    _write_eval(args, metrics, examples)
     return 0
 
 
@@ -275,8 +314,9 @@ def cmd_generate(args) -> int:
             kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         with torch.no_grad():
             out = model.generate(**enc, **kw)
-        if args.num_beams > 1:
-            print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        if args.num_beams > 1:  # (an encoder-decoder's output is its decoder's tokens: no prompt in front)
+            start = 0 if model.config.is_encoder_decoder else enc["input_ids"].shape[1]
+            print(tok.decode(out[0, start:], skip_special_tokens=True))
     return 0
 
 
@@ -287,7 +327,8 @@ def cmd_merge(args) -> int:
     merged = model.merge_and_unload()
     merged.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    print(f"merged model written to {args.out} (loads with transformers.AutoModelForCausalLM, no fastnlg needed)")
+    auto = "AutoModelForSeq2SeqLM" if merged.config.is_encoder_decoder else "AutoModelForCausalLM"
+    print(f"merged model written to {args.out} (loads with transformers.{auto}, no fastnlg needed)")
     if args.nf4:
         from .quant import quantize_nf4
 

@@ -74,11 +74,14 @@ class FusedLMHead(nn.Linear):
         return logits
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *, shift_labels=None,
-             num_items_in_batch=None) -> torch.Tensor:
+             num_items_in_batch=None, extra_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Causal-LM loss of hidden (B, T, C) against labels (B, T) (shifted here) or shift_labels (B, T)
-        (already aligned), with no (B*T, V) tensor in forward or backward."""
+        (already aligned: a seq2seq model's labels), with no (B*T, V) tensor in forward or backward.
+        `extra_bias` (V,) is added to the logits besides the head's own bias (BART's final_logits_bias)."""
         shift_labels = _shift(labels, shift_labels, self.ignore_index, hidden.shape[:-1])
         h, weight, bias = hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias  # (autocast: the loss op's)
+        if extra_bias is not None:
+            bias = extra_bias if bias is None else bias + extra_bias
         if self.logit_scale is not None:  # s (h W^T + b) = (s h) W^T + s b
             h = h * self.logit_scale
             bias = None if bias is None else bias * self.logit_scale
@@ -143,6 +146,67 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, lo
     if cls is CausalLMOutputWithCrossAttentions:
         fields["cross_attentions"] = outputs.cross_attentions
     out = cls(**fields)
+    return out.to_tuple() if return_dict is False else out
+
+
+def seq2seq_lm_forward(self, original, family: str, scale: str | None, named: dict):
+    """forward for a *ForConditionalGeneration (encoder-decoder) whose lm_head is a FusedLMHead (bound by the
+    patcher; `original` is the class's own forward). With labels in training mode: the decoder inputs from
+    the labels as the model makes them (prepare_decoder_input_ids_from_labels), the decoder's last hidden
+    state through the fused loss against the labels as they are (a seq2seq model's labels are aligned with
+    its decoder positions), the mean over the labels not ignored as the model's CrossEntropyLoss() takes it
+    (these models take no num_items_in_batch), logits=None. Otherwise the model's own forward.
+
+    family "t5": encoder, then decoder (T5, mT5), the decoder output scaled by d_model**-0.5 where the config
+    flag named by `scale` is set (T5's scale_decoder_outputs: tied embeddings); "bart": the base model
+    `self.model` (BART, mBART, Pegasus), final_logits_bias added to the logits, the cache off as the model
+    turns it off with labels."""
+    from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+    head = self.lm_head
+    if named.get("labels") is None or not self.training or not isinstance(head, FusedLMHead):
+        return original(self, **named)
+    named = dict(named)
+    labels = named.pop("labels")
+    return_dict = named.pop("return_dict", None)
+    named.pop("num_items_in_batch", None)  # (the model's own loss is the mean over its labels)
+    if named.get("decoder_input_ids") is None and named.get("decoder_inputs_embeds") is None:
+        named["decoder_input_ids"] = self.prepare_decoder_input_ids_from_labels(labels=labels)
+    extra_bias = None
+    if family == "bart":
+        named["use_cache"] = False
+        outputs = self.model(**named, return_dict=True)
+        hidden = outputs.last_hidden_state
+        extra_bias = self.final_logits_bias.reshape(-1).to(hidden.device)
+        fields = {k: getattr(outputs, k) for k in ("past_key_values", "decoder_hidden_states", "decoder_attentions",
+                                                    "cross_attentions", "encoder_last_hidden_state",
+                                                    "encoder_hidden_states", "encoder_attentions")}
+    else:
+        a = {k: named.pop(k, None) for k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                             "decoder_attention_mask", "encoder_outputs", "past_key_values",
+                                             "inputs_embeds", "decoder_inputs_embeds", "use_cache")}
+        enc = a["encoder_outputs"]
+        if enc is None:
+            enc = self.encoder(input_ids=a["input_ids"], attention_mask=a["attention_mask"],
+                               inputs_embeds=a["inputs_embeds"], **named)
+        elif not isinstance(enc, BaseModelOutput):
+            enc = BaseModelOutput(last_hidden_state=enc[0], hidden_states=enc[1] if len(enc) > 1 else None,
+                                  attentions=enc[2] if len(enc) > 2 else None)
+        dec = self.decoder(input_ids=a["decoder_input_ids"], attention_mask=a["decoder_attention_mask"],
+                           inputs_embeds=a["decoder_inputs_embeds"], past_key_values=a["past_key_values"],
+                           encoder_hidden_states=enc[0], encoder_attention_mask=a["attention_mask"],
+                           use_cache=a["use_cache"], **named)
+        hidden = dec[0]
+        if scale is not None and getattr(self.config, scale, False):
+            hidden = hidden * (self.model_dim ** -0.5)
+        fields = {"past_key_values": getattr(dec, "past_key_values", None),
+                  "decoder_hidden_states": getattr(dec, "hidden_states", None),
+                  "decoder_attentions": getattr(dec, "attentions", None),
+                  "cross_attentions": getattr(dec, "cross_attentions", None),
+                  "encoder_last_hidden_state": enc.last_hidden_state, "encoder_hidden_states": enc.hidden_states,
+                  "encoder_attentions": enc.attentions}
+    loss = head.loss(hidden, shift_labels=labels.to(hidden.device), extra_bias=extra_bias)
+    out = Seq2SeqLMOutput(loss=loss, logits=None, **fields)
     return out.to_tuple() if return_dict is False else out
 
 

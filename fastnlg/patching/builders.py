@@ -94,21 +94,15 @@ def gpt2_mlp(walk, path, module):
     return _swap(walk, path, module, FastGPT2MLP, lambda new: f"GPT2MLP -> FastGPT2MLP({new.activation})")
 
 
-def cross_entropy(walk, path, module, head):
-    from ..nn import FusedLMHead, causal_lm_forward, head_options_from_config
-    if not _forward_replaceable(module):  # (TRL's fused LM head, accelerate's hooks, ...: their forward stays)
-        return None  # fused by an earlier patch() of this model
+def _fuse_head(walk, path, module, head):
+    """module.<head> (an nn.Linear) -> a FusedLMHead sharing its Parameters, and set_output_embeddings that
+    fuses a new nn.Linear head (resize_token_embeddings) like the old one."""
+    from ..nn import FusedLMHead, head_options_from_config
     linear = getattr(module, head, None)
     if type(linear) is not nn.Linear:
         raise Skipped(f"{head} is a {type(linear).__name__}, not nn.Linear")
     walk.swap(f"{path}.{head}" if path else head, linear,
               FusedLMHead.from_linear(linear, **head_options_from_config(module.config)))
-    original = type(module).forward
-
-    def forward(self, **named):
-        if isinstance(getattr(self, head), FusedLMHead):
-            return causal_lm_forward(self, **named)
-        return original(self, **named)  # the head was replaced by one fastnlg does not fuse: the model's own
 
     def set_output_embeddings(self, new):
         """As the model's, but a new nn.Linear head (resize_token_embeddings) is fused like the old one."""
@@ -120,9 +114,38 @@ def cross_entropy(walk, path, module, head):
             new = fused
         type(self).set_output_embeddings(self, new)
 
-    walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
     walk.set_method(module, "set_output_embeddings", mark(set_output_embeddings))
+
+
+def cross_entropy(walk, path, module, head):
+    from ..nn import FusedLMHead, causal_lm_forward
+    if not _forward_replaceable(module):  # (TRL's fused LM head, accelerate's hooks, ...: their forward stays)
+        return None  # fused by an earlier patch() of this model
+    _fuse_head(walk, path, module, head)
+    original = type(module).forward
+
+    def forward(self, **named):
+        if isinstance(getattr(self, head), FusedLMHead):
+            return causal_lm_forward(self, **named)
+        return original(self, **named)  # the head was replaced by one fastnlg does not fuse: the model's own
+
+    walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
     return f"{type(module).__name__}.{head} -> FusedLMHead + causal_lm_forward"
+
+
+def seq2seq_lm_loss(walk, path, module, family, scale=None):
+    """An encoder-decoder's lm_head -> FusedLMHead; its training loss through it (fastnlg.nn.seq2seq_lm_forward)."""
+    from ..nn import seq2seq_lm_forward
+    if not _forward_replaceable(module):
+        return None
+    _fuse_head(walk, path, module, "lm_head")
+    original = type(module).forward
+
+    def forward(self, **named):
+        return seq2seq_lm_forward(self, original, family, scale, named)
+
+    walk.set_method(module, "forward", mark(_with_signature_of(forward, original)))
+    return f"{type(module).__name__}.lm_head -> FusedLMHead + seq2seq_lm_forward"
 
 
 def add_norm_output(walk, path, module):

@@ -79,6 +79,14 @@ RULES = (
     Rule("cross_entropy", ("DistilBertForMaskedLM",), b.masked_lm_loss, {"head": "", "decoder": "vocab_projector"}),
     Rule("cross_entropy", ("ModernBertForMaskedLM",), b.masked_lm_loss,  # (its loss_function takes num_items)
          {"head": "head", "decoder": "decoder", "num_items": True}),
+    # Encoder-decoders: the decoder's hidden state through the fused loss against the (aligned) labels; T5 scales
+    # it by d_model**-0.5 when its config says so (tied embeddings; mT5 in this Transformers does not), BART's
+    # family adds final_logits_bias.
+    Rule("cross_entropy", ("T5ForConditionalGeneration",), b.seq2seq_lm_loss,
+         {"family": "t5", "scale": "scale_decoder_outputs"}),
+    Rule("cross_entropy", ("MT5ForConditionalGeneration",), b.seq2seq_lm_loss, {"family": "t5"}),
+    Rule("cross_entropy", ("BartForConditionalGeneration", "MBartForConditionalGeneration",
+                           "PegasusForConditionalGeneration"), b.seq2seq_lm_loss, {"family": "bart"}),
     Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForConditionalGeneration", "*ForTokenClassification",
                            "*ForSequenceClassification",
                            "*ForMaskedLM"), b.unknown),

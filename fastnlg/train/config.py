@@ -20,7 +20,7 @@ BF16_CAPABILITY = (8, 0)  # the first GPUs with bf16 arithmetic (A100, RTX 30); 
 
 @dataclass
 class TrainConfig:
-    task: str = "causal-lm"  # causal-lm | token-classification | sequence-classification | masked-lm (train/tasks)
+    task: str = "causal-lm"  # causal-lm | token-classification | sequence-classification | masked-lm | seq2seq
     model: str = ""  # a local Transformers model folder, or a built-in config name (train/builtin.py)
     train_files: list = field(default_factory=list)
     output_dir: str = "out"
@@ -92,13 +92,16 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed: {allowed}")
 
-        from .builtin import CONFIGS
+        from .builtin import CONFIGS, task_of
         from .tasks import NAMES
 
         need(self.task in NAMES, "task", f"one of {NAMES}")
         encoder = self.task != "causal-lm"
-        need(not (encoder and self.model in CONFIGS and not os.path.isdir(self.model)), "model",
-             f"a local model folder with task={self.task} (the built-in configs are causal LMs)")
+        built_in = self.model in CONFIGS and not os.path.isdir(self.model)
+        need(not (built_in and task_of(self.model) != self.task), "model",
+             f"a local model folder with task={self.task}, or a built-in config for it "
+             f"({', '.join(n for n in CONFIGS if task_of(n) == self.task) or 'there is none'}); "
+             f"{self.model} is a {task_of(self.model) if built_in else ''} model")
         need(not (encoder and self.packing), "packing", f"false with task={self.task} (one example per row)")
         need(not (encoder and self.method in PROMPT_METHODS), "method",
              f"not {self.method} with task={self.task} (full, lora, qlora, ia3, adalora or bitfit)")

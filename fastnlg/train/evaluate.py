@@ -29,10 +29,13 @@ def token_hits(logits, labels) -> torch.Tensor:
 
 
 @torch.no_grad()
-def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=None) -> dict:
-    """Token-weighted loss, perplexity = exp(loss) and top-1 accuracy over every target token. Under
-    torchrun each process takes every world-th row (the same number of batches on each, padded with rows
-    that count nothing, so FSDP's collectives line up) and the sums are added over processes."""
+def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=None, *, collate_fn=collate,
+                 aligned: bool = False) -> dict:
+    """Token-weighted loss, perplexity = exp(loss) and top-1 accuracy over every target token (the next
+    tokens of a causal LM; with `aligned`, a seq2seq model's labels as they are: it gets them to make its
+    decoder inputs). Under torchrun each process takes every world-th row (the same number of batches on
+    each, padded with rows that count nothing, so FSDP's collectives line up) and the sums are added over
+    processes."""
     was_training = model.training
     model.eval()
     world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
@@ -42,9 +45,13 @@ def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=N
         mine = mine + [{**rows[0], "labels": torch.full_like(rows[0]["labels"], IGNORE)}] * (per_rank - len(mine))
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
-        labels = batch.pop("labels")
-        logits, target, keep = next_token_targets(model(**batch, use_cache=False).logits, labels)
+        batch = {k: v.to(device) for k, v in collate_fn(mine[i:i + batch_size], pad_id).items()}
+        if aligned:
+            target = batch["labels"]
+            logits, keep = model(**batch, use_cache=False).logits, target != IGNORE
+        else:
+            logits, target, keep = next_token_targets(model(**{k: v for k, v in batch.items() if k != "labels"},
+                                                            use_cache=False).logits, batch["labels"])
         logits = logits.float()
         sums[0] += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
         sums[1] += (logits.argmax(-1)[keep] == target[keep]).sum()
@@ -63,10 +70,12 @@ def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=N
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, max_new_tokens=64, batch_size=8, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, num_beams=1, device="cpu") -> tuple[list, dict]:
-    """Completions of the prompts (batched, left-padded) and {"tokens_per_s", "new_tokens"}."""
+    """Completions of the prompts (batched, left-padded; an encoder-decoder's sources right-padded, as it
+    trained) and {"tokens_per_s", "new_tokens"}."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
-    tokenizer.padding_side = "left"
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    tokenizer.padding_side = "right" if seq2seq else "left"
     outputs, new_tokens, start = [], 0, time.perf_counter()
     try:
         for i in range(0, len(prompts), batch_size):
@@ -75,7 +84,8 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens=64, batch_size=8
                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
             if do_sample:
                 kw.update(temperature=temperature, top_k=top_k, top_p=top_p)
-            out = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+            out = model.generate(**enc, **kw)  # a decoder-only model's prompt, an encoder-decoder's start token:
+            out = out[:, 1 if seq2seq else enc["input_ids"].shape[1]:]
             for row in out:
                 row = row.tolist()
                 if tokenizer.eos_token_id in row:

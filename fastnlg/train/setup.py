@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import loading
-from . import builtin, data, tasks
+from . import builtin, tasks
 from .config import TrainConfig, resolve_precision
 from .distributed import Dist
 
@@ -77,10 +77,10 @@ def model_and_tokenizer(cfg: TrainConfig, device, task=None):
         model = load_model(cfg, device, task, **task.load_kwargs(cfg, tok, config))
         task.configure(model, cfg)
         return cfg, model, tok, None
-    return cfg, None, builtin.train_tokenizer(data.corpus(cfg.train_files), built_in["vocab"]), built_in
+    return cfg, None, builtin.train_tokenizer(task.corpus(cfg.train_files), built_in["vocab"]), built_in
 
 
-def model_from_scratch(cfg: TrainConfig, built_in: dict, tok, device, dist: Dist, log):
+def model_from_scratch(cfg: TrainConfig, built_in: dict, tok, device, dist: Dist, log, task=None):
     """-> (cfg pointing at the saved base, model): a built-in config initialised, saved to base/ by the first
     process, and loaded as a folder by every process."""
     if dist.main:
@@ -88,7 +88,7 @@ def model_from_scratch(cfg: TrainConfig, built_in: dict, tok, device, dist: Dist
         log(f"built {cfg.model} from scratch (random init, tokenizer trained on the data) in {base_dir(cfg)}")
     dist.barrier()
     cfg = dataclasses.replace(cfg, model=base_dir(cfg), tokenizer="")
-    model = load_model(cfg, device)
+    model = load_model(cfg, device, task or tasks.get(cfg.task))
     seed_everything(cfg.seed)
     return cfg, model
 

@@ -27,7 +27,7 @@ from . import checkpoint, setup
 from .config import TrainConfig
 from .distributed import Dist
 from .errors import ConfigError
-from .evaluate import plot_metrics, token_hits
+from .evaluate import plot_metrics
 from .records import MetricsLog, Progress, peak_mb
 from .tasks import Task
 from .tasks import get as get_task
@@ -121,7 +121,7 @@ def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | 
             loss = out.loss if extra is not None else out.loss * (task.local_count(b) / n_step)
             if accuracy is not None and out.logits is not None and "labels" in b:  # unpatched: from its logits
                 with torch.no_grad():
-                    accuracy += token_hits(out.logits, b["labels"]).to(accuracy)
+                    accuracy += task.token_hits(out.logits, b["labels"]).to(accuracy)
             # DDP / FSDP average gradients over processes; each loss is already over the global tokens
             (scaler.scale(loss * dist.world) if scaler else loss * dist.world).backward()
         loss_sum += loss.detach()
@@ -256,7 +256,7 @@ def _setup(cfg: TrainConfig, dist: Dist, log) -> tuple[Run, object, str]:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             f.write(cfg.to_json())
     if built_in is not None:
-        cfg, model = setup.model_from_scratch(cfg, built_in, tok, device, dist, log)
+        cfg, model = setup.model_from_scratch(cfg, built_in, tok, device, dist, log, task)
     core = setup.prepare_method(model, cfg, log)
     report = _patch(core, cfg, dist, log)
     model = dist.wrap(core)
@@ -331,7 +331,7 @@ def _loop(run: Run, records: MetricsLog, guard: NonFiniteGuard) -> dict:
         _sync_debug(cfg, device, on=run.step > 0 and not logging)  # the first step tunes kernels
         micro = [run.batches.next() for _ in range(cfg.grad_accum)]
         loss_sum = forward_backward(run.model, micro, cfg, device, dist, run.scaler, accuracy, run.task)
-        tokens_seen += sum(int(b["input_ids"].numel()) for b, _ in micro) * dist.world
+        tokens_seen += sum(run.task.batch_tokens(b) for b, _ in micro) * dist.world
         if run.scaler:
             run.scaler.unscale_(run.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)

@@ -5,13 +5,15 @@ fit), how it reads and checks its data, how rows become batches, and how it is e
     token-classification     NER-style tagging: CoNLL or {"tokens", "tags"}; entity-level P/R/F1 (seqeval)
     sequence-classification  {"text", ["text_pair",] "label"}; accuracy, macro-F1, per-class report
     masked-lm                {"text"} (or .txt), 15% of the tokens masked (80/10/10); loss, perplexity, accuracy
+    seq2seq                  encoder-decoders: {"source", "target"} (or document/summary, input/output, records);
+                             loss, perplexity, token accuracy; BLEU / ROUGE through generate in `fastnlg eval`
 
-The trainer works through the Task interface below; tasks/causal_lm.py, classification.py and masked_lm.py
-implement it.
+The trainer works through the Task interface below; tasks/causal_lm.py, classification.py, masked_lm.py and
+seq2seq.py implement it.
 """
 from __future__ import annotations
 
-NAMES = ("causal-lm", "token-classification", "sequence-classification", "masked-lm")
+NAMES = ("causal-lm", "token-classification", "sequence-classification", "masked-lm", "seq2seq")
 
 
 class Task:
@@ -31,6 +33,12 @@ class Task:
 
     def configure(self, model, cfg) -> None:
         """After the model is loaded: what the task sets on it (a classifier's class weights)."""
+
+    def corpus(self, paths) -> list:
+        """The texts of the training files, for a built-in config's tokenizer (train/builtin.py)."""
+        from .. import data
+
+        return data.corpus(paths)
 
     def rows(self, cfg, tok, dist) -> tuple[list, list, str]:
         """-> (training rows, held-out rows, a description of the data); DataError on bad data."""
@@ -52,6 +60,16 @@ class Task:
 
     def collate(self, rows: list, pad_id: int) -> dict:
         raise NotImplementedError
+
+    def batch_tokens(self, batch: dict) -> int:
+        """Tokens a batch feeds the model (the training log's tokens/s)."""
+        return int(batch["input_ids"].numel())
+
+    def token_hits(self, logits, labels):
+        """[correct, counted] target tokens of an unpatched model's training logits (next-token: shifted)."""
+        from ..evaluate import token_hits
+
+        return token_hits(logits, labels)
 
     def forward_kwargs(self, n_step: int) -> dict:
         """What the training forward gets besides the batch: None means the task scales the model's mean
@@ -95,6 +113,8 @@ class Task:
 
 def of_model(config) -> str:
     """The task a saved model was trained for, from its architecture (a causal LM when nothing else fits)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
     for arch in getattr(config, "architectures", None) or []:
         for suffix, task in (("ForTokenClassification", "token-classification"),
                              ("ForSequenceClassification", "sequence-classification"), ("ForMaskedLM", "masked-lm")):
@@ -124,7 +144,8 @@ def get(name: str) -> Task:
     from .causal_lm import CausalLM
     from .classification import SequenceClassification, TokenClassification
     from .masked_lm import MaskedLM
+    from .seq2seq import Seq2Seq
 
     tasks = {"causal-lm": CausalLM, "token-classification": TokenClassification,
-             "sequence-classification": SequenceClassification, "masked-lm": MaskedLM}
+             "sequence-classification": SequenceClassification, "masked-lm": MaskedLM, "seq2seq": Seq2Seq}
     return tasks[name]()

@@ -37,7 +37,7 @@ class CausalLM(Task):
                               "masked-lm")
         if kind:
             raise ConfigError(f"task='causal-lm' is not allowed: {path} is an encoder-decoder ({config.model_type}); "
-                              "a causal-LM run would drop its encoder")
+                              "a causal-LM run would drop its encoder; use --task seq2seq")
 
     def rows(self, cfg, tok, dist):
         samples, fmt = data.load_samples(cfg.train_files, tok, cfg.max_length, cfg.truncate)

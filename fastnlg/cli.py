@@ -2,6 +2,7 @@
 
     fastnlg demo [--quick]        fine-tune a small model on a data-to-text task, patched vs unpatched, report
     fastnlg demo --task ner       fine-tune all-MiniLM-L6-v2 for named entities: F1 per type, patched vs unpatched
+    fastnlg demo --model t5       the data-to-text task with a T5 (encoder-decoder), beside the decoder-only run
     fastnlg train --config run.yaml --model DIR --train-files data.jsonl ...   (flags override the file)
     fastnlg train --task token-classification | sequence-classification | masked-lm ...   (encoders: BERT, ...)
     fastnlg train --task seq2seq --model t5-tiny --train-files pairs.jsonl ...   (encoder-decoders: T5, BART)
@@ -347,9 +348,12 @@ def build_parser():
     d = sub.add_parser("demo", help="fine-tune a small model on a data-to-text task, with a report",
                        epilog="example: fastnlg demo --quick --out out/demo")
     d.add_argument("--quick", action="store_true", help="CI size (under a minute)")
-    d.add_argument("--out", default=None, help="default: out/demo (out/demo-ner with --task ner)")
+    d.add_argument("--out", default=None, help="default: out/demo (out/demo-ner with --task ner, out/demo-t5 with --model t5)")
     d.add_argument("--task", choices=("data-to-text", "ner"), default="data-to-text",
                    help="ner: fine-tune all-MiniLM-L6-v2 (offline) for named entities, F1 per type before and after")
+    d.add_argument("--model", choices=("llama", "t5"), default="llama",
+                   help="t5: the data-to-text task with an encoder-decoder (T5 trained from scratch, --task seq2seq), "
+                        "beside the decoder-only demo's figures when out/demo is there")
     d.add_argument("--device", default="auto")
     _train_parser(sub)
     for name, helptext in (("eval", "evaluate a model or adapter on a data file"),
@@ -409,11 +413,17 @@ def main(argv=None) -> int:
             check_dependencies(args.cmd, _encoder_run(args))
         if args.cmd == "demo":
             if args.task == "ner":
+                if args.model != "llama":
+                    raise UserError("--task ner runs all-MiniLM-L6-v2 (an encoder): leave --model out")
                 from .demo_ner import run
+                default = "out/demo-ner"
+            elif args.model == "t5":
+                from .demo_t5 import run
+                default = "out/demo-t5"
             else:
                 from .demo import run
-
-            run(args.out or ("out/demo-ner" if args.task == "ner" else "out/demo"), quick=args.quick, device=args.device)
+                default = "out/demo"
+            run(args.out or default, quick=args.quick, device=args.device)
             return 0
         if args.cmd == "bench":
             return _benchmarks(rest)

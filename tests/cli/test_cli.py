@@ -149,3 +149,26 @@ def test_bench_runs_from_the_installed_package(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = open(tmp_path / "b" / "summary.md").read()
     assert "## geglu" in md and "| fastnlg |" in md
+
+
+def test_demo_t5_quick(tmp_path, capsys):
+    """`fastnlg demo --model t5 --quick`: the encoder-decoder learns the task (held-out loss falls, slot accuracy
+    rises), every promised file, the side-by-side line; beside the decoder-only demo when its summary is there."""
+    from fastnlg import demo_t5
+
+    out = tmp_path / "demo-t5"
+    assert main(["demo", "--model", "t5", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    for name in ("report.md", "metrics.jsonl", "examples.md", "loss.png", "train/model/model.safetensors",
+                 "train_unpatched/metrics.jsonl"):
+        assert (out / name).exists(), name
+    s = json.loads(open(out / "metrics.jsonl").readline())
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
+    assert s["after"]["slot_accuracy"] > s["before"]["slot_accuracy"], (s["before"], s["after"])
+    report = (out / "report.md").read_text()
+    assert "side by side" in report and "Run `fastnlg demo`" in report and "| - city |" in report
+    decoder = {"size": "quick", "after": {**s["after"], "eval_loss": 1.5, "slot_accuracy_by_field": {"city": 5.0}}}
+    demo_t5.write_report(str(out), s, [], demo_t5.SIZES["quick"], decoder)
+    report = (out / "report.md").read_text()
+    assert "decoder-only demo after fine-tuning" in report and "| eval loss |" in report
+    city = next(line for line in report.splitlines() if line.startswith("| - city |"))
+    assert city.rstrip().endswith("| 5 |"), city

@@ -3,7 +3,8 @@ fastnlg.ops.add_layer_norm, ModernBERT's GeGLU MLP, and the heads' losses on fas
 
 - FastAddNormOutput replaces BertSelfOutput / BertOutput (and RoBERTa's): LayerNorm(dropout(dense(h)) + input)
   with the residual add inside the LayerNorm's one pass; distilbert_block_forward does the same for
-  DistilBERT's TransformerBlock (its two residual LayerNorms), and FastDistilBertFFN fuses its lin1 bias + GELU.
+  DistilBERT's TransformerBlock (its two residual LayerNorms), and FastDistilBertFFN fuses its lin1 bias + GELU;
+  bart_encoder_layer_forward / bart_decoder_layer_forward do both for BART's (post-LN) layers.
 - classification_forward: token and sequence classification (single-label) compute their loss with
   fastnlg.ops.cross_entropy (class weights from `model.loss_class_weight` when set); regression and
   multi-label problems keep the model's own loss.
@@ -68,15 +69,58 @@ class FastDistilBertFFN(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lin1 = self.lin1
-        if not torch.compiler.is_compiling() and gelu_backend(x, self.approximate) == "torch":
-            return self.dropout(self.lin2(self.activation(lin1(x))))  # (aten's GELU: the eager computation)
-        if type(lin1) is nn.Linear and lin1.bias is not None:
-            h = nn.functional.linear(x, lin1.weight)
-            h = gelu(h, lin1.bias.to(h.dtype), approximate=self.approximate)
-        else:
-            h = gelu(lin1(x), approximate=self.approximate)
-        return self.dropout(self.lin2(h))
+        return self.dropout(self.lin2(linear_gelu(self.lin1, x, self.approximate, self.activation)))
+
+
+def linear_gelu(linear: nn.Module, x: torch.Tensor, approximate: str, activation: nn.Module) -> torch.Tensor:
+    """activation(linear(x)) for a GELU `activation` (its fastnlg.ops.gelu `approximate`): a plain nn.Linear's bias
+    is added inside the GELU's one pass; any other layer (a PEFT LoRA layer, ...) runs as it is, then the
+    fused GELU; where gelu would run on its torch backend (aten's GELU), the eager computation."""
+    if not torch.compiler.is_compiling() and gelu_backend(x, approximate) == "torch":
+        return activation(linear(x))
+    if type(linear) is nn.Linear and linear.bias is not None:
+        h = nn.functional.linear(x, linear.weight)
+        return gelu(h, linear.bias.to(h.dtype), approximate=approximate)
+    return gelu(linear(x), approximate=approximate)
+
+
+def _bart_ffn_norm(self, h: torch.Tensor) -> torch.Tensor:
+    """A BART layer's feed-forward block after its attention: LN(h + dropout(fc2(dropout(act(fc1 h)))))."""
+    approximate = gelu_approximate(type(self).__name__, self.activation_fn)
+    f = linear_gelu(self.fc1, h, approximate, self.activation_fn)
+    f = nn.functional.dropout(f, p=self.activation_dropout, training=self.training)
+    f = nn.functional.dropout(self.fc2(f), p=self.dropout, training=self.training)
+    ln = self.final_layer_norm
+    return add_layer_norm(f, h, ln.weight, ln.bias, ln.eps)
+
+
+def _dropout_add_norm(self, out: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    return add_layer_norm(nn.functional.dropout(out, p=self.dropout, training=self.training), residual, ln.weight,
+                          ln.bias, ln.eps)
+
+
+def bart_encoder_layer_forward(self, hidden_states, attention_mask, **kwargs):
+    """BartEncoderLayer.forward (post-LN) with both residual LayerNorms on add_layer_norm and fc1's bias + GELU
+    in fastnlg.ops.gelu; fp16's clamp as the model does it."""
+    out, _ = self.self_attn(hidden_states, attention_mask=attention_mask, **kwargs)
+    h = _bart_ffn_norm(self, _dropout_add_norm(self, out, hidden_states, self.self_attn_layer_norm))
+    if h.dtype == torch.float16 and not torch.isfinite(h).all():
+        clamp = torch.finfo(h.dtype).max - 1000
+        h = torch.clamp(h, min=-clamp, max=clamp)
+    return h
+
+
+def bart_decoder_layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                               encoder_attention_mask=None, past_key_values=None, use_cache=True, **kwargs):
+    """BartDecoderLayer.forward (post-LN: self-attention, cross-attention, feed-forward) with its three residual
+    LayerNorms on add_layer_norm and fc1's bias + GELU in fastnlg.ops.gelu."""
+    out, _ = self.self_attn(hidden_states, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs)
+    h = _dropout_add_norm(self, out, hidden_states, self.self_attn_layer_norm)
+    if encoder_hidden_states is not None:
+        out, _ = self.encoder_attn(h, key_value_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                                   past_key_values=past_key_values, **kwargs)
+        h = _dropout_add_norm(self, out, h, self.encoder_attn_layer_norm)
+    return _bart_ffn_norm(self, h)
 
 
 class FastModernBertMLP(nn.Module):

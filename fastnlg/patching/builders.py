@@ -199,6 +199,27 @@ def masked_lm_loss(walk, path, module, head, decoder, num_items=False):
     return f"{type(module).__name__}: training loss -> transform of the masked rows + fused_linear_cross_entropy"
 
 
+def bart_layer(walk, path, module, decoder):
+    from ..nn.encoder import bart_decoder_layer_forward, bart_encoder_layer_forward
+    from ..nn.mlp import gelu_approximate
+    if not _forward_replaceable(module):
+        return None
+    names = ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm") if decoder else \
+        ("self_attn_layer_norm", "final_layer_norm")
+    for name in names:
+        norm = getattr(module, name)
+        if len(norm.normalized_shape) != 1 or norm.weight is None:
+            raise Skipped(f"{name} is not a 1-D affine LayerNorm")
+    try:
+        approximate = gelu_approximate(type(module).__name__, module.activation_fn)
+    except ValueError as exc:
+        raise Skipped(str(exc)) from None
+    fn = bart_decoder_layer_forward if decoder else bart_encoder_layer_forward
+    walk.set_method(module, "forward", mark(_with_signature_of(fn, type(module).forward)))
+    return (f"{type(module).__name__}: residual LayerNorms -> add_layer_norm, fc1 bias + GELU -> gelu "
+            f"({approximate})")
+
+
 def distilbert_block(walk, path, module):
     from ..nn.encoder import distilbert_block_forward
     if not _forward_replaceable(module):

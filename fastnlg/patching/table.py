@@ -35,6 +35,10 @@ RULES = (
     Rule("norm", ("BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput", "XLMRobertaSelfOutput",
                   "XLMRobertaOutput"), b.add_norm_output),
     Rule("norm", ("transformers.models.distilbert.modeling_distilbert.TransformerBlock",), b.distilbert_block),
+    # BART's post-LN layers (mBART and Pegasus normalise first: their LayerNorms are plain) -> their forward with
+    # the residual LayerNorms on add_layer_norm and fc1's bias + GELU on fastnlg.ops.gelu.
+    Rule("norm", ("BartEncoderLayer",), b.bart_layer, {"decoder": False}),
+    Rule("norm", ("BartDecoderLayer",), b.bart_layer, {"decoder": True}),
     # T5's RMSNorm (variance in fp32; x_hat in the weight's dtype when that is half) -> FastT5LayerNorm.
     Rule("norm", ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm"), b.t5_norm),
     Rule("norm", ("torch.nn.modules.normalization.LayerNorm",), b.layer_norm),

@@ -243,6 +243,10 @@ def test_bart_family_attention_and_generate(kind, backend, backend_env, monkeypa
     report = fastnlg.patch(ours)
     assert ours.config._attn_implementation == "fastnlg"
     assert sum(e.what == "attention" and "flash_attention" in e.detail for e in report.patched) == 2 * 2 + 2
+    # BART's post-LN layers: residual LayerNorms on add_layer_norm, fc1's bias in the GELU (mBART and Pegasus
+    # normalise first: their LayerNorms are swapped one by one)
+    layers = [e.path for e in report.patched if "residual LayerNorms -> add_layer_norm" in e.detail]
+    assert len(layers) == (4 if kind == "Bart" else 0), layers
     calls, op = [], hf_attention.flash_attention
     monkeypatch.setattr(hf_attention, "flash_attention", lambda *a, **kw: calls.append(kw) or op(*a, **kw))
     batch = _batch()
@@ -265,3 +269,25 @@ def test_bart_family_attention_and_generate(kind, backend, backend_env, monkeypa
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5, do_sample=False)
     assert torch.equal(ours.generate(**kw), ref.generate(**kw))
     assert torch.equal(ours.generate(**kw, num_beams=3), ref.generate(**kw, num_beams=3))
+
+
+def test_bart_layers_train_with_dropout_as_unpatched():
+    """BART's fused layer forward draws its dropout masks in the model's order: with dropout on, the same seed
+    gives the unpatched loss and gradients."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                  decoder_ffn_dim=48, max_position_embeddings=64, dropout=0.2, attention_dropout=0.1,
+                                  activation_dropout=0.1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                  decoder_start_token_id=2)
+    ref = transformers.BartForConditionalGeneration(cfg).train()
+    ours = copy.deepcopy(ref)
+    fastnlg.patch(ours)
+    batch = _batch()
+    torch.manual_seed(3)
+    o_ref, g_ref = _step(ref, batch)
+    torch.manual_seed(3)
+    o, g = _step(ours, batch)
+    torch.testing.assert_close(o.loss, o_ref.loss, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -89,6 +89,8 @@ RULES = (
     Rule("cross_entropy", ("T5ForConditionalGeneration",), b.seq2seq_lm_loss,
          {"family": "t5", "scale": "scale_decoder_outputs"}),
     Rule("cross_entropy", ("MT5ForConditionalGeneration",), b.seq2seq_lm_loss, {"family": "t5"}),
+    Rule("cross_entropy", ("UMT5ForConditionalGeneration",), b.seq2seq_lm_loss,
+         {"family": "t5", "scale": "tie_word_embeddings"}),
     Rule("cross_entropy", ("BartForConditionalGeneration", "MBartForConditionalGeneration",
                            "PegasusForConditionalGeneration"), b.seq2seq_lm_loss, {"family": "bart"}),
     Rule("cross_entropy", ("*ForCausalLM", "*LMHeadModel", "*ForConditionalGeneration", "*ForTokenClassification",
@@ -103,7 +105,7 @@ RULES = (
     # T5's first-layer attention computes the relative position bias that every layer adds: compute_bias ->
     # fastnlg.nn.hf_attention.RelativePositionBias, run by relative_position_attention (the kind goes with
     # patch's `attention`; it is what lets the attention implementation be set on these families).
-    Rule("attention", ("T5Attention", "MT5Attention"), b.t5_relative_bias),
+    Rule("attention", ("T5Attention", "MT5Attention", "UMT5Attention"), b.t5_relative_bias),
     # BART, mBART, Pegasus: self- and cross-attention through the attention interface, no argument fastnlg's
     # attention lacks (these models do not declare _supports_attention_backend; the row stands for the check).
     Rule("attention", ("BartAttention", "MBartAttention", "PegasusAttention"), b.attention_interface),

@@ -1,4 +1,4 @@
-"""fastnlg.patch on encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, mT5): T5's RMSNorm and gated-GELU MLP fused,
+"""fastnlg.patch on encoder-decoders (T5 v1.0, T5 v1.1 / Flan-T5, mT5, UMT5 with a bias table per layer): T5's RMSNorm and gated-GELU MLP fused,
 its relative-position-bias attention on relative_position_attention (the marker from compute_bias), against
 the unpatched model: loss, logits and every gradient (the bias table's too) in fp32, bf16 autocast by the rule,
 greedy and beam generate, torch.compile(fullgraph=True), the Triton kernels under the interpreter, dropout.
@@ -34,6 +34,8 @@ def _model(kind, **config):
     if kind == "t5-v1.1":
         cfg = transformers.T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **common)
         return transformers.T5ForConditionalGeneration(cfg).train()
+    if kind == "umt5":  # (every self-attention layer has its own bias table; tied embeddings, scaled)
+        return transformers.UMT5ForConditionalGeneration(transformers.UMT5Config(**common)).train()
     return transformers.MT5ForConditionalGeneration(transformers.MT5Config(**common)).train()
 
 
@@ -61,7 +63,7 @@ def _counting(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kind", ["t5-v1.0", "t5-v1.1", "mt5"])
+@pytest.mark.parametrize("kind", ["t5-v1.0", "t5-v1.1", "mt5", "umt5"])
 def test_patched_matches_unpatched(kind, monkeypatch):
     ref = _model(kind)
     ours = copy.deepcopy(ref)
@@ -70,18 +72,19 @@ def test_patched_matches_unpatched(kind, monkeypatch):
     assert "FastT5LayerNorm" in details, details
     assert ("FastT5GatedMLP(geglu tanh)" in details) == (kind != "t5-v1.0"), details
     assert ours.config._attn_implementation == "fastnlg"
-    assert [e.path for e in report.patched if "relative_position_attention" in e.detail] == [
-        "encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.0.SelfAttention"]
+    tables = [f"{stack}.block.{i}.layer.0.SelfAttention" for stack in ("encoder", "decoder")
+              for i in ((0, 1) if kind == "umt5" else (0,))]
+    assert [e.path for e in report.patched if "relative_position_attention" in e.detail] == tables
     calls = _counting(monkeypatch)
     batch = _batch()
     (o_ref, g_ref), (o, g) = _step(ref, batch), _step(ours, batch)
-    # every self-attention layer ran the op (the layers after the first reuse the first's marker): the
-    # encoder's with its key padding, the decoder's causal; cross-attention has no bias (T5's zeros dropped)
+    # every self-attention layer ran the op (T5, mT5: the layers after the first reuse its marker; UMT5: each its
+    # own): the encoder's with its key padding, the decoder's causal; cross-attention has no bias (zeros dropped)
     assert [(c["causal"], c["key_padding_mask"] is not None, c["bidirectional"]) for c in calls] == \
         [(False, True, True)] * 2 + [(True, False, False)] * 2
     # the training loss without logits: the decoder's hidden state through the fused loss (T5 v1.0 and mT5
     # tie their embeddings; T5 scales the decoder output then, mT5 does not)
-    assert "T5ForConditionalGeneration.lm_head -> FusedLMHead + seq2seq_lm_forward" in details, details
+    assert "T5ForConditionalGeneration.lm_head -> FusedLMHead + seq2seq_lm_forward" in details, details  # (and MT5's, ...)
     assert o.logits is None and o_ref.logits is not None
     assert torch.allclose(o.loss, o_ref.loss, rtol=1e-5)
     assert g.keys() == g_ref.keys() and any("relative_attention_bias" in n for n in g)

@@ -122,6 +122,35 @@ def evaluate(model_dir: str, adapter: str | None, paths: dict, size: dict, devic
     return {**metrics, **gen}, examples
 
 
+def step_ratio(compare, plain, batches: list, device, rounds: int, what: str) -> str:
+    """`plain` (a model in training mode) against a patched copy of it, their AdamW steps on `batches` alternated
+    by benchmarks/side_by_side.py's `compare`: the median ratio with its p20-p80 spread and verdict, as a line."""
+    import copy
+
+    import torch
+
+    from .patching import patch
+
+    fused = copy.deepcopy(plain)
+    patch(fused)
+
+    def stepper(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        state = {"i": 0}
+
+        def step():
+            model(**batches[state["i"] % len(batches)]).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["i"] += 1
+        return step
+
+    result = compare({"fastnlg": stepper(fused), "unpatched": stepper(plain)}, device=device.type,
+                     baseline="unpatched", rounds=rounds)
+    ratio = result.ratio("fastnlg")
+    return f"{ratio} ({ratio.verdict()}; {what} a step, {result.ms['fastnlg'].median:.0f} ms patched)"
+
+
 def _last(rows, key):
     vals = [r[key] for r in rows if key in r]
     return vals[-1] if vals else float("nan")

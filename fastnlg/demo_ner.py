@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 from . import ner_data
+from .demo import step_ratio
 
 SIZES = {"quick": dict(train=240, held=60, steps=40, batch=16, rounds=5),
          "default": dict(train=1200, held=200, steps=200, batch=16, rounds=10)}
@@ -57,11 +58,8 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
         from benchmarks.side_by_side import compare
     except ImportError:
         return "not measured: benchmarks/side_by_side.py is not importable here (run the demo from the repository)"
-    import copy
-
     import torch
 
-    from .patching import patch
     from .train import tasks
     from .train.config import TrainConfig
 
@@ -73,24 +71,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     rows = task.encode(task.train_examples[:size["batch"] * 4], tok, {n: i for i, n in enumerate(ner_data.TAGS)}, cfg)
     batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
                for i in range(0, len(rows), size["batch"])]
-    fused = copy.deepcopy(plain)
-    patch(fused)
-
-    def stepper(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        state = {"i": 0}
-
-        def step():
-            model(**batches[state["i"] % len(batches)]).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state["i"] += 1
-        return step
-
-    result = compare({"fastnlg": stepper(fused), "unpatched": stepper(plain)}, device=device.type,
-                     baseline="unpatched", rounds=size["rounds"])
-    ratio = result.ratio("fastnlg")
-    return f"{ratio} ({ratio.verdict()}; {size['batch']} sentences a step, {result.ms['fastnlg'].median:.0f} ms patched)"
+    return step_ratio(compare, plain, batches, device, size["rounds"], f"{size['batch']} sentences")
 
 
 def run(out: str, quick: bool = False, device: str = "auto") -> dict:

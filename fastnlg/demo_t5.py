@@ -72,11 +72,6 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
         from benchmarks.side_by_side import compare
     except ImportError:
         return "not measured: benchmarks/side_by_side.py is not importable here (run the demo from the repository)"
-    import copy
-
-    import torch
-
-    from .patching import patch
     from .train import tasks
     from .train.tasks.seq2seq import read_examples, rows_of
 
@@ -85,24 +80,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     rows = rows_of(read_examples(paths["train"])[:size["batch"] * 4], tok, size["max_length"])
     batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
                for i in range(0, len(rows), size["batch"])]
-    fused = copy.deepcopy(plain)
-    patch(fused)
-
-    def stepper(model):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        state = {"i": 0}
-
-        def step():
-            model(**batches[state["i"] % len(batches)]).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state["i"] += 1
-        return step
-
-    result = compare({"fastnlg": stepper(fused), "unpatched": stepper(plain)}, device=device.type,
-                     baseline="unpatched", rounds=size["rounds"])
-    ratio = result.ratio("fastnlg")
-    return f"{ratio} ({ratio.verdict()}; {size['batch']} records a step, {result.ms['fastnlg'].median:.0f} ms patched)"
+    return demo.step_ratio(compare, plain, batches, device, size["rounds"], f"{size['batch']} records")
 
 
 def decoder_only_summary(out: str) -> dict | None:

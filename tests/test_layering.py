@@ -28,7 +28,7 @@ LAYERS = [
     ("fastnlg.patching",),
     ("fastnlg.loading",),
     ("fastnlg.train",),
-    ("fastnlg.demo", "fastnlg.demo_ner", "fastnlg.ner_data", "fastnlg.cli", "fastnlg.aot", "fastnlg.benchmarks"),
+    ("fastnlg.demo", "fastnlg.demo_ner", "fastnlg.demo_t5", "fastnlg.ner_data", "fastnlg.cli", "fastnlg.aot", "fastnlg.benchmarks"),
 ]
 EXTENSIONS = ("fastnlg._C", "fastnlg._C_cuda")  # built from csrc/, no Python source
 

@@ -1,4 +1,4 @@
-"""A causal LM's lm_head + loss without the (tokens x vocab) logits.
+"""A causal LM's (and an encoder-decoder's) lm_head + loss without the (tokens x vocab) logits.
 
 `FusedLMHead` is an `nn.Linear` (same `weight`/`bias` Parameters, so tied embeddings, state_dict keys and
 `get_output_embeddings()` are unchanged) with one more method, `loss(hidden, labels, ...)`, which runs
@@ -13,6 +13,8 @@
 loss_function" (Llama, Mistral, Qwen2/3, Gemma 1/2/3 text, Phi-3, GPT-2, ...): with labels in training mode
 it returns the loss and `logits=None`; otherwise (evaluation, generation, no labels) ordinary logits, and
 the loss on them when labels are given. The patcher decides which classes it applies to (DESIGN.md §4.4).
+`seq2seq_lm_forward` does the same for encoder-decoders (T5's and BART's families), whose labels are already
+aligned with the decoder positions.
 """
 from __future__ import annotations
 
@@ -157,7 +159,7 @@ def seq2seq_lm_forward(self, original, family: str, scale: str | None, named: di
     its decoder positions), the mean over the labels not ignored as the model's CrossEntropyLoss() takes it
     (these models take no num_items_in_batch), logits=None. Otherwise the model's own forward.
 
-    family "t5": encoder, then decoder (T5, mT5), the decoder output scaled by d_model**-0.5 where the config
+    family "t5": encoder, then decoder (T5, mT5, UMT5), the decoder output scaled by d_model**-0.5 where the config
     flag named by `scale` is set (T5's scale_decoder_outputs: tied embeddings); "bart": the base model
     `self.model` (BART, mBART, Pegasus), final_logits_bias added to the logits, the cache off as the model
     turns it off with labels."""

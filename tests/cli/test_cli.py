@@ -151,6 +151,7 @@ def test_bench_runs_from_the_installed_package(tmp_path):
     assert "## geglu" in md and "| fastnlg |" in md
 
 
+@pytest.mark.slow  # (45 s: the default tier keeps the decoder-only demo; `make test-all` runs this)
 def test_demo_t5_quick(tmp_path, capsys):
     """`fastnlg demo --model t5 --quick`: the encoder-decoder learns the task (held-out loss falls, slot accuracy
     rises), every promised file, the side-by-side line; beside the decoder-only demo when its summary is there."""

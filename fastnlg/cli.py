@@ -254,19 +254,9 @@ def _eval_seq2seq(args) -> int:
     """An encoder-decoder on {"source", "target"} records (train/tasks/seq2seq.py): loss, perplexity and token
     accuracy over the targets; BLEU, ROUGE (and slot accuracy for data-to-text records) of what it generates
     for the first --generate sources."""
-    from .train.evaluate import generation_metrics
-    from .train.tasks.seq2seq import read_examples
-
     task, model, tok, dev, cfg = _encoder(args, "seq2seq", [args.data])
-    metrics = task.evaluate(model, task.held_out(cfg, tok), tok, cfg, dev, None)
-    examples = []
-    if args.generate > 0:
-        chosen = read_examples(args.data)[:args.generate]
-        records = [e.fields for e in chosen]
-        gen, examples = generation_metrics(model, tok, [(e.source, e.target) for e in chosen], dev,
-                                           records=records if all(r is not None for r in records) else None,
-                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        metrics.update(gen)
+    metrics, examples = task.evaluate_generating(model, tok, cfg, dev, args.generate, args.max_new_tokens,
+                                                 args.batch_size)
     _write_eval(args, metrics, examples)
     return 0
 

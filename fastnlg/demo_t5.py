@@ -53,16 +53,10 @@ def evaluate(model_dir: str, paths: dict, size: dict, device) -> tuple[dict, lis
     """Loss, perplexity and token accuracy on the held-out records; BLEU, ROUGE and slot accuracy of what it
     generates for the first eval_records of them (greedy)."""
     from .train import tasks
-    from .train.evaluate import generation_metrics
-    from .train.tasks.seq2seq import read_examples
 
     cfg = _cfg(model_dir, paths, size)
     task, model, tok = tasks.load(cfg, device)
-    metrics = task.evaluate(model, task.held_out(cfg, tok), tok, cfg, device, None)
-    chosen = read_examples(paths["eval"])[:size["eval_records"]]
-    gen, examples = generation_metrics(model, tok, [(e.source, e.target) for e in chosen], device,
-                                       records=[e.fields for e in chosen], max_new_tokens=60, batch_size=32)
-    return {**metrics, **gen}, examples
+    return task.evaluate_generating(model, tok, cfg, device, size["eval_records"], max_new_tokens=60, batch_size=32)
 
 
 def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:

@@ -22,9 +22,18 @@ def next_token_targets(logits, labels):
     return logits[:, logits.shape[1] - labels.shape[1]:-1], target, target != IGNORE
 
 
-def token_hits(logits, labels) -> torch.Tensor:
-    """[argmax == target, counted targets] of next_token_targets(logits, labels)."""
-    logits, target, keep = next_token_targets(logits, labels)
+def targets(logits, labels, aligned: bool = False):
+    """(logits, targets, which targets count): a causal LM's next tokens (next_token_targets), or with `aligned`
+    a seq2seq model's labels as they are (its logits line up with them)."""
+    if not aligned:
+        return next_token_targets(logits, labels)
+    labels = labels.to(logits.device)
+    return logits, labels, labels != IGNORE
+
+
+def token_hits(logits, labels, aligned: bool = False) -> torch.Tensor:
+    """[argmax == target, counted targets] of targets(logits, labels, aligned)."""
+    logits, target, keep = targets(logits, labels, aligned)
     return torch.stack([((logits.argmax(-1) == target) & keep).sum(), keep.sum()])
 
 
@@ -46,12 +55,9 @@ def loss_metrics(model, rows: list, pad_id: int, batch_size: int, device, dist=N
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in collate_fn(mine[i:i + batch_size], pad_id).items()}
-        if aligned:
-            target = batch["labels"]
-            logits, keep = model(**batch, use_cache=False).logits, target != IGNORE
-        else:
-            logits, target, keep = next_token_targets(model(**{k: v for k, v in batch.items() if k != "labels"},
-                                                            use_cache=False).logits, batch["labels"])
+        # (a seq2seq model gets the labels: it makes its decoder inputs from them)
+        inputs = batch if aligned else {k: v for k, v in batch.items() if k != "labels"}
+        logits, target, keep = targets(model(**inputs, use_cache=False).logits, batch["labels"], aligned)
         logits = logits.float()
         sums[0] += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
         sums[1] += (logits.argmax(-1)[keep] == target[keep]).sum()

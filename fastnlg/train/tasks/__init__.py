@@ -65,11 +65,13 @@ class Task:
         """Tokens a batch feeds the model (the training log's tokens/s)."""
         return int(batch["input_ids"].numel())
 
+    aligned: bool = False  # whether the model's logits line up with its labels (seq2seq) or predict the next token
+
     def token_hits(self, logits, labels):
-        """[correct, counted] target tokens of an unpatched model's training logits (next-token: shifted)."""
+        """[correct, counted] target tokens of an unpatched model's training logits."""
         from ..evaluate import token_hits
 
-        return token_hits(logits, labels)
+        return token_hits(logits, labels, self.aligned)
 
     def forward_kwargs(self, n_step: int) -> dict:
         """What the training forward gets besides the batch: None means the task scales the model's mean

@@ -105,18 +105,12 @@ def collate(rows: list, pad_id: int) -> dict:
             "labels": pad("labels", IGNORE)}
 
 
-def aligned_hits(logits, labels) -> torch.Tensor:
-    """[argmax == label, counted labels]: a seq2seq model's logits line up with its labels (no shift)."""
-    labels = labels.to(logits.device)
-    keep = labels != IGNORE
-    return torch.stack([((logits.argmax(-1) == labels) & keep).sum(), keep.sum()])
-
-
 class Seq2Seq(Task):
     name = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
     peft_task_type = "SEQ_2_SEQ_LM"
     token_accuracy = True
+    aligned = True
 
     def check_model(self, config, path):
         if not getattr(config, "is_encoder_decoder", False):
@@ -152,16 +146,31 @@ class Seq2Seq(Task):
     def batch_tokens(self, batch: dict) -> int:
         return int(batch["input_ids"].numel() + batch["labels"].numel())
 
-    def token_hits(self, logits, labels):
-        return aligned_hits(logits, labels)
-
     def evaluate(self, model, rows, tok, cfg, device, dist):
         """Token-weighted loss, perplexity and accuracy over the target tokens (summed over processes as
         causal-lm's are)."""
         from ..evaluate import loss_metrics
 
         return loss_metrics(model, rows, tok.pad_token_id, cfg.batch_size, device, dist, collate_fn=collate,
-                            aligned=True)
+                            aligned=self.aligned)
+
+    def evaluate_generating(self, model, tok, cfg, device, generate: int, max_new_tokens: int,
+                            batch_size: int) -> tuple[dict, list]:
+        """evaluate() on cfg.eval_files, and BLEU, ROUGE (slot accuracy when the records are data-to-text) of
+        what the model generates for the first `generate` sources, greedy: (metrics, examples); `fastnlg eval`
+        and the T5 demo."""
+        from ..evaluate import generation_metrics
+
+        examples = read_examples(cfg.eval_files)
+        metrics = self.evaluate(model, rows_of(examples, tok, cfg.max_length, cfg.truncate), tok, cfg, device, None)
+        if generate <= 0:
+            return metrics, []
+        chosen = examples[:generate]
+        records = [e.fields for e in chosen]
+        gen, shown = generation_metrics(model, tok, [(e.source, e.target) for e in chosen], device,
+                                        records=records if all(r is not None for r in records) else None,
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return {**metrics, **gen}, shown
 
     def summary(self, m):
         return (f"eval loss {m['eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f}, token accuracy "

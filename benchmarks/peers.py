@@ -74,3 +74,17 @@ def cross_entropy_peers() -> dict:
     else:
         peers["liger"] = missing(why)
     return peers
+
+
+def fused_linear_logprobs_peers() -> dict:
+    """fn(hidden, weight, labels) -> per-token log-probabilities (N,): TRL's own chunked log-prob kernel (the
+    fused head of its DPO/GRPO/KTO trainers; torch tiles on CPU, Triton on CUDA)."""
+    why = None if _installed("trl.kernels") else "not installed (trl)"
+    if why is not None:
+        return {"trl.chunked_logprob": missing(why)}
+
+    def trl_chunked(hidden, weight, labels):
+        from trl.kernels import ChunkedLogProbFunction
+
+        return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, 32768, None, 1.0, ("log_probs",))[0]
+    return {"trl.chunked_logprob": trl_chunked}

@@ -11,7 +11,7 @@ from . import _quiet
 
 _quiet.install()  # before bitsandbytes is imported (fastnlg/_quiet.py)
 
-from . import backend, ops  # noqa: E402, F401
+from . import backend, losses, ops  # noqa: E402, F401
 from .loading import from_pretrained  # noqa: E402, F401
 from .patching import PatchReport, is_patched, patch, unpatch  # noqa: E402, F401
 

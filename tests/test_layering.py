@@ -5,6 +5,7 @@ Low to high (a module may import its own layer and any layer below it, never one
     backend, _checks, _native, _C, _C_cuda (the backend choice, argument checks, native-dtype helpers)
     quant (the NF4 format)
     ops
+    losses (the preference / RL losses on log-probabilities)
     nn
     patching
     loading
@@ -24,6 +25,7 @@ LAYERS = [
     ("fastnlg.backend", "fastnlg._checks", "fastnlg._native", "fastnlg._quiet", "fastnlg._C", "fastnlg._C_cuda"),
     ("fastnlg.quant",),
     ("fastnlg.ops",),
+    ("fastnlg.losses",),
     ("fastnlg.nn",),
     ("fastnlg.patching",),
     ("fastnlg.loading",),

@@ -86,6 +86,11 @@ PYBIND11_MODULE(_C, m) {
                                                   P<T>(lse), N, V, stride, ignore_index, eps, softcap, z_loss,
                                                   P<const T>(class_weight)));
     }, nogil);
+    m.def("logprobs_rows", [](ptr x, ptr labels, ptr logp, ptr ent, ptr ga, ptr gb, int64_t N, int64_t V,
+                              int64_t stride, int64_t ignore_index, double inv_t, bool d) {
+        DISPATCH(d, fastnlg::logprobs_rows<T>(P<T>(x), P<const int64_t>(labels), P<T>(logp), P<T>(ent),
+                                              P<const T>(ga), P<const T>(gb), N, V, stride, ignore_index, inv_t));
+    }, nogil);
     m.def("set_cpu_isa", [](const std::string& isa) { return std::string(fastnlg::set_cpu_isa(isa.c_str())); },
           "'auto', 'baseline', 'x86-64-v3' or 'x86-64-v4': which build of the fp32 cross-entropy row kernel runs "
           "(one the CPU lacks keeps the current); returns the one in use");

@@ -111,6 +111,10 @@ template <typename S> void gelu_bwd(const S* dy, const S* x, const S* bias, acc_
 template <typename T> void cross_entropy_fwd(T* x, const int64_t* labels, const T* scale, T* loss, T* lse, int64_t N,
                                             int64_t V, int64_t stride, int64_t ignore_index, double eps,
                                             double softcap, double z_loss, const T* class_weight);
+// log p(label) and (ent non-null) the entropy per row of x / T (x: N rows of V at `stride`); with ga / gb
+// (the row gradients of logp / of the entropy, either may be null) the logits' gradient overwrites x
+template <typename T> void logprobs_rows(T* x, const int64_t* labels, T* logp, T* ent, const T* ga, const T* gb,
+                                        int64_t N, int64_t V, int64_t stride, int64_t ignore_index, double inv_t);
 // Which build of the fp32 hot loops runs: "auto" (the best the CPU has), "baseline", "x86-64-v3" or
 // "x86-64-v4" (one the CPU lacks keeps the current); returns the one now in use. For tests.
 const char* set_cpu_isa(const char* isa);

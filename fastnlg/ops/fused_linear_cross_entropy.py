@@ -52,7 +52,7 @@ def auto_chunk_size(n_rows: int, V: int, device: torch.device) -> int:
 def _linear_ce_pass(h, weight, bias, y, scale, o: Opts, chunk, need_dh, need_dw, need_db, hits=None):
     """One pass over token chunks. scale (n,) fp32 or None (no gradients); `hits` (n,) bool, when given,
     gets argmax(logits) == label per row (read before the gradient overwrites the chunk)."""
-    n, V = h.shape[0], weight.shape[0]
+    n = h.shape[0]
     acc = native_dtype(h)
     whole = chunk >= n  # one chunk: no slicing (a few us per slice and copy at small sizes)
     loss = lse = None  # (n,) each: the one chunk's own, or filled chunk by chunk
@@ -60,12 +60,7 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: Opts, chunk, need_dh, need_dw,
         loss = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty(n, dtype=acc, device=h.device)
     grads = scale is not None
-    low = weight.dtype in (torch.float16, torch.bfloat16)
-    dh = torch.empty_like(h) if grads and need_dh else None
-    dw = torch.empty(weight.shape, dtype=torch.float32 if low else weight.dtype, device=h.device) if grads and need_dw else None
-    db = torch.empty(V, dtype=acc, device=h.device) if grads and need_db else None
-    if n == 0:  # (the first chunk writes dW and db, later ones add; with no chunk they are 0)
-        dw, db = (None if t is None else t.zero_() for t in (dw, db))
+    dh, dw, db = grad_buffers(h, weight, grads and need_dh, grads and need_dw, grads and need_db)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         hc = h if whole else h[s:e]
@@ -76,26 +71,45 @@ def _linear_ce_pass(h, weight, bias, y, scale, o: Opts, chunk, need_dh, need_dw,
             loss, lse = ce_chunk(logits, y, scale, o)
         else:
             loss[s:e], lse[s:e] = ce_chunk(logits, y[s:e], None if scale is None else scale[s:e], o)
-        if not grads:
-            continue
-        if dh is not None:
-            torch.matmul(logits, weight, out=dh if whole else dh[s:e])
-        beta = 0.0 if s == 0 else 1.0  # (beta 0: the first chunk overwrites, as out=)
-        if dw is not None:
-            if low and not _fast_matmul(weight.dtype, h.device):  # (a CPU without it: the matmul in fp32)
-                dw.addmm_(logits.t().float(), hc.float(), beta=beta)
-            elif low and s == 0:  # a bf16/fp16 matmul (fp32 accumulate, as eager's) into the fp32 buffer
-                dw.copy_(logits.t() @ hc)
-            elif low:
-                dw.add_(logits.t() @ hc)
-            else:
-                dw.addmm_(logits.t(), hc, beta=beta)
-        if db is not None:
-            if s == 0:
-                torch.sum(logits.to(acc), 0, out=db)
-            else:
-                db += logits.to(acc).sum(0)
+        if grads:
+            chunk_grads(logits, hc, weight, None if dh is None else dh if whole else dh[s:e], dw, db, s == 0)
     return loss, lse, dh, dw, db
+
+
+def grad_buffers(h, weight, need_dh, need_dw, need_db):
+    """(dh, dW, db) buffers of a chunked linear loss (None where not needed): dW in fp32 for a fp16/bf16
+    weight (chunk_grads accumulates there), db in the accumulation dtype."""
+    low = weight.dtype in (torch.float16, torch.bfloat16)
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.empty(weight.shape, dtype=torch.float32 if low else weight.dtype, device=h.device) if need_dw else None
+    db = torch.empty(weight.shape[0], dtype=native_dtype(h), device=h.device) if need_db else None
+    if h.shape[0] == 0:  # (the first chunk writes dW and db, later ones add; with no chunk they are 0)
+        dw, db = (None if t is None else t.zero_() for t in (dw, db))
+    return dh, dw, db
+
+
+def chunk_grads(dlogits, hc, weight, dh_out, dw, db, first):
+    """One chunk's part of a linear loss's gradients, from its logits' gradient dlogits (rows, V):
+    dh_out <- dlogits W; dW (+)= dlogits^T hc; db (+)= sum dlogits (`first`: the first chunk overwrites).
+    dW of a fp16/bf16 weight accumulates in fp32, from a matmul in the weight's dtype where that runs at
+    full speed (fp32 accumulate, as eager's), else in fp32."""
+    if dh_out is not None:
+        torch.matmul(dlogits, weight, out=dh_out)
+    if dw is not None:
+        low = weight.dtype in (torch.float16, torch.bfloat16)
+        if low and not _fast_matmul(weight.dtype, hc.device):  # (a CPU without it: the matmul in fp32)
+            dw.addmm_(dlogits.t().float(), hc.float(), beta=0.0 if first else 1.0)
+        elif low and first:  # a bf16/fp16 matmul into the fp32 buffer
+            dw.copy_(dlogits.t() @ hc)
+        elif low:
+            dw.add_(dlogits.t() @ hc)
+        else:
+            dw.addmm_(dlogits.t(), hc, beta=0.0 if first else 1.0)  # (beta 0: overwrites, as out=)
+    if db is not None:
+        if first:
+            torch.sum(dlogits.to(db.dtype), 0, out=db)
+        else:
+            db += dlogits.to(db.dtype).sum(0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,6 +191,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None, None
 
 
+def check_linear_inputs(op, hidden, weight, labels, bias, names=("hidden", "weight", "labels", "bias")):
+    """The checks of a fused linear loss's hidden (N, C), weight (V, C), labels (N,) and bias (V,), under the
+    caller's argument names (hidden already checked 2-D, before autocast casts it)."""
+    nh, nw, ny, nb = names
+    check_tensor(op, nw, weight, ndim=2)
+    check_tensor(op, ny, labels, dtypes=(torch.int64, torch.int32), ndim=1)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: {nh} (N, C) = {tuple(hidden.shape)} and {nw} (V, C) = {tuple(weight.shape)} "
+                         "must share C")
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{op}: {ny} {tuple(labels.shape)} must have one entry per row of {nh} {tuple(hidden.shape)}")
+    if bias is not None:
+        check_tensor(op, nb, bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: {nb} {tuple(bias.shape)} must have V = {weight.shape[0]} entries")
+    check_same_dtype(op, **{nh: hidden, nw: weight})
+    check_same_device(op, **{nh: hidden, nw: weight, ny: labels, nb: bias})
+
+
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=None, ignore_index=-100,
                                reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
                                num_items_in_batch=None, chunk_size=None, return_z_loss=False,
@@ -195,20 +228,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ce_weight=N
                 z_loss=z_loss, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
                 return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
                 loss_dtype=loss_dtype or torch.float32)
-    check_tensor(op, "weight", weight, ndim=2)
-    check_tensor(op, "labels", labels, dtypes=(torch.int64, torch.int32), ndim=1)
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: hidden (N, C) = {tuple(hidden.shape)} and weight (V, C) = {tuple(weight.shape)} "
-                         "must share C")
-    if labels.shape[0] != hidden.shape[0]:
-        raise ValueError(f"{op}: labels {tuple(labels.shape)} must have one entry per row of hidden {tuple(hidden.shape)}")
-    if bias is not None:
-        check_tensor(op, "bias", bias, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias {tuple(bias.shape)} must have V = {weight.shape[0]} entries")
+    check_linear_inputs(op, hidden, weight, labels, bias)
     check_class_weight(op, ce_weight, weight.shape[0], "ce_weight", labels)
-    check_same_dtype(op, hidden=hidden, weight=weight)
-    check_same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
     num_items = check_options(op, reduction, label_smoothing, softcap, z_loss, num_items_in_batch)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")

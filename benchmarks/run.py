@@ -27,6 +27,7 @@ OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "add_laye
        "geglu": "bench_glu:GEGLU", "gelu": "bench_gelu", "rope": "bench_rope",
        "cross_entropy": "bench_cross_entropy", "fused_linear_cross_entropy": "bench_fused_linear_cross_entropy",
        "fused_linear_logprobs": "bench_fused_linear_logprobs",
+       "fused_linear_distillation_loss": "bench_fused_linear_distillation_loss",
        "attention": "bench_attention", "attention_decode": "bench_attention_decode",
        "relative_position_attention": "bench_relative_position_attention", "lora_linear": "bench_lora_linear",
        "nf4": "bench_nf4", "train_step": "bench_train_step"}

@@ -66,6 +66,35 @@ def make_records(n: int, seed: int = 0) -> list:
     return out
 
 
+def preference_pairs(records: list, seed: int = 0) -> list:
+    """{"prompt", "chosen", "rejected"} pairs of the data-to-text task: the report of the record against a report
+    that changes one of its fields (another city, sky or day, a high a few degrees off) or drops the optional
+    wind / rain it has; the rejected report is worded like the chosen one where it can be."""
+    from .train.data import render_data_to_text
+
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        rec = r["input"]
+        wrong = dict(rec)
+        kind = rng.choice(["city", "sky", "day", "high"] + [k for k in ("wind", "rain") if k in rec])
+        if kind in ("wind", "rain"):
+            del wrong[kind]
+        elif kind == "high":
+            wrong["high"] = rec["high"] + rng.choice([-7, -5, -3, 3, 5, 7])
+            wrong["low"] = min(rec["low"], wrong["high"] - 3)
+        else:
+            pool = {"city": CITIES, "sky": SKIES, "day": DAYS}[kind]
+            wrong[kind] = rng.choice([v for v in pool if v != rec[kind]])
+        state = rng.getstate()
+        chosen = _report(rec, rng)
+        rng.setstate(state)  # the same wording for the rejected report
+        rejected = _report(wrong, rng)
+        if rejected != chosen:
+            out.append({"prompt": render_data_to_text(rec), "chosen": chosen, "rejected": rejected})
+    return out
+
+
 def write_data(folder: str, size: dict, seed: int = 0) -> dict:
     """train.jsonl / eval.jsonl (data-to-text) and text.jsonl (text only, for pre-training: each line a
     training report followed by a paraphrase of it - plain text in which later words repeat earlier ones,

@@ -11,6 +11,7 @@ from .errors import ConfigError
 
 METHODS = ("full", "lora", "qlora", "prompt-tuning", "prefix", "ia3", "adalora", "bitfit")
 PROMPT_METHODS = ("prompt-tuning", "prefix")  # virtual tokens in front of each row: no packing
+OBJECTIVES = ("sft", "dpo", "simpo")  # what the trainer optimises (fastnlg/train/tasks/preference.py for dpo / simpo)
 OPTIMIZERS = ("adamw", "adamw8bit")
 DISTRIBUTED = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -68,6 +69,9 @@ class TrainConfig:
     tag_column: int = -1  # token classification, CoNLL files: the column holding the tag
     label_all_tokens: bool = False  # token classification: label every sub-token (default: a word's first)
     mlm_probability: float = 0.15  # masked LM: the share of tokens masked
+    objective: str = "sft"  # sft | dpo | simpo: preference pairs {"prompt", "chosen", "rejected"} (train/tasks/preference.py)
+    beta: float = 0.1  # dpo / simpo: the preference loss's beta (SimPO's own default is 2.0)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin gamma
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -76,7 +80,8 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(known))}")
         cfg = cls(**{k: _coerce(k, v, known[k]) for k, v in values.items()})
-        if (cfg.method in PROMPT_METHODS or cfg.task != "causal-lm") and "packing" not in values:
+        if (cfg.method in PROMPT_METHODS or cfg.task != "causal-lm" or cfg.objective != "sft") \
+                and "packing" not in values:
             cfg.packing = False  # the default follows the method and task; packing=true given explicitly is refused
         cfg.validate()
         return cfg
@@ -106,6 +111,19 @@ class TrainConfig:
         need(not (encoder and self.method in PROMPT_METHODS), "method",
              f"not {self.method} with task={self.task} (full, lora, qlora, ia3, adalora or bitfit)")
         need(0 < self.mlm_probability < 1, "mlm_probability", "in (0, 1)")
+        need(self.objective in OBJECTIVES, "objective",
+             f"one of {OBJECTIVES} (orpo, kto and distill are fastnlg.losses / fastnlg.ops functions, not yet trainer "
+             "objectives)")
+        preference = self.objective != "sft"
+        need(not (preference and self.task != "causal-lm"), "objective", f"sft with task={self.task} "
+             "(preference objectives train causal LMs)")
+        need(not (preference and self.packing), "packing", f"false with objective={self.objective} (one pair per row)")
+        need(not (preference and self.method in PROMPT_METHODS), "method",
+             f"not {self.method} with objective={self.objective} (full, lora, qlora, ia3, adalora or bitfit)")
+        need(not (self.objective == "dpo" and self.method == "full" and self.resume), "resume",
+             "false with objective=dpo and method=full: the reference model (the initial weights) is not in the "
+             "checkpoints; with method=lora the reference is the base with the adapter disabled, and resume works")
+        need(self.beta > 0, "beta", "> 0")
         need(not self.class_weights or self.task in ("token-classification", "sequence-classification"),
              "class_weights", "given only with task=token-classification or sequence-classification")
         need(not self.class_weights or self.patch, "class_weights",

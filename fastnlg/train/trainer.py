@@ -109,7 +109,7 @@ def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | 
     summed over processes (a device tensor: no host sync). `accuracy` (from _accuracy_counts) gets the
     step's [correct, counted] training tokens."""
     dist = dist or Dist.single()
-    task = task or get_task(cfg.task)
+    task = task or get_task(cfg.task, cfg.objective)
     n_step = max(sum(n for _, n in micro), 1)
     extra = task.forward_kwargs(n_step)  # None: the model's mean loss, scaled by its batch's share below
     loss_sum = torch.zeros((), device=device)
@@ -117,9 +117,11 @@ def forward_backward(model, micro: list, cfg: TrainConfig, device, dist: Dist | 
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with dist.no_grad_sync(model, last=i == len(micro) - 1):
             with _autocast(cfg, device), _offload(cfg, device):
-                out = model(**b, **(extra or {}))
-            loss = out.loss if extra is not None else out.loss * (task.local_count(b) / n_step)
-            if accuracy is not None and out.logits is not None and "labels" in b:  # unpatched: from its logits
+                loss = task.training_loss(model, b, cfg, n_step)  # (a task computing its own loss), or the model's:
+                out = model(**b, **(extra or {})) if loss is None else None
+            if out is not None:
+                loss = out.loss if extra is not None else out.loss * (task.local_count(b) / n_step)
+            if accuracy is not None and out is not None and out.logits is not None and "labels" in b:  # (unpatched)
                 with torch.no_grad():
                     accuracy += task.token_hits(out.logits, b["labels"]).to(accuracy)
             # DDP / FSDP average gradients over processes; each loss is already over the global tokens
@@ -248,7 +250,7 @@ def _setup(cfg: TrainConfig, dist: Dist, log) -> tuple[Run, object, str]:
     device = dist.device(cfg.device)
     cfg = setup.precision(cfg, device, log)
     setup.seed_everything(cfg.seed)
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, cfg.objective)
     cfg, model, tok, built_in = setup.model_and_tokenizer(cfg, device, task)
     train_rows, eval_rows, fmt = task.rows(cfg, tok, dist)  # DataError before anything is written
     if dist.main:
@@ -353,7 +355,8 @@ def _loop(run: Run, records: MetricsLog, guard: NonFiniteGuard) -> dict:
             last = {"step": run.step, "loss": loss_sum.item(), "lr": run.scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm), "token_accuracy": correct / counted if counted else None,
                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                    "peak_memory_mb": peak_mb(device), "skipped_steps": run.state["skipped_steps"]}
+                    "peak_memory_mb": peak_mb(device), "skipped_steps": run.state["skipped_steps"],
+                    **run.task.train_stats(dist)}
             records.write(last)
             progress.update(run.step, last)
             tokens_seen, t0 = 0, time.perf_counter()

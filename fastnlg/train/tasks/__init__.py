@@ -7,6 +7,7 @@ fit), how it reads and checks its data, how rows become batches, and how it is e
     masked-lm                {"text"} (or .txt), 15% of the tokens masked (80/10/10); loss, perplexity, accuracy
     seq2seq                  encoder-decoders: {"source", "target"} (or document/summary, input/output, records);
                              loss, perplexity, token accuracy; BLEU / ROUGE through generate in `fastnlg eval`
+    --objective dpo | simpo  causal LMs on preference pairs {"prompt", "chosen", "rejected"} (tasks/preference.py)
 
 The trainer works through the Task interface below; tasks/causal_lm.py, classification.py, masked_lm.py and
 seq2seq.py implement it.
@@ -73,6 +74,15 @@ class Task:
 
         return token_hits(logits, labels, self.aligned)
 
+    def training_loss(self, model, batch: dict, cfg, n_step: int):
+        """The step's share of the loss for a task that computes its own (a preference objective), or None:
+        the model's forward computes it (forward_kwargs)."""
+        return None
+
+    def train_stats(self, dist) -> dict:
+        """What the task adds to a training log line since the last one (a preference objective's reward margin)."""
+        return {}
+
     def forward_kwargs(self, n_step: int) -> dict:
         """What the training forward gets besides the batch: None means the task scales the model's mean
         loss by its batch's share of the step's targets (local_count)."""
@@ -134,7 +144,7 @@ def load(cfg, device, *, adapter: str | None = None, config=None):
 
     from ...loading import load_config, load_pretrained, load_tokenizer
 
-    task = get(cfg.task)
+    task = get(cfg.task, cfg.objective)
     tok = load_tokenizer(cfg.model, words=cfg.task == "token-classification")
     kwargs = task.load_kwargs(cfg, tok, config if config is not None else load_config(cfg.model))
     model = load_pretrained(cfg.model, dtype=torch.float32, device=device, adapter=adapter, auto_class=task.auto_class,
@@ -142,11 +152,17 @@ def load(cfg, device, *, adapter: str | None = None, config=None):
     return task, model, tok
 
 
-def get(name: str) -> Task:
+def get(name: str, objective: str = "sft") -> Task:
+    """The task `name` trains, under `objective` (sft, or a preference objective of a causal LM)."""
     from .causal_lm import CausalLM
     from .classification import SequenceClassification, TokenClassification
     from .masked_lm import MaskedLM
     from .seq2seq import Seq2Seq
+
+    if objective != "sft":
+        from .preference import Preference
+
+        return Preference(objective)
 
     tasks = {"causal-lm": CausalLM, "token-classification": TokenClassification,
              "sequence-classification": SequenceClassification, "masked-lm": MaskedLM, "seq2seq": Seq2Seq}

@@ -221,6 +221,9 @@ def cmd_eval(args) -> int:
             with open(os.path.join(args.out, "eval.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
         return 0
+    first = data.read_records(args.data)[0][0]
+    if "chosen" in first and "rejected" in first:
+        return _eval_preference(args)
     model, tok, dev = _load(args.model, args.adapter, args.device)
     samples, fmt = data.load_samples(args.data, tok, args.max_length)
     metrics = loss_metrics(model, data.pad_rows(samples, tok.pad_token_id), tok.pad_token_id, args.batch_size, dev)
@@ -248,6 +251,25 @@ def _write_eval(args, metrics: dict, examples: list) -> None:
             json.dump(metrics, f, indent=2)
         if examples:
             save_examples(examples, os.path.join(args.out, "examples"))
+
+
+def _eval_preference(args) -> int:
+    """A causal LM on preference pairs {"prompt", "chosen", "rejected"} (train/tasks/preference.py): the DPO loss,
+    reward margin and preference accuracy against the reference: --reference's model, else the base under
+    --adapter (the adapter disabled), else none (log p_ref = 0: does the model give the chosen completion the
+    higher log-probability)."""
+    from .train.config import TrainConfig
+    from .train.tasks.preference import Preference, load_pairs
+
+    model, tok, dev = _load(args.model, args.adapter, args.device)
+    task = Preference("dpo", reference_free=not (args.reference or args.adapter))
+    if args.reference:
+        task._reference = _load(args.reference, None, args.device)[0].requires_grad_(False)
+    cfg = TrainConfig(objective="dpo", beta=args.beta, batch_size=args.batch_size)
+    metrics = task.evaluate(model, load_pairs([args.data], tok, args.max_length, True), tok, cfg, dev, None)
+    metrics["reference"] = args.reference or ("the base (adapter disabled)" if args.adapter else "none")
+    _write_eval(args, metrics, [])
+    return 0
 
 
 def _eval_seq2seq(args) -> int:
@@ -362,6 +384,9 @@ def build_parser():
             s.add_argument("--generate", type=int, default=64, help="records to generate for BLEU/ROUGE (0: none)")
             s.add_argument("--max-new-tokens", type=int, default=64)
             s.add_argument("--out", help="folder for eval.json and the examples table")
+            s.add_argument("--reference", help="preference pairs: the reference model folder (default: the base "
+                                               "under --adapter, else none)")
+            s.add_argument("--beta", type=float, default=0.1, help="preference pairs: DPO's beta for the rewards")
         elif name == "generate":
             s.add_argument("--prompt", action="append")
             s.add_argument("--prompts-file")

@@ -153,3 +153,23 @@ def test_bad_configs(pairs, tmp_path):
         _cfg(pairs, tmp_path, resume=True)
     with pytest.raises(ConfigError, match="packing"):
         _cfg(pairs, tmp_path, packing=True)
+
+
+def test_fastnlg_eval_reports_margin_and_accuracy_of_held_out_pairs(pairs, tmp_path, capsys):
+    """`fastnlg eval` on preference pairs: against the adapter-disabled base for a LoRA run (the run's own last
+    evaluation), against --reference for a full one, reference-free without either."""
+    from fastnlg import cli
+
+    last = train(_cfg(pairs, tmp_path / "lora", method="lora", max_steps=3, eval_every=3, learning_rate=5e-3),
+                 log=_quiet)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "lora" / "base"), "--adapter", str(tmp_path / "lora" / "adapter"),
+                     "--data", pairs["eval"], "--max-length", "128", "--out", str(tmp_path / "ev")]) == 0
+    out = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert out["reference"] == "the base (adapter disabled)"
+    for key in ("eval_loss", "eval_reward_margin", "eval_preference_accuracy"):
+        assert out[key] == pytest.approx(last[key], rel=1e-4, abs=1e-6), key
+    assert cli.main(["eval", "--model", str(tmp_path / "lora" / "base"), "--data", pairs["eval"],
+                     "--max-length", "128", "--out", str(tmp_path / "free")]) == 0
+    free = json.loads((tmp_path / "free" / "eval.json").read_text())
+    assert free["reference"] == "none" and 0 <= free["eval_preference_accuracy"] <= 1

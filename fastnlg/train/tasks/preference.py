@@ -114,9 +114,10 @@ class Preference(CausalLM):
 
     token_accuracy = False
 
-    def __init__(self, objective: str = "dpo"):
+    def __init__(self, objective: str = "dpo", reference_free: bool = False):
         self.objective = objective
-        self._reference = None  # method=full + dpo: the frozen initial model
+        self.reference_free = reference_free  # dpo with log p_ref = 0 (fastnlg eval of a model without a reference)
+        self._reference = None  # method=full + dpo: the frozen initial model (or the one fastnlg eval --reference gave)
         self._stats = None  # [pairs, margin sum, correct, chosen reward sum, rejected reward sum] since the last log
 
     def check_model(self, config, path):
@@ -158,6 +159,8 @@ class Preference(CausalLM):
     def _reference_logps(self, model, batch):
         if self.objective != "dpo":
             return None
+        if self.reference_free:
+            return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         lm, peft = _unwrap(model)
         with torch.no_grad():
             if peft is not None:

@@ -135,6 +135,24 @@ def cases() -> list:
                                   "labels": _labels(16 if tiny else 1024, 300 if tiny else V_big)},
                     lambda **x: ops.fused_linear_cross_entropy(**x), flce_spec, grads=("hidden", "weight"),
                     keep=("labels",)))
+    LPm = importlib.import_module("fastnlg.ops.fused_linear_logprobs")
+    DLm = importlib.import_module("fastnlg.ops.fused_linear_distillation_loss")
+    n_lp = (lambda tiny: 16 if tiny else 2 * 4096)  # issue 28's GPU size: 2 x 4096 tokens, Llama 3's vocabulary
+    out.append(Case("fused_linear_logprobs V=128256 (2 x 4096 tokens)",
+                    lambda tiny: {"hidden": _randn(n_lp(tiny), 32 if tiny else 1024),
+                                  "weight": _randn(300 if tiny else V_big, 32 if tiny else 1024, scale=0.02),
+                                  "labels": _labels(n_lp(tiny), 300 if tiny else V_big)},
+                    lambda **x: ops.fused_linear_logprobs(**x), lambda **x: LPm.fused_linear_logprobs_reference(**x),
+                    grads=("hidden", "weight"), keep=("labels",)))
+    out.append(Case("fused_linear_distillation_loss forward_kl V=128256 (2 x 4096 tokens)",
+                    lambda tiny: {"student_hidden": _randn(n_lp(tiny), 32 if tiny else 1024),
+                                  "student_weight": _randn(300 if tiny else V_big, 32 if tiny else 1024, scale=0.02),
+                                  "teacher_hidden": _randn(n_lp(tiny), 32 if tiny else 1024),
+                                  "teacher_weight": _randn(300 if tiny else V_big, 32 if tiny else 1024, scale=0.02),
+                                  "labels": _labels(n_lp(tiny), 300 if tiny else V_big)},
+                    lambda **x: ops.fused_linear_distillation_loss(**x),
+                    lambda **x: DLm.fused_linear_distillation_loss_reference(**x),
+                    grads=("student_hidden", "student_weight"), keep=("labels",)))
     out.append(Case("cross_entropy V=128256",
                     lambda tiny: {"logits": _randn(16 if tiny else 512, 300 if tiny else V_big, scale=2.0),
                                   "labels": _labels(16 if tiny else 512, 300 if tiny else V_big)},

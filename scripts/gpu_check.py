@@ -51,7 +51,7 @@ PARTS = {
                "addopts=-ra", "--junitxml", "{dir}/gpu_tests.xml"]],
     "ops-a": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
                "rms_norm", "layer_norm", "add_layer_norm", "swiglu", "geglu", "gelu", "rope", "cross_entropy",
-               "fused_linear_cross_entropy"]],
+               "fused_linear_cross_entropy", "fused_linear_logprobs", "fused_linear_distillation_loss"]],
     "ops-b": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--out", "{dir}", "--ops",
                "attention", "attention_decode", "relative_position_attention", "lora_linear", "nf4"]],
     "e2e": [[sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--full", "--rep", "5", "--out", "{dir}",

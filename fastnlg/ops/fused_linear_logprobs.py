@@ -114,9 +114,18 @@ def lp_chunk(logits, labels, inv_t, ignore_index, ga=None, gb=None):
     return CHUNK_FNS[_backend.choose(OP, logits, BACKENDS)](logits, labels, inv_t, ignore_index, ga, gb)
 
 
-def _pass(h, weight, bias, y, inv_t, ignore_index, chunk, ga, gb, need_dh, need_dw, need_db):
+def chunk_stats(logits, labels, inv_t, out):
+    """What TRL's fused head logs of each row (without gradient), into out (n, 3): the mean of z = logits / T,
+    log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z), and whether the label is the (first) argmax."""
+    z = logits.to(native_dtype(logits)) * inv_t
+    out[:, 0] = z.mean(-1)
+    out[:, 1] = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+    out[:, 2] = z.argmax(-1) == labels
+
+
+def _pass(h, weight, bias, y, inv_t, ignore_index, chunk, ga, gb, need_dh, need_dw, need_db, stats=None):
     """One pass over token chunks: (logp, entropy) per row, and, with row gradients ga / gb (either may be
-    None), the gradients asked for (dh, dW, db)."""
+    None), the gradients asked for (dh, dW, db); `stats` (n, 3), when given, gets chunk_stats."""
     n = h.shape[0]
     acc = native_dtype(h)
     grads = ga is not None or gb is not None
@@ -127,6 +136,8 @@ def _pass(h, weight, bias, y, inv_t, ignore_index, chunk, ga, gb, need_dh, need_
         e = min(n, s + chunk)
         hc = h[s:e]
         logits = torch.nn.functional.linear(hc, weight, bias)  # (chunk, V)
+        if stats is not None:  # (before the kernel writes the gradient over the logits)
+            chunk_stats(logits, y[s:e], inv_t, stats[s:e])
         logp[s:e], ent[s:e] = lp_chunk(logits, y[s:e], inv_t, ignore_index,
                                        None if ga is None else ga[s:e], None if gb is None else gb[s:e])
         if grads:
@@ -144,7 +155,7 @@ def _rows(g, idx, dtype):
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunk_size, grad_mode):
+    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunk_size, grad_mode, want_stats):
         ctx.set_materialize_grads(False)  # an unused output (the entropy, for logging) costs nothing in backward
         N, V = hidden.shape[0], weight.shape[0]
         valid, n_valid, _, _ = valid_rows(OP, labels, V, ignore_index)
@@ -158,26 +169,30 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         need = tuple(grad_mode and n for n in (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                                bias is not None and ctx.needs_input_grad[2]))
         ctx.precomputed = need[0] and not (need[1] or need[2])
+        stats = torch.zeros(h.shape[0] if want_stats else 0, 3, dtype=torch.float32, device=h.device)
         if ctx.precomputed:  # frozen head: d logp / dh now, with unit row gradients; backward scales it
             ones = torch.ones(h.shape[0], dtype=native_dtype(h), device=h.device)
             logp, ent, dh_logp, _, _ = _pass(h, weight, bias, y, inv_t, ignore_index, chunk, ones, None, True,
-                                             False, False)
+                                             False, False, stats if want_stats else None)
             ctx.save_for_backward(idx, dh_logp, hidden, weight, bias, labels)
         else:
-            logp, ent, *_ = _pass(h, weight, bias, y, inv_t, ignore_index, chunk, None, None, False, False, False)
+            logp, ent, *_ = _pass(h, weight, bias, y, inv_t, ignore_index, chunk, None, None, False, False, False,
+                                  stats if want_stats else None)
             ctx.save_for_backward(idx, None, hidden, weight, bias, labels)
+        stats = scatter_rows(stats, idx, N) if want_stats else stats
+        ctx.mark_non_differentiable(stats)
         ctx.N, ctx.inv_t, ctx.ignore_index, ctx.chunk, ctx.need = N, inv_t, ignore_index, chunk, need
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return scatter_rows(logp, idx, N), scatter_rows(ent, idx, N)
+        return scatter_rows(logp, idx, N), scatter_rows(ent, idx, N), stats
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, _g_stats):
         idx, dh_logp, hidden, weight, bias, labels = ctx.saved_tensors
         acc = native_dtype(hidden)
         ga, gb = _rows(g_logp, idx, acc), _rows(g_ent, idx, acc)
         dh = dw = db = None
         if ga is None and gb is None:
-            return (None,) * 8
+            return (None,) * 9
         if ctx.precomputed:
             if ga is not None:
                 dh = (dh_logp.to(acc) * ga[:, None]).to(dh_logp.dtype)
@@ -192,26 +207,32 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         if dh is not None:
             dh = cast(scatter_rows(dh, idx, ctx.N), dtype_h)
         return dh, None if dw is None else cast(dw, dtype_w), None if db is None else cast(db, dtype_b), \
-            None, None, None, None, None
+            None, None, None, None, None, None
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, chunk_size=None):
+                          return_entropy=False, chunk_size=None, return_stats=False):
     """log_softmax((hidden @ weight.T + bias) / temperature)[labels] per row (N,), fp32 (fp64 for fp64), 0 where
     labels == ignore_index, without the (N, V) logits; with return_entropy=True also the entropy (N,) of the
-    same distribution. Gradients flow to hidden, weight and bias through both. See the module docstring."""
+    same distribution. Gradients flow to hidden, weight and bias through both. return_stats=True (what TRL's
+    fused head logs) returns (logp, entropy, mean logit, log sum p^2, label is the argmax), the last three
+    without gradient (computed on every row, ignored or not). See the module docstring."""
     check_tensor(OP, "hidden", hidden, ndim=2)
     amp = _amp.autocast_dtype(hidden.device.type)
     if amp is not None:  # the logits matmul as F.linear under autocast; the rest in fp32
         with _amp.autocast_off(hidden.device.type):
             return fused_linear_logprobs(hidden.to(amp), _amp.cast(weight, amp), labels, bias=_amp.cast(bias, amp),
                                          temperature=temperature, ignore_index=ignore_index,
-                                         return_entropy=return_entropy, chunk_size=chunk_size)
+                                         return_entropy=return_entropy, chunk_size=chunk_size,
+                                         return_stats=return_stats)
     check_linear_inputs(OP, hidden, weight, labels, bias)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"{OP}: temperature must be a number > 0, got {temperature!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be >= 1, got {chunk_size}")
-    logp, ent = _FusedLinearLogprobs.apply(hidden, weight, bias, labels.long(), 1.0 / float(temperature),
-                                           int(ignore_index), chunk_size, torch.is_grad_enabled())
+    logp, ent, stats = _FusedLinearLogprobs.apply(hidden, weight, bias, labels.long(), 1.0 / float(temperature),
+                                                  int(ignore_index), chunk_size, torch.is_grad_enabled(),
+                                                  bool(return_stats))
+    if return_stats:
+        return logp, ent, stats[:, 0], stats[:, 1], stats[:, 2].bool()
     return (logp, ent) if return_entropy else logp

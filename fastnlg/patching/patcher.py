@@ -35,11 +35,12 @@ instance (TRL's fused LM head, accelerate's hooks) is left to it and reported.
 """
 from __future__ import annotations
 
+import sys
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-from . import table
+from . import table, trl_head
 from .builders import ORIGINAL, Skipped, ours, restore_method, set_method
 from .report import Entry, PatchReport
 from .rope import hold as _hold_rope
@@ -55,12 +56,15 @@ class _State:
 
     def __init__(self):
         self.report, self.attention_previous, self.rope = PatchReport(), None, set()
+        self.trl_head = False  # whether this model holds the swap of TRL's fused-head function (trl_head.py)
         self.kinds, self.eager_rounding = set(), False  # what patch() was asked for (for modules added later)
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         for name in self.rope:
             _hold_rope(name, self)
+        if self.__dict__.get("trl_head"):
+            trl_head.hold(self)
         if self.attention_previous is not None:
             from ..nn import hf_attention
             hf_attention.register()
@@ -141,6 +145,24 @@ def _patch_attention(walk, hf, report):
     report.patched.append(Entry("", "attention", f"attn_implementation {previous!r} -> {hf_attention.NAME!r}"))
 
 
+def _patch_trl_head(walk, state, report):
+    """A causal LM patched after `import trl`: TRL's fused LM head (its preference / RL trainers') runs on
+    fastnlg.ops.fused_linear_logprobs while the model is patched (trl_head.py)."""
+    hf = _hf_model(walk.model)
+    if "trl" not in sys.modules or getattr(hf.config, "is_encoder_decoder", False) or \
+            not type(hf).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return
+    why = trl_head.available()
+    if why is not None:
+        report.skipped.append(Entry(f"module:{trl_head.MODULE}", "cross_entropy", why))
+        return
+    trl_head.hold(state)
+    state.trl_head = True
+    walk.undo.append(lambda: (trl_head.release(state), setattr(state, "trl_head", False)))
+    report.patched.append(Entry(f"module:{trl_head.MODULE}", "cross_entropy",
+                                f"TRL's fused LM head ({trl_head.ATTR}) -> fastnlg.ops.fused_linear_logprobs"))
+
+
 def _hf_model(model):
     """The Transformers PreTrainedModel in `model` (itself, or under PEFT's wrappers), or None."""
     try:
@@ -212,6 +234,8 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
                                         "fastnlg's table: no fused loss (layers may still be patched)"))
         if rope and not state.rope:
             report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))
+        if cross_entropy and hf is not None and not state.trl_head:
+            _patch_trl_head(walk, state, report)
         if attention:
             _patch_attention(walk, hf, report)
         missed = [e for e in report.skipped if e.what in kinds]
@@ -272,6 +296,8 @@ def unpatch(model: nn.Module) -> PatchReport:
             holder.set_attn_implementation(state.attention_previous)
         for name in state.rope:
             _release_rope(name, state)
+        if state.__dict__.get("trl_head"):
+            trl_head.release(state)
         report.patched += state.report.patched
         report.skipped += state.report.skipped
     if {id(p) for p in model.parameters()} != params_before:

@@ -1,14 +1,11 @@
 """The rope swap: a family's modelling module's apply_rotary_pos_emb (a module-level function shared by every
 model of that family) -> fastnlg.ops.apply_rope where a call is one it takes, else the original. Reference
-counted: the original comes back when no live patched model holds the module any more (unpatched, or
-garbage-collected)."""
+counted (swaps.py): the original comes back when no live patched model holds the module any more."""
 from __future__ import annotations
 
 import inspect
-import sys
-import weakref
 
-_ROPE: dict = {}  # modelling module name -> [original apply_rotary_pos_emb, WeakSet of the patch states using it]
+from . import swaps
 
 
 def rope_function(original):
@@ -40,35 +37,15 @@ def rope_function(original):
             return apply_rope(q, k, cos, sin, position_ids=bound.get("position_ids"), unsqueeze_dim=unsqueeze_dim)
         return original(q, k, cos, sin, *args, **kwargs)
 
-    apply_rotary_pos_emb.__fastnlg_original__ = original
     return apply_rotary_pos_emb
 
 
 def hold(name, state):
     """`state`'s model uses the fused apply_rotary_pos_emb of modelling module `name` until it is unpatched
     or garbage-collected."""
-    import importlib
-
-    module = importlib.import_module(name)
-    entry = _ROPE.get(name)
-    if entry is None:
-        entry = _ROPE[name] = [module.apply_rotary_pos_emb, weakref.WeakSet()]
-        module.apply_rotary_pos_emb = rope_function(entry[0])
-    if state not in entry[1]:
-        entry[1].add(state)
-        weakref.finalize(state, release, name, None)
+    swaps.hold(name, "apply_rotary_pos_emb", rope_function, state)
 
 
 def release(name, state):
-    """Drops `state`'s hold (None: one that was garbage-collected); the original function comes back when no
-    live patched model holds it."""
-    entry = _ROPE.get(name)
-    if entry is None:
-        return
-    if state is not None:
-        entry[1].discard(state)
-    if not list(entry[1]):  # (iterating a WeakSet yields the live holders only)
-        module = sys.modules[name]
-        if getattr(module.apply_rotary_pos_emb, "__fastnlg_original__", None) is entry[0]:
-            module.apply_rotary_pos_emb = entry[0]  # (a function someone set since is left alone)
-        del _ROPE[name]
+    """Drops `state`'s hold (None: one that was garbage-collected)."""
+    swaps.release(name, "apply_rotary_pos_emb", state)

@@ -8,8 +8,11 @@ import pytest
 
 @pytest.fixture
 def fresh_rope():
-    from fastnlg.patching import rope as patcher
+    from fastnlg.patching import swaps
 
-    if patcher._ROPE:
+    def rope_holds():
+        return sorted(name for name, attr in swaps._HELD if attr == "apply_rotary_pos_emb")
+
+    if rope_holds():
         gc.collect()
-    assert not patcher._ROPE, f"still held by live patched models: {sorted(patcher._ROPE)}"
+    assert not rope_holds(), f"still held by live patched models: {rope_holds()}"

@@ -66,3 +66,54 @@ def test_sft_trainer_with_a_patched_model(tokenizer, tmp_path, monkeypatch, patc
     if patch == "after":  # TRL put its own fused LM head on the model: its loss path stays
         assert any(e.what == "cross_entropy" and "trl" in e.detail for e in report.skipped)
     fastnlg.unpatch(model)
+
+
+PAIRS = [{"prompt": f"record {i}: city {i % 7}", "chosen": f" the weather in city {i % 7} is warm, {i * 3} degrees",
+          "rejected": f" the weather in city {(i + 1) % 7} is cold"} for i in range(16)]
+
+
+def _dpo(tokenizer, tmp_path, *, patch, use_peft):
+    """Per-step DPO losses and reward margins of 3 steps of TRL's DPOTrainer (its fused head: log-probs without
+    logits), patched (fastnlg's op under TRL's head) or not."""
+    torch.manual_seed(0)
+    model = _model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    import copy
+
+    ref = None if use_peft else copy.deepcopy(model)  # (an in-memory model has no path TRL could load it from)
+    report = fastnlg.patch(model) if patch else None
+    args = trl.DPOConfig(output_dir=str(tmp_path / f"dpo{patch}{use_peft}"), max_steps=3,
+                         per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, report_to=[],
+                         use_cpu=True, max_length=40, save_strategy="no", seed=0, data_seed=0, beta=0.2,
+                         dataloader_num_workers=0, gradient_checkpointing=False)
+    kw = {"peft_config": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                         lora_dropout=0.0)} if use_peft else {}
+    trainer = trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
+                             processing_class=tokenizer, **kw)
+    swapped = type(trl.trainer.utils._ChunkedLogProbFunction).__name__ == "type" and \
+        trl.trainer.utils._ChunkedLogProbFunction.__name__ == "FastnlgChunkedLogProb"
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return [h["loss"] for h in logs], [h["rewards/margins"] for h in logs], report, trainer, swapped
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_dpo_trainer_runs_its_fused_head_on_fastnlg(tokenizer, tmp_path, use_peft):
+    """TRL's DPOTrainer on a patched model: its fused head (trl.trainer.utils._ChunkedLogProbFunction) runs
+    fastnlg.ops.fused_linear_logprobs while the model is patched (reported), and the per-step losses and reward
+    margins equal the unpatched run's (TRL's own kernel); unpatch puts TRL's function back."""
+    original = trl.trainer.utils._ChunkedLogProbFunction
+    ref_loss, ref_margin, _, _, swapped = _dpo(tokenizer, tmp_path, patch=False, use_peft=use_peft)
+    assert not swapped
+    loss, margin, report, trainer, swapped = _dpo(tokenizer, tmp_path, patch=True, use_peft=use_peft)
+    assert swapped and any("TRL's fused LM head" in e.detail for e in report.patched)
+    assert len(loss) == len(ref_loss) == 3
+    # (the log-probs are sums over ~20 tokens of values near -6 and the rewards beta x their differences: fp32
+    # summation order moves them by ~1e-5 relative, which Adam's steps carry on)
+    torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), rtol=5e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(margin), torch.tensor(ref_margin), rtol=0, atol=1e-3)
+    fastnlg.unpatch(trainer.model)
+    del trainer
+    import gc
+
+    gc.collect()
+    assert trl.trainer.utils._ChunkedLogProbFunction is original

@@ -40,6 +40,16 @@ CUDA_CHUNK_BUDGET = 1024 * 2**20
 COMPACT_MIN_MACS = 2**20
 
 
+def drop_ignored(valid, n_valid, N, macs_per_row, *rows):
+    """(idx, rows) of a chunked linear loss: the indices of the non-ignored rows and each of `rows` with only
+    those, where dropping the ignored ones saves COMPACT_MIN_MACS multiply-adds or more (macs_per_row: one
+    row's share of a matmul); else (None, rows as they are). valid None: no row is ignored (or torch.compile)."""
+    if valid is None or (N - n_valid) * macs_per_row < COMPACT_MIN_MACS:
+        return None, rows
+    idx = torch.nonzero(valid).squeeze(-1)
+    return idx, tuple(t.index_select(0, idx) for t in rows)
+
+
 def auto_chunk_size(n_rows: int, V: int, device: torch.device) -> int:
     """Rows per chunk so that a chunk's logits + fp32 temporaries (~16 B per logit) fit the budget."""
     budget = CPU_CHUNK_BUDGET
@@ -140,11 +150,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         valid, n_valid, ce_den, z_den, o = prepare("fused_linear_cross_entropy", labels, V, opts, reduction,
                                                    num_items, native_dtype(hidden))
-        idx = None  # (no row dropped: the kernels give ignored rows zero loss and gradient)
-        if valid is not None and (N - n_valid) * V * hidden.shape[1] >= COMPACT_MIN_MACS:
-            idx = torch.nonzero(valid).squeeze(-1)
-        h = hidden if idx is None else hidden.index_select(0, idx)
-        y = labels if idx is None else labels.index_select(0, idx)
+        # (idx None: no row dropped; the kernels give ignored rows zero loss and gradient)
+        idx, (h, y) = drop_ignored(valid, n_valid, N, V * hidden.shape[1], hidden, labels)
         h = h if h.stride(-1) == 1 else h.contiguous()
         chunk = chunk_size or auto_chunk_size(h.shape[0], V, h.device)
         hits = torch.empty(h.shape[0], dtype=torch.bool, device=h.device) if want.want_acc else None

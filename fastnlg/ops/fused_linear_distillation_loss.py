@@ -28,13 +28,7 @@ import torch
 from .._checks import check_same_device, check_tensor
 from .._native import cast, native_dtype
 from . import _amp
-from .fused_linear_cross_entropy import (
-    COMPACT_MIN_MACS,
-    auto_chunk_size,
-    check_linear_inputs,
-    chunk_grads,
-    grad_buffers,
-)
+from .fused_linear_cross_entropy import auto_chunk_size, check_linear_inputs, chunk_grads, drop_ignored, grad_buffers
 from .token_loss import check_options, scatter_rows, valid_rows
 
 OP = "fused_linear_distillation_loss"
@@ -119,13 +113,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
     def forward(ctx, hs, ws, ht, wt, labels, loss, beta, inv_t, ignore_index, reduction, num_items, chunk_size,
                 grad_mode):
         N, V = hs.shape[0], ws.shape[0]
-        valid, n_valid, idx = None, N, None
+        valid, n_valid = None, N
         if labels is not None:  # (under torch.compile valid_rows drops nothing: valid None, n_valid a tensor)
             valid, n_valid, _, _ = valid_rows(OP, labels, V, ignore_index, None)
-        if valid is not None and (N - n_valid) * V * (hs.shape[1] + ht.shape[1]) >= COMPACT_MIN_MACS:
-            idx = torch.nonzero(valid).squeeze(-1)
-        rows_of = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-        h_s, h_t = rows_of(hs), rows_of(ht)
+        idx, (h_s, h_t) = drop_ignored(valid, n_valid, N, V * (hs.shape[1] + ht.shape[1]), hs, ht)
         h_s = h_s if h_s.stride(-1) == 1 else h_s.contiguous()
         keep = labels != ignore_index if idx is None and labels is not None else None  # (ignored rows still there)
         chunk = chunk_size or auto_chunk_size(h_s.shape[0], 2 * V, h_s.device)

@@ -29,13 +29,7 @@ from .. import backend as _backend
 from .._checks import check_tensor
 from .._native import cast, native_dtype, ptr, to_native
 from . import _amp
-from .fused_linear_cross_entropy import (
-    COMPACT_MIN_MACS,
-    auto_chunk_size,
-    check_linear_inputs,
-    chunk_grads,
-    grad_buffers,
-)
+from .fused_linear_cross_entropy import auto_chunk_size, check_linear_inputs, chunk_grads, drop_ignored, grad_buffers
 from .token_loss import scatter_rows, valid_rows
 
 BACKENDS = ("torch", "triton", "cpp")
@@ -159,11 +153,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output (the entropy, for logging) costs nothing in backward
         N, V = hidden.shape[0], weight.shape[0]
         valid, n_valid, _, _ = valid_rows(OP, labels, V, ignore_index)
-        idx = None
-        if valid is not None and (N - n_valid) * V * hidden.shape[1] >= COMPACT_MIN_MACS:
-            idx = torch.nonzero(valid).squeeze(-1)
-        h = hidden if idx is None else hidden.index_select(0, idx)
-        y = labels if idx is None else labels.index_select(0, idx)
+        idx, (h, y) = drop_ignored(valid, n_valid, N, V * hidden.shape[1], hidden, labels)
         h = h if h.stride(-1) == 1 else h.contiguous()
         chunk = chunk_size or auto_chunk_size(h.shape[0], V, h.device)
         need = tuple(grad_mode and n for n in (ctx.needs_input_grad[0], ctx.needs_input_grad[1],

@@ -56,7 +56,7 @@ class _State:
 
     def __init__(self):
         self.report, self.attention_previous, self.rope = PatchReport(), None, set()
-        self.trl_head = False  # whether this model holds the swap of TRL's fused-head function (trl_head.py)
+        self.trl_head = None  # TRL's fused-head swap (trl_head.py): True held, False not possible here, None not tried
         self.kinds, self.eager_rounding = set(), False  # what patch() was asked for (for modules added later)
 
     def __setstate__(self, state):
@@ -154,12 +154,14 @@ def _patch_trl_head(walk, state, report):
         return
     why = trl_head.available()
     if why is not None:
-        report.skipped.append(Entry(f"module:{trl_head.MODULE}", "cross_entropy", why))
+        state.trl_head = False
+        walk.undo.append(lambda: setattr(state, "trl_head", None))
+        report.skipped.append(Entry(f"module:{trl_head.MODULE}", "trl_head", why))
         return
     trl_head.hold(state)
     state.trl_head = True
-    walk.undo.append(lambda: (trl_head.release(state), setattr(state, "trl_head", False)))
-    report.patched.append(Entry(f"module:{trl_head.MODULE}", "cross_entropy",
+    walk.undo.append(lambda: (trl_head.release(state), setattr(state, "trl_head", None)))
+    report.patched.append(Entry(f"module:{trl_head.MODULE}", "trl_head",
                                 f"TRL's fused LM head ({trl_head.ATTR}) -> fastnlg.ops.fused_linear_logprobs"))
 
 
@@ -234,7 +236,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
                                         "fastnlg's table: no fused loss (layers may still be patched)"))
         if rope and not state.rope:
             report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))
-        if cross_entropy and hf is not None and not state.trl_head:
+        if cross_entropy and hf is not None and state.__dict__.get("trl_head") is None:
             _patch_trl_head(walk, state, report)
         if attention:
             _patch_attention(walk, hf, report)

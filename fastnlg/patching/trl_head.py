@@ -8,11 +8,13 @@ the C++ rows; with a frozen head, the gradient to the hidden states kept from th
 not take (a softcapped head: Gemma 2) runs TRL's own function, with one warning.
 
 This is the point of TRL that its trainers share; the name is TRL's, not public API: `available()` checks that it
-is there with the signature above, and fastnlg.patch reports the swap, or why it did not make it."""
+is there with the signature above, and fastnlg.patch reports the swap, or why it did not make it. The swap is tried
+when TRL has been imported (`import trl` before fastnlg.patch); a model patched before that keeps TRL's kernel
+under TRL's trainers (nothing of TRL runs at patch time then, so nothing is reported)."""
 from __future__ import annotations
 
+import importlib
 import inspect
-import sys
 import warnings
 
 from . import swaps
@@ -25,10 +27,10 @@ _WARNED: set = set()
 
 def available() -> str | None:
     """None when TRL's fused head can run on fastnlg's op, else why not."""
-    module = sys.modules.get(MODULE)
-    if module is None:
-        return ("TRL was not imported when the model was patched: a TRL trainer's fused head (if one is used) runs "
-                "TRL's own kernel; import trl before fastnlg.patch to have it on fastnlg's")
+    try:  # (called once `import trl` has run: TRL imports its trainer modules lazily, this one now)
+        module = importlib.import_module(MODULE)
+    except Exception as exc:  # noqa: BLE001  (a TRL that cannot import it: its own code runs, as said)
+        return f"{MODULE} does not import here ({type(exc).__name__}: {exc}): TRL's fused head runs TRL's own code"
     fn = getattr(module, ATTR, None)
     if fn is None:
         return f"this TRL has no {MODULE}.{ATTR}: its fused head (if any) runs TRL's own code"

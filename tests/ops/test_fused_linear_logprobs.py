@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fastnlg.ops import fused_linear_logprobs
 from fastnlg.ops.fused_linear_logprobs import fused_linear_logprobs_reference as reference
 from tests.conftest import backend_params, skip_interpreter_bf16
+from tests.ops.test_cross_entropy import _data as linear_loss_data
 from tests.tolerance import assert_by_rule
 
 BACKENDS = backend_params()
@@ -17,12 +18,8 @@ LP = importlib.import_module("fastnlg.ops.fused_linear_logprobs")  # (fastnlg.op
 
 
 def _data(N, V, C, device="cpu", ignore_frac=0.3):
-    h = torch.randn(N, C, device=device)
-    w = torch.randn(V, C, device=device) / C ** 0.5 * 3
-    b = torch.randn(V, device=device)
-    y = torch.randint(0, V, (N,), device=device)
-    y[torch.rand(N, device=device) < ignore_frac] = -100
-    return h, w, b, y
+    """(hidden, weight, bias, labels) as the fused loss's tests draw them."""
+    return linear_loss_data(N, V, C, device, ignore_frac)
 
 
 def _run(fn, h, w, b, y, dtype, frozen, temperature, ga, gb, **kw):

@@ -206,7 +206,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     labels == ignore_index, without the (N, V) logits; with return_entropy=True also the entropy (N,) of the
     same distribution. Gradients flow to hidden, weight and bias through both. return_stats=True (what TRL's
     fused head logs) returns (logp, entropy, mean logit, log sum p^2, label is the argmax), the last three
-    without gradient (computed on every row, ignored or not). See the module docstring."""
+    without gradient (meaningful on the non-ignored rows; TRL masks the others). See the module docstring."""
     check_tensor(OP, "hidden", hidden, ndim=2)
     amp = _amp.autocast_dtype(hidden.device.type)
     if amp is not None:  # the logits matmul as F.linear under autocast; the rest in fp32

@@ -259,14 +259,15 @@ def _eval_preference(args) -> int:
     --adapter (the adapter disabled), else none (log p_ref = 0: does the model give the chosen completion the
     higher log-probability)."""
     from .train.config import TrainConfig
-    from .train.tasks.preference import Preference, load_pairs
+    from .train.tasks.preference import Preference
 
     model, tok, dev = _load(args.model, args.adapter, args.device)
     task = Preference("dpo", reference_free=not (args.reference or args.adapter))
     if args.reference:
         task._reference = _load(args.reference, None, args.device)[0].requires_grad_(False)
-    cfg = TrainConfig(objective="dpo", beta=args.beta, batch_size=args.batch_size)
-    metrics = task.evaluate(model, load_pairs([args.data], tok, args.max_length, True), tok, cfg, dev, None)
+    cfg = TrainConfig(objective="dpo", beta=args.beta, batch_size=args.batch_size, eval_files=[args.data],
+                      max_length=args.max_length)
+    metrics = task.evaluate(model, task.held_out(cfg, tok), tok, cfg, dev, None)
     metrics["reference"] = args.reference or ("the base (adapter disabled)" if args.adapter else "none")
     _write_eval(args, metrics, [])
     return 0

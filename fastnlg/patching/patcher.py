@@ -145,10 +145,10 @@ def _patch_attention(walk, hf, report):
     report.patched.append(Entry("", "attention", f"attn_implementation {previous!r} -> {hf_attention.NAME!r}"))
 
 
-def _patch_trl_head(walk, state, report):
-    """A causal LM patched after `import trl`: TRL's fused LM head (its preference / RL trainers') runs on
-    fastnlg.ops.fused_linear_logprobs while the model is patched (trl_head.py)."""
-    hf = _hf_model(walk.model)
+def _patch_trl_head(walk, hf, state, report):
+    """A causal LM (hf: the Transformers model in the patched one) patched after `import trl`: TRL's fused LM
+    head (its preference / RL trainers') runs on fastnlg.ops.fused_linear_logprobs while the model is patched
+    (trl_head.py)."""
     if "trl" not in sys.modules or getattr(hf.config, "is_encoder_decoder", False) or \
             not type(hf).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         return
@@ -237,7 +237,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
         if rope and not state.rope:
             report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))
         if cross_entropy and hf is not None and state.__dict__.get("trl_head") is None:
-            _patch_trl_head(walk, state, report)
+            _patch_trl_head(walk, hf, state, report)
         if attention:
             _patch_attention(walk, hf, report)
         missed = [e for e in report.skipped if e.what in kinds]

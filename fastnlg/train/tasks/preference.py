@@ -146,9 +146,6 @@ class Preference(CausalLM):
     def count(self, rows):
         return len(rows)
 
-    def local_count(self, batch):
-        return torch.tensor(batch["input_ids"].shape[0] // 2)
-
     def collate(self, rows, pad_id):
         """The chosen completions, then the rejected ones, right-padded into one batch (2B, T)."""
         return data.collate(data.pad_rows([c for c, _ in rows] + [r for _, r in rows], pad_id), pad_id)
@@ -185,11 +182,15 @@ class Preference(CausalLM):
         mean = logps / n.clamp(min=1).to(logps.dtype)
         return losses.simpo_loss(mean[:B], mean[B:], beta=cfg.beta, gamma=cfg.simpo_gamma)
 
+    @staticmethod
+    def _pair_stats(per_pair, chosen, rejected):
+        """[pairs, margin sum, correct, chosen reward sum, rejected reward sum] of a batch (fp32, detached)."""
+        return torch.stack([torch.tensor(float(per_pair.shape[0]), device=per_pair.device), (chosen - rejected).sum(),
+                            (chosen > rejected).sum().to(chosen.dtype), chosen.sum(), rejected.sum()]).detach().float()
+
     def training_loss(self, model, batch, cfg, n_step):
         per_pair, chosen, rejected = self.pair_losses(model, batch, cfg)
-        stats = torch.stack([torch.tensor(float(per_pair.shape[0]), device=per_pair.device),
-                             (chosen - rejected).sum(), (chosen > rejected).sum().to(chosen.dtype), chosen.sum(),
-                             rejected.sum()]).detach().float()
+        stats = self._pair_stats(per_pair, chosen, rejected)
         self._stats = stats if self._stats is None else self._stats + stats
         return per_pair.sum() / n_step
 
@@ -217,9 +218,7 @@ class Preference(CausalLM):
                                                                       tok.pad_token_id).items()}
                     per_pair, chosen, rejected = self.pair_losses(model, batch, cfg)
                     loss_sum += float(per_pair.sum())
-                    total += torch.stack([torch.tensor(float(per_pair.shape[0]), device=device),
-                                          (chosen - rejected).sum(), (chosen > rejected).sum().float(), chosen.sum(),
-                                          rejected.sum()]).float()
+                    total += self._pair_stats(per_pair, chosen, rejected)
         finally:
             model.train(was)
         return {"eval_loss": loss_sum / max(len(rows), 1), **self._summary_of(total, "eval_")}

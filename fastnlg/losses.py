@@ -127,7 +127,8 @@ def orpo_loss(chosen_logps, rejected_logps, *, beta=0.1):
     -> (losses (B,), chosen_rewards, rejected_rewards, mean log sigmoid(log_odds), mean log_odds). ORPO's loss is
     the chosen completions' NLL minus losses.mean()."""
     _check("orpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps)
-    chosen, rejected = chosen_logps.float(), rejected_logps.float()
+    dtype = torch.promote_types(chosen_logps.dtype, torch.float32)  # (fp32 at least: log(1 - e^x) near 0; fp64 kept)
+    chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     ratio = F.logsigmoid(log_odds)
     return beta * ratio, (beta * chosen).detach(), (beta * rejected).detach(), ratio.mean(), log_odds.mean()

@@ -11,7 +11,12 @@ from .errors import ConfigError
 
 METHODS = ("full", "lora", "qlora", "prompt-tuning", "prefix", "ia3", "adalora", "bitfit")
 PROMPT_METHODS = ("prompt-tuning", "prefix")  # virtual tokens in front of each row: no packing
-OBJECTIVES = ("sft", "dpo", "simpo")  # what the trainer optimises (fastnlg/train/tasks/preference.py for dpo / simpo)
+# what the trainer optimises: sft (the task's own loss), a preference objective (train/tasks/preference.py, kto.py),
+# or distillation from a teacher model (train/tasks/distill.py)
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "kto", "distill")
+PREFERENCE = ("dpo", "simpo", "orpo", "kto")  # on {prompt, chosen, rejected} pairs, or kto's {prompt, completion, label}
+REFERENCE = ("dpo", "kto")  # objectives with a reference model (the adapter-disabled base, or a copy with method=full)
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 OPTIMIZERS = ("adamw", "adamw8bit")
 DISTRIBUTED = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -25,7 +30,7 @@ class TrainConfig:
     model: str = ""  # a local Transformers model folder, or a built-in config name (train/builtin.py)
     train_files: list = field(default_factory=list)
     output_dir: str = "out"
-    tokenizer: str = ""  # defaults to the model folder
+    tokenizer: str = ""  # defaults to the model folder (a built-in config: one trained on the data)
     eval_files: list = field(default_factory=list)
     eval_fraction: float = 0.05  # held out from train_files when eval_files is empty
     max_length: int = 256
@@ -69,9 +74,15 @@ class TrainConfig:
     tag_column: int = -1  # token classification, CoNLL files: the column holding the tag
     label_all_tokens: bool = False  # token classification: label every sub-token (default: a word's first)
     mlm_probability: float = 0.15  # masked LM: the share of tokens masked
-    objective: str = "sft"  # sft | dpo | simpo: preference pairs {"prompt", "chosen", "rejected"} (train/tasks/preference.py)
-    beta: float = 0.1  # dpo / simpo: the preference loss's beta (SimPO's own default is 2.0)
+    objective: str = "sft"  # sft | dpo | simpo | orpo | kto | distill (see OBJECTIVES above)
+    beta: float = 0.1  # dpo / simpo / orpo / kto: the preference loss's beta (SimPO's own default is 2.0)
     simpo_gamma: float = 0.5  # simpo: the target reward margin gamma
+    kto_desirable_weight: float = 1.0  # kto: the loss weight of desirable (label true) examples
+    kto_undesirable_weight: float = 1.0  # kto: ... and of undesirable ones
+    teacher: str = ""  # distill: the teacher, a causal-LM folder with the student's vocabulary
+    distill_loss: str = "forward_kl"  # distill: forward_kl (KL(teacher || student)) | reverse_kl | jsd
+    distill_beta: float = 0.5  # distill with jsd: the interpolation beta of TRL's GKD (0: forward KL, 1: reverse)
+    distill_temperature: float = 1.0  # distill: both models' logits divided by it before the softmax
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -80,7 +91,7 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(known))}")
         cfg = cls(**{k: _coerce(k, v, known[k]) for k, v in values.items()})
-        if (cfg.method in PROMPT_METHODS or cfg.task != "causal-lm" or cfg.objective != "sft") \
+        if (cfg.method in PROMPT_METHODS or cfg.task != "causal-lm" or cfg.objective in PREFERENCE) \
                 and "packing" not in values:
             cfg.packing = False  # the default follows the method and task; packing=true given explicitly is refused
         cfg.validate()
@@ -111,19 +122,30 @@ class TrainConfig:
         need(not (encoder and self.method in PROMPT_METHODS), "method",
              f"not {self.method} with task={self.task} (full, lora, qlora, ia3, adalora or bitfit)")
         need(0 < self.mlm_probability < 1, "mlm_probability", "in (0, 1)")
-        need(self.objective in OBJECTIVES, "objective",
-             f"one of {OBJECTIVES} (orpo, kto and distill are fastnlg.losses / fastnlg.ops functions, not yet trainer "
-             "objectives)")
-        preference = self.objective != "sft"
-        need(not (preference and self.task != "causal-lm"), "objective", f"sft with task={self.task} "
-             "(preference objectives train causal LMs)")
+        need(self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}")
+        preference = self.objective in PREFERENCE
+        need(not (self.objective != "sft" and self.task != "causal-lm"), "objective", f"sft with task={self.task} "
+             "(preference objectives and distillation train causal LMs)")
         need(not (preference and self.packing), "packing", f"false with objective={self.objective} (one pair per row)")
-        need(not (preference and self.method in PROMPT_METHODS), "method",
+        need(not (self.objective != "sft" and self.method in PROMPT_METHODS), "method",
              f"not {self.method} with objective={self.objective} (full, lora, qlora, ia3, adalora or bitfit)")
-        need(not (self.objective == "dpo" and self.method == "full" and self.resume), "resume",
-             "false with objective=dpo and method=full: the reference model (the initial weights) is not in the "
-             "checkpoints; with method=lora the reference is the base with the adapter disabled, and resume works")
+        need(not (self.objective in REFERENCE and self.method == "full" and self.resume), "resume",
+             f"false with objective={self.objective} and method=full: the reference model (the initial weights) is "
+             "not in the checkpoints; with method=lora the reference is the base with the adapter disabled, and "
+             "resume works")
+        need(not (self.objective == "kto" and self.batch_size < 2), "batch_size",
+             ">= 2 with objective=kto (its KL baseline pairs each prompt with another example's completion of the "
+             "micro-batch)")
         need(self.beta > 0, "beta", "> 0")
+        need(self.kto_desirable_weight >= 0 and self.kto_undesirable_weight >= 0, "kto_desirable_weight",
+             "weights >= 0 (both)")
+        need(not (self.objective == "distill" and not self.teacher), "teacher",
+             "a causal-LM model folder with objective=distill")
+        need(not (self.teacher and self.objective != "distill"), "teacher", "given only with objective=distill")
+        need(not self.teacher or os.path.isdir(self.teacher), "teacher", "an existing model folder")
+        need(self.distill_loss in DISTILL_LOSSES, "distill_loss", f"one of {DISTILL_LOSSES}")
+        need(0.0 <= self.distill_beta <= 1.0, "distill_beta", "in [0, 1]")
+        need(self.distill_temperature > 0, "distill_temperature", "> 0")
         need(not self.class_weights or self.task in ("token-classification", "sequence-classification"),
              "class_weights", "given only with task=token-classification or sequence-classification")
         need(not self.class_weights or self.patch, "class_weights",

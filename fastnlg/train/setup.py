@@ -64,8 +64,9 @@ def base_dir(cfg: TrainConfig) -> str:
 def model_and_tokenizer(cfg: TrainConfig, device, task=None):
     """-> (cfg, model, tokenizer, built_in). A folder loads both, once its architecture is checked against the
     task (which may read its data first: a classifier's label set); a built-in config (train/builtin.py) gets
-    its tokenizer trained on the data here and its model later (model_from_scratch, once the data is valid:
-    model is None and built_in its config); a re-run or --resume of one loads the base it was trained from."""
+    its tokenizer trained on the data here (or cfg.tokenizer's, or a distillation teacher's) and its model
+    later (model_from_scratch, once the data is valid: model is None and built_in its config); a re-run or
+    --resume of one loads the base it was trained from."""
     task = task or tasks.get(cfg.task)
     built_in = builtin.CONFIGS.get(cfg.model) if not os.path.isdir(cfg.model) else None
     if built_in is not None and os.path.isdir(base_dir(cfg)):
@@ -77,6 +78,9 @@ def model_and_tokenizer(cfg: TrainConfig, device, task=None):
         model = load_model(cfg, device, task, **task.load_kwargs(cfg, tok, config))
         task.configure(model, cfg)
         return cfg, model, tok, None
+    source = cfg.tokenizer or (cfg.teacher if cfg.objective == "distill" else "")  # (a student takes its teacher's)
+    if source:
+        return cfg, None, loading.load_tokenizer(source), built_in
     return cfg, None, builtin.train_tokenizer(task.corpus(cfg.train_files), built_in["vocab"]), built_in
 
 

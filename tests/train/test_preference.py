@@ -145,9 +145,10 @@ def test_bad_data_names_file_and_line(tmp_path, record, message):
 
 
 def test_bad_configs(pairs, tmp_path):
-    with pytest.raises(ConfigError, match=r"objective='kto' is not allowed: one of \('sft', 'dpo', 'simpo'\)"):
-        _cfg(pairs, tmp_path, objective="kto")
-    with pytest.raises(ConfigError, match="preference objectives train causal LMs"):
+    with pytest.raises(ConfigError, match=r"objective='ppo' is not allowed: one of \('sft', 'dpo', 'simpo', 'orpo', "
+                                          r"'kto', 'distill'\)"):
+        _cfg(pairs, tmp_path, objective="ppo")
+    with pytest.raises(ConfigError, match="preference objectives and distillation train causal LMs"):
         _cfg(pairs, tmp_path, task="seq2seq", model="t5-tiny")
     with pytest.raises(ConfigError, match="reference model .* is not in the checkpoints"):
         _cfg(pairs, tmp_path, resume=True)

@@ -7,7 +7,9 @@ fit), how it reads and checks its data, how rows become batches, and how it is e
     masked-lm                {"text"} (or .txt), 15% of the tokens masked (80/10/10); loss, perplexity, accuracy
     seq2seq                  encoder-decoders: {"source", "target"} (or document/summary, input/output, records);
                              loss, perplexity, token accuracy; BLEU / ROUGE through generate in `fastnlg eval`
-    --objective dpo | simpo  causal LMs on preference pairs {"prompt", "chosen", "rejected"} (tasks/preference.py)
+    --objective dpo | simpo | orpo   causal LMs on preference pairs {"prompt", "chosen", "rejected"}
+                             (tasks/preference.py); kto on {"prompt", "completion", "label"} (tasks/kto.py)
+    --objective distill      causal LMs on the causal-lm data, against --teacher (tasks/distill.py)
 
 The trainer works through the Task interface below; tasks/causal_lm.py, classification.py, masked_lm.py and
 seq2seq.py implement it.
@@ -159,6 +161,14 @@ def get(name: str, objective: str = "sft") -> Task:
     from .masked_lm import MaskedLM
     from .seq2seq import Seq2Seq
 
+    if objective == "kto":
+        from .kto import KTO
+
+        return KTO()
+    if objective == "distill":
+        from .distill import Distill
+
+        return Distill()
     if objective != "sft":
         from .preference import Preference
 

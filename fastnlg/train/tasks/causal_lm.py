@@ -23,6 +23,18 @@ def encoder_kind(config) -> str | None:
     return None
 
 
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_logits(config, path, what):
+    """A ConfigError when the model transforms its logits, which the fused log-prob and distillation ops
+    (preference objectives, distillation) do not apply yet."""
+    for key in LOGIT_TRANSFORMS:
+        if getattr(config, key, None) not in (None, 1.0):
+            raise ConfigError(f"{what}: {path} transforms its logits ({key}={getattr(config, key)}), which the fused "
+                              "log-prob / distillation ops do not apply yet")
+
+
 class CausalLM(Task):
     name = "causal-lm"
     auto_class = "AutoModelForCausalLM"

@@ -1,6 +1,7 @@
-"""Preference tuning of a causal LM (`fastnlg train --objective dpo | simpo`): pairs of completions of one prompt,
-the preferred one first, trained with fastnlg.losses on log-probabilities from fastnlg.ops.fused_linear_logprobs
-(the (tokens x vocab) logits never exist, for the policy or the reference).
+"""Preference tuning of a causal LM (`fastnlg train --objective dpo | simpo | orpo`): pairs of completions of one
+prompt, the preferred one first, trained with fastnlg.losses on log-probabilities from
+fastnlg.ops.fused_linear_logprobs (the (tokens x vocab) logits never exist, for the policy or the reference).
+KTO's unpaired examples are tasks/kto.py, built on this.
 
 Data: JSONL records {"prompt", "chosen", "rejected"}: strings (the completion follows the prompt as in
 prompt/completion SFT data, EOS appended), or chat messages (prompt a list of turns, chosen / rejected a string
@@ -12,6 +13,9 @@ Objectives:
            LoRA / QLoRA / IA3 / ... the base with the adapter disabled (no second copy); with method=full a frozen
            copy of the initial model
     simpo  simpo_loss on the completions' mean log-probabilities (reference-free), beta and simpo_gamma
+    orpo   the chosen completion's NLL (its mean over its tokens: the ORPO paper's per-example L_SFT; TRL's
+           ORPOTrainer averages over the batch's chosen tokens instead, the same when they have equal lengths)
+           minus orpo_loss's beta x log sigmoid(log odds ratio) on mean log-probabilities (reference-free)
 The step's loss is the sum over its pairs / the pairs of the whole step (exact gradient accumulation).
 Logged: the loss, the reward margin (chosen - rejected reward) and the preference accuracy (the share of pairs
 whose chosen reward is higher); held out the same, with eval_loss the mean preference loss.
@@ -25,8 +29,9 @@ import torch
 from ... import losses
 from ...ops import fused_linear_logprobs
 from .. import data
+from ..config import REFERENCE
 from ..errors import ConfigError, DataError
-from .causal_lm import CausalLM
+from .causal_lm import CausalLM, check_logits
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -94,15 +99,23 @@ def _unwrap(model):
     return (peft.get_base_model() if peft is not None else model), peft
 
 
-def completion_logps(model, batch):
-    """(summed log p of each row's completion (2B,), its token count (2B,)) through the backbone and the fused
-    log-prob op on the LM head (no logits)."""
+INPUTS = ("input_ids", "attention_mask", "position_ids")  # what the backbone gets of a batch (packed rows: positions)
+
+
+def final_hidden(model, batch):
+    """(the backbone's last hidden states (B, T - 1, C) before each next token, those next tokens' labels
+    (B, T - 1), the LM head module) of a batch: the causal LM without its head, so that a fused op takes the
+    head's weight and no (tokens x vocab) logits are made."""
     lm, _ = _unwrap(model)
     backbone = getattr(lm, lm.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      use_cache=False).last_hidden_state[:, :-1]
-    labels = batch["labels"][:, 1:]
-    head = lm.get_output_embeddings()
+    out = backbone(**{k: batch[k] for k in INPUTS if k in batch}, use_cache=False)
+    return out.last_hidden_state[:, :-1], batch["labels"][:, 1:], lm.get_output_embeddings()
+
+
+def completion_logps(model, batch):
+    """(summed log p of each row's completion (rows,), its token count (rows,)) through the backbone and the fused
+    log-prob op on the LM head (no logits)."""
+    hidden, labels, head = final_hidden(model, batch)
     B, T, C = hidden.shape
     logp = fused_linear_logprobs(hidden.reshape(-1, C), head.weight, labels.reshape(-1), bias=head.bias)
     mask = labels != data.IGNORE
@@ -110,7 +123,8 @@ def completion_logps(model, batch):
 
 
 class Preference(CausalLM):
-    """dpo / simpo over pairs (the Task interface of tasks/__init__.py; rows are (chosen, rejected) Samples)."""
+    """dpo / simpo / orpo over pairs (the Task interface of tasks/__init__.py; rows are (chosen, rejected)
+    Samples)."""
 
     token_accuracy = False
 
@@ -122,10 +136,7 @@ class Preference(CausalLM):
 
     def check_model(self, config, path):
         super().check_model(config, path)
-        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-            if getattr(config, key, None) not in (None, 1.0):
-                raise ConfigError(f"objective={self.objective}: {path} transforms its logits ({key}="
-                                  f"{getattr(config, key)}), which fused_linear_logprobs does not apply yet")
+        check_logits(config, path, f"objective={self.objective}")
 
     def corpus(self, paths):
         return [" ".join(str(record.get(k, "")) for k in FIELDS) for path in paths
@@ -154,7 +165,8 @@ class Preference(CausalLM):
         return int(batch["attention_mask"].sum())
 
     def _reference_logps(self, model, batch):
-        if self.objective != "dpo":
+        """The reference model's completion log-probabilities of a batch (None for a reference-free objective)."""
+        if self.objective not in REFERENCE:
             return None
         if self.reference_free:
             return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
@@ -180,10 +192,12 @@ class Preference(CausalLM):
         if self.objective == "dpo":
             return losses.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=cfg.beta)
         mean = logps / n.clamp(min=1).to(logps.dtype)
+        if self.objective == "orpo":
+            odds, chosen, rejected, _, _ = losses.orpo_loss(mean[:B], mean[B:], beta=cfg.beta)
+            return -mean[:B] - odds.to(mean.dtype), chosen, rejected
         return losses.simpo_loss(mean[:B], mean[B:], beta=cfg.beta, gamma=cfg.simpo_gamma)
 
-    @staticmethod
-    def _pair_stats(per_pair, chosen, rejected):
+    def _pair_stats(self, per_pair, chosen, rejected):
         """[pairs, margin sum, correct, chosen reward sum, rejected reward sum] of a batch (fp32, detached)."""
         return torch.stack([torch.tensor(float(per_pair.shape[0]), device=per_pair.device), (chosen - rejected).sum(),
                             (chosen > rejected).sum().to(chosen.dtype), chosen.sum(), rejected.sum()]).detach().float()
@@ -209,7 +223,7 @@ class Preference(CausalLM):
     def evaluate(self, model, rows, tok, cfg, device, dist):
         was = model.training
         model.eval()
-        total = torch.zeros(5, device=device)
+        total = None
         loss_sum = 0.0
         try:
             with torch.no_grad():
@@ -218,9 +232,11 @@ class Preference(CausalLM):
                                                                       tok.pad_token_id).items()}
                     per_pair, chosen, rejected = self.pair_losses(model, batch, cfg)
                     loss_sum += float(per_pair.sum())
-                    total += self._pair_stats(per_pair, chosen, rejected)
+                    stats = self._pair_stats(per_pair, chosen, rejected)
+                    total = stats if total is None else total + stats
         finally:
             model.train(was)
+        total = total if total is not None else torch.zeros(7)
         return {"eval_loss": loss_sum / max(len(rows), 1), **self._summary_of(total, "eval_")}
 
     def summary(self, m):

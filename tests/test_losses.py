@@ -158,8 +158,13 @@ def test_orpo_equals_trl():
     c, r = -torch.rand(6, dtype=torch.float64) * 2 - 1e-3, -torch.rand(6, dtype=torch.float64) * 2 - 1e-3
     c[0] = -0.01  # both branches of log(1 - e^x)
     fake = types.SimpleNamespace(beta=0.25, accelerator=_Accelerator())
-    for ours, theirs in zip(L.orpo_loss(c, r, beta=0.25), ORPOTrainer.odds_ratio_loss(fake, c, r)):
+    # TRL computes in fp32 (.float()); fastnlg promotes to at least fp32, so fp32 inputs match it exactly and
+    # fp64 inputs stay fp64 (equal to TRL's figures within fp32 rounding)
+    for ours, theirs in zip(L.orpo_loss(c.float(), r.float(), beta=0.25), ORPOTrainer.odds_ratio_loss(fake, c, r)):
         torch.testing.assert_close(ours, theirs)
+    for ours, theirs in zip(L.orpo_loss(c, r, beta=0.25), ORPOTrainer.odds_ratio_loss(fake, c, r)):
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, theirs.double(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])

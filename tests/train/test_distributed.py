@@ -37,7 +37,8 @@ def single(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# FSDP (with its multi-process resume) is the slow tier's: two more process groups, ~30 s of the default tier
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_processes_equal_one(tiny, single, tmp_path, mode):
     out = tmp_path / mode
     r = _train(tiny, out, "--batch-size", "2", "--nproc", "2", "--distributed", mode)

@@ -106,30 +106,37 @@ def _ptxas_usage(ptx: str, arch: int, log: str = "") -> tuple[int, int]:
     return regs, spills
 
 
-def compile_one(spec: dict, arch: int) -> AotRow:
+def _signature(spec: dict, arch: int) -> dict:
+    from fastnlg.kernels._arch import aot_dtype_name
+
+    return {k: ("*" + aot_dtype_name(v[1:], arch) if isinstance(v, str) and v.startswith("*") else v)
+            for k, v in spec["signature"].items()}
+
+
+def compile_spec(spec: dict, arch: int, log=None):
+    """triton.compile of one spec for sm_`arch` (no GPU needed); Triton's ptxas -v log goes to `log`."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fastnlg.kernels._arch import aot_dtype_name
+    src = triton.compiler.ASTSource(fn=spec["kernel"], signature=_signature(spec, arch), constexprs=spec["constexprs"])
+    dump = triton.knobs.nvidia.dump_ptxas_log
+    triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log: no second ptxas run
+    try:
+        with contextlib.redirect_stdout(log or io.StringIO()):
+            return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)})
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = dump  # the caller's JIT compiles stay quiet
 
-    fn = spec["kernel"]
-    name = fn.fn.__name__
-    sig = {k: ("*" + aot_dtype_name(v[1:], arch) if isinstance(v, str) and v.startswith("*") else v)
-           for k, v in spec["signature"].items()}
+
+def compile_one(spec: dict, arch: int) -> AotRow:
+    name = spec["kernel"].fn.__name__
+    sig = _signature(spec, arch)
     config = ",".join(f"{k}={v}" for k, v in spec["constexprs"].items())
     config += f",num_warps={spec['num_warps']},dtypes=" + "/".join(sorted({v for v in sig.values() if v and v.startswith('*')}))
     log = io.StringIO()
     try:
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"])
-        dump = triton.knobs.nvidia.dump_ptxas_log
-        triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log: no second ptxas run
-        try:
-            with contextlib.redirect_stdout(log):
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": spec["num_warps"],
-                                                   "num_stages": spec.get("num_stages", 3)})
-        finally:
-            triton.knobs.nvidia.dump_ptxas_log = dump  # the caller's JIT compiles stay quiet
+        compiled = compile_spec(spec, arch, log)
     except Exception as exc:  # a config that does not compile is a failing row, reported with its error
         return AotRow(name, arch, config, 0, 0, 0, False, group=spec.get("group", ""), cfg=tuple(spec.get("config", ())),
                       compile_error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")

@@ -42,7 +42,21 @@ def aot_dtype_name(dtype_name: str, arch: int) -> str:
     return "fp16" if dtype_name == "bf16" and arch < BF16_ARCH else dtype_name
 
 
+# Configs measured to give wrong results on a GPU of an architecture, though they compile cleanly there (kept
+# by hand, unlike EXCLUDED): per launch group, per architecture. Each entry names the run that found it.
+#   attn_bwd_dkdv_kernel, half, D128, sm_90: BLOCK_M 32 x BLOCK_N 64 with num_stages 2 (4 or 8 warps) writes a dK
+#   that is wrong (max error 5-40x the tolerance rule's bound) and differs from run to run, a race in the
+#   code Triton 3.6 generates for the software-pipelined query loop; the same tiles at num_stages 1, and
+#   32 x 32 / 16 x 32 at num_stages 2, were right and repeatable (NVIDIA H200, 2026-12-04: scripts/gpu_diag.py
+#   --probe, benchmarks/results/NVIDIA_H200-20261204/diag/). T5's RP1 build has the same loop: excluded too.
+MEASURED_WRONG = {
+    group: {90: [(32, 64, 8, 2), (32, 64, 4, 2)]}
+    for group in ("attn_bwd_dkdv_kernel/half/D128", "attn_bwd_dkdv_kernel/half/D128/RP1")
+}
+
+
 def candidates(group: str, configs, arch: int) -> list:
-    """`configs` (tuples, in preference order) less the ones excluded on `arch`."""
-    excluded = EXCLUDED.get(group, {}).get(arch, ())
+    """`configs` (tuples, in preference order) less the ones excluded on `arch`: those that spill or overflow
+    there (EXCLUDED) and those measured wrong there (MEASURED_WRONG)."""
+    excluded = (*EXCLUDED.get(group, {}).get(arch, ()), *MEASURED_WRONG.get(group, {}).get(arch, ()))
     return [c for c in configs if tuple(c) not in excluded]

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._arch import group_name
 from ._autotune import device_arch, has_candidate, tuned_launch
+from ._dot import dot
 from ._launch import TRITON_DTYPE, declared_signature
 
 # Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, in order of preference: the
@@ -84,7 +85,7 @@ def _softcap(s, softcap, HAS_SOFTCAP: tl.constexpr):
 def _scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """(rows of q, rows of k) fp32 scores softcap(scale Q K^T), before masking: the one definition the
     forward, decode and backward kernels share."""
-    return _softcap(tl.dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
+    return _softcap(dot(q, tl.trans(k)) * scale, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -222,7 +223,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE: "*fp32", KPM: "*u8", CU: "*i32", RB: "*fp32
                 keep = _dropout_keep(seed, pid_bh, row0 + offs_m, row0 + offs_n, S, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             v = tl.load(_rows(v_ptr, row0 + offs_n, svt, offs_d), mask=kv_ok, other=0.0)
-            acc += tl.dot(p.to(v.dtype), v)
+            acc += dot(p.to(v.dtype), v)
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -298,17 +299,17 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DK, DV, KPM:
                 p, dcap = _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM,
                                       b.to(tl.int64) * skpm, lse, shift, RB, h, maxd, CAUSAL, HAS_SOFTCAP, HAS_KPM,
                                       HAS_RELPOS)
-                dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+                dp = dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
                 pd = p
                 if DROPOUT:
                     keep = _dropout_keep(seed, bh, row0 + offs_m, row0 + offs_n, S, dropout_p)
                     pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                     dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                dv += tl.dot(tl.trans(pd).to(do.dtype), do)
+                dv += dot(tl.trans(pd).to(do.dtype), do)
                 ds = p * (dp - delta[:, None])
                 if HAS_SOFTCAP:
                     ds = ds * dcap
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+                dk += dot(tl.trans(ds).to(q.dtype), q)
         dk = dk * scale
         tl.store(_rows(_head(DK, b, hk, sdkb, sdkh), row0 + offs_n, sdkt, offs_d), dk.to(DK.dtype.element_ty),
                  mask=kv_ok)
@@ -353,7 +354,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DQ, KPM: "*u8"
             p, dcap = _bwd_scores(q, k, scale, softcap, offs_m, offs_n, q_len, k_len, left, right, KPM,
                                   b.to(tl.int64) * skpm, lse, shift, RB, h, maxd, CAUSAL, HAS_SOFTCAP, HAS_KPM,
                                   HAS_RELPOS)
-            dp = tl.dot(do, tl.trans(v))
+            dp = dot(do, tl.trans(v))
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh, row0 + offs_m, row0 + offs_n, S, dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
@@ -365,7 +366,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE: "*fp32", DELTA: "*fp32", DQ, KPM: "*u8"
                     dtab += tl.where(offs_nb == nb, tl.sum(tl.sum(tl.where(bk == nb, ds, 0.0), axis=1), axis=0), 0.0)
             if HAS_SOFTCAP:
                 ds = ds * dcap
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += dot(ds.to(k.dtype), k)
         dq = dq * scale
         tl.store(_rows(_head(DQ, b, h, sdqb, sdqh), row0 + offs_m, sdqt, offs_d), dq.to(DQ.dtype.element_ty), mask=q_ok)
         if HAS_RELPOS:

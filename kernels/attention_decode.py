@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ._arch import group_name
 from ._autotune import has_candidate, launch_candidates
+from ._dot import dot
 from ._launch import TRITON_DTYPE, declared_signature
 from .attention import INTERPRET_BLOCK, _head, _online_softmax, _rows, _scores, _visible
 
@@ -59,7 +60,7 @@ def attn_decode_kernel(Q, K, V, O_PART: "*fp32", LSE_PART: "*fp32", KPM: "*u8",
         s = tl.where(ok, _scores(q, k, scale, softcap, HAS_SOFTCAP), -float("inf"))
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         v = tl.load(_rows(v_ptr, offs_n, svt, offs_d), mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, -float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))

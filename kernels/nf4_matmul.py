@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._arch import group_name
 from ._autotune import has_candidate, tuned_launch
+from ._dot import dot
 from ._launch import TRITON_DTYPE, declared_signature
 
 # Candidate (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in order of preference; the launchers measure
@@ -63,7 +64,7 @@ def nf4_matmul_nt_kernel(X, PACKED: "*u8", ABSMAX: "*fp32", CODE: "*fp32", BIAS,
         x = tl.load(X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in), other=0.0)
         w = _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w))
+        acc += dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < n_out, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:  # the LoRA branch in the epilogue: acc += s U B^T, U = d(x) A^T (M, r), B (out, r)
@@ -72,7 +73,7 @@ def nf4_matmul_nt_kernel(X, PACKED: "*u8", ABSMAX: "*fp32", CODE: "*fp32", BIAS,
                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < r), other=0.0)
         lb = tl.load(LB + offs_n[:, None].to(tl.int64) * slb + offs_r[None, :],
                      mask=(offs_n[:, None] < n_out) & (offs_r[None, :] < r), other=0.0)
-        acc += scaling * tl.dot(u, tl.trans(lb))
+        acc += scaling * dot(u, tl.trans(lb))
     tl.store(Y + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_out))
 
@@ -89,7 +90,7 @@ def nf4_matmul_nn_kernel(DY, PACKED: "*u8", ABSMAX: "*fp32", CODE: "*fp32", DX, 
         dy = tl.load(DY + offs_m[:, None].to(tl.int64) * sdym + offs_n[None, :],
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_out), other=0.0)
         w = _w_tile(PACKED, ABSMAX, CODE, offs_n, offs_k, n_out, n_in, BS).to(dy.dtype)
-        acc += tl.dot(dy, w)
+        acc += dot(dy, w)
     tl.store(DX + offs_m[:, None].to(tl.int64) * sdxm + offs_k[None, :], acc.to(DX.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < n_in))
 

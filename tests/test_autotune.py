@@ -111,6 +111,23 @@ def test_each_gpu_tunes_among_its_own_candidates(monkeypatch):
     assert [_arch.table_arch(c) for c in ((7, 0), (7, 5), (8, 9), (12, 1))] == [75, 75, 89, 120]
 
 
+def test_configs_measured_wrong_are_no_candidates(monkeypatch):
+    """The H200's race in the dK/dV kernel (kernels/_arch.MEASURED_WRONG): on sm_90 its untuned default, and
+    every candidate the tuner may pick, is none of the measured-wrong tiles; other architectures keep them
+    (none was measured there)."""
+    from fastnlg.kernels import _arch
+    from fastnlg.kernels import attention as A
+
+    group = "attn_bwd_dkdv_kernel/half/D128"
+    wrong = _arch.MEASURED_WRONG[group][90]
+    monkeypatch.setattr(_autotune, "_ARCH", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    kept = _autotune.launch_candidates(group, A.BWD_CONFIGS[128], torch.device("cuda", 0))
+    assert kept and not set(kept) & set(wrong)
+    assert (32, 64, 8, 2) in A.BWD_CONFIGS[128] and (32, 64, 8, 2) in _arch.candidates(group, A.BWD_CONFIGS[128], 89)
+    assert _arch.candidates("attn_bwd_dq_kernel/half/D128", A.BWD_CONFIGS[128], 90)[0] == (32, 64, 8, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_measures_its_tiles_on_the_gpu(monkeypatch):

@@ -28,11 +28,12 @@ def test_every_kernel_has_aot_specs():
 
 def _may_fall_back(group, arch):
     """The (group, target)s allowed to have no clean candidate (their launcher runs something else): sm_75's
-    small register file and shared memory; fp32 decode at D256; the dQ kernel with T5's bias sums (RP1) on
-    sm_80 at fp32 D128 and at D256."""
-    return (arch == 75 or group == "attn_decode_kernel/fp32/D256"
-            or (arch == 80 and group in ("attn_bwd_dq_kernel/fp32/D128/RP1", "attn_bwd_dq_kernel/fp32/D256/RP1",
-                                         "attn_bwd_dq_kernel/half/D256/RP1")))
+    small register file and shared memory; the fp32 builds, whose products run on FMA units in fp32
+    (kernels/_dot.py: Triton's tf32 erred 100x PyTorch's fp32 on an H200) and take more registers, so that
+    every tile of some fp32 groups spills (fp32 attention then runs on SDPA, in fp32); the dQ kernel with
+    T5's bias sums (RP1) on sm_80 at half D256."""
+    return (arch == 75 or "/fp32/" in group
+            or (arch == 80 and group == "attn_bwd_dq_kernel/half/D256/RP1"))
 
 
 def test_every_launch_group_has_a_candidate_on_every_target():

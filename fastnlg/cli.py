@@ -34,8 +34,9 @@ def _user_errors():
     """The exceptions that are the user's to fix (imported late, so --help stays fast)."""
     from .train.config import ConfigError
     from .train.data import DataError
+    from .train.errors import CheckpointError
 
-    return (UserError, ConfigError, DataError, FileNotFoundError)
+    return (UserError, ConfigError, DataError, CheckpointError, FileNotFoundError)
 
 
 # What the commands import once they run (metrics, plots, progress, configs), by import name -> pip name; the
@@ -83,12 +84,15 @@ def _train_parser(sub):
         "fastnlg.cli train --config run.yaml --distributed fsdp)"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML or JSON file of TrainConfig keys (flags override it)")
     p.add_argument("--no-patch", action="store_true", help="the same run without fastnlg.patch, for comparison")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in --output-dir "
+                   "(a damaged one is skipped, with why; a changed configuration or data stops it)")
+    p.add_argument("--resume-force", action="store_true", help="--resume even where the configuration or the data "
+                   "differ from the checkpoint's (it names what differs)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run on N processes (torchrun --standalone --nproc-per-node N; DDP or FSDP2 by --distributed, "
                         "gloo on CPU, NCCL on GPUs); the same as torchrun --nproc-per-node N -m fastnlg.cli train ...")
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("resume",):
+        if f.name not in ("resume", "resume_force"):
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
                            help=f"(default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()})")
     return p
@@ -101,12 +105,14 @@ def cmd_train(args) -> int:
     values = load_config_file(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
-        if v is not None and f.name != "resume":
+        if v is not None and f.name not in ("resume", "resume_force"):
             values[f.name] = v
     if args.no_patch:
         values["patch"] = False
-    if args.resume:
+    if args.resume or args.resume_force:
         values["resume"] = True
+    if args.resume_force:
+        values["resume_force"] = True
     cfg = TrainConfig.from_dict(values)
     check_startable(cfg)  # before any process starts (train() in each process then finds it checked)
     if args.nproc is not None and args.nproc < 1:

@@ -64,6 +64,7 @@ class TrainConfig:
     early_stopping_patience: int = 0  # evaluations without a better eval loss before stopping; 0 = off
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     resume: bool = False
+    resume_force: bool = False  # resume even where the configuration or the data differ from the checkpoint's
     patch: bool = True
     device: str = "auto"
     progress: bool = True

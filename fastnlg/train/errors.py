@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad training data; the message names the file and line."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written (the disk) or read back (a damaged file); the message names it."""

@@ -192,10 +192,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
     metrics when evaluated)."""
     check_startable(cfg)
     dist = Dist.from_env(cfg.distributed)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # --progress false: no bar at all, Transformers' loading bars neither
+        hf_logging.disable_progress_bar()
     try:
         return _train(cfg, dist, log if dist.main else (lambda *_: None))
     finally:
         dist.close()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _patch(model, cfg: TrainConfig, dist: Dist, log):
@@ -231,17 +238,34 @@ class Run:
     step: int = 0
     task: Task | None = None
 
+    def data_fingerprint(self) -> dict:
+        """checkpoint.fingerprint of the data files, hashed once a run."""
+        if "_data" not in self.__dict__:
+            self.__dict__["_data"] = checkpoint.fingerprint(list(self.cfg.train_files) + list(self.cfg.eval_files))
+        return self.__dict__["_data"]
+
     def save_checkpoint(self) -> None:
         checkpoint.save(self.cfg.output_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
-                        {"data_position": self.batches.position(), "trainer": self.state}, self.cfg.keep_checkpoints,
-                        self.dist)
+                        {"data_position": self.batches.position(), "trainer": self.state,
+                         "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint()},
+                        self.cfg.keep_checkpoints, self.dist)
 
     def resume(self) -> None:
-        last = checkpoint.list_checkpoints(self.cfg.output_dir)[-1]
-        saved = checkpoint.load(last, self.model, self.optimizer, self.scheduler, self.scaler, self.dist)
-        self.step = saved["step"]
-        self.batches.restore(saved["data_position"])
-        self.state.update(saved["trainer"])
+        """From the newest checkpoint that reads whole (each damaged one skipped, with why); a configuration or
+        data that differs from the checkpoint's stops the run with the differences, unless resume_force."""
+        last, saved, skipped = checkpoint.newest_readable(self.cfg.output_dir, self.dist)
+        for path, why in skipped:
+            self.log(f"resume: skipped {path}: {why}")
+        changed = checkpoint.differences(saved["state"], dataclasses.asdict(self.cfg), self.data_fingerprint())
+        if changed and not self.cfg.resume_force:
+            raise ConfigError(f"resume: this run differs from {last}: {'; '.join(changed)}. Resume with the same "
+                              "configuration and data, or pass --resume-force to continue with these anyway")
+        if changed:
+            self.log(f"resume: --resume-force, continuing from {last} with {'; '.join(changed)}")
+        state = checkpoint.load(last, self.model, self.optimizer, self.scheduler, self.scaler, self.dist, saved)
+        self.step = state["step"]
+        self.batches.restore(state["data_position"])
+        self.state.update(state["trainer"])
         self.log(f"resumed from {last} at step {self.step}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -238,16 +239,15 @@ class Run:
     step: int = 0
     task: Task | None = None
 
+    @functools.cached_property
     def data_fingerprint(self) -> dict:
         """checkpoint.fingerprint of the data files, hashed once a run."""
-        if "_data" not in self.__dict__:
-            self.__dict__["_data"] = checkpoint.fingerprint(list(self.cfg.train_files) + list(self.cfg.eval_files))
-        return self.__dict__["_data"]
+        return checkpoint.fingerprint(list(self.cfg.train_files) + list(self.cfg.eval_files))
 
     def save_checkpoint(self) -> None:
         checkpoint.save(self.cfg.output_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
                         {"data_position": self.batches.position(), "trainer": self.state,
-                         "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint()},
+                         "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint},
                         self.cfg.keep_checkpoints, self.dist)
 
     def resume(self) -> None:
@@ -256,7 +256,7 @@ class Run:
         last, saved, skipped = checkpoint.newest_readable(self.cfg.output_dir, self.dist)
         for path, why in skipped:
             self.log(f"resume: skipped {path}: {why}")
-        changed = checkpoint.differences(saved["state"], dataclasses.asdict(self.cfg), self.data_fingerprint())
+        changed = checkpoint.differences(saved["state"], dataclasses.asdict(self.cfg), self.data_fingerprint)
         if changed and not self.cfg.resume_force:
             raise ConfigError(f"resume: this run differs from {last}: {'; '.join(changed)}. Resume with the same "
                               "configuration and data, or pass --resume-force to continue with these anyway")

@@ -13,15 +13,14 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 from .peers import NotInstalled
+from .side_by_side import Ratio, compare
 
 
 @dataclass
@@ -62,6 +61,17 @@ class Row:
     env: dict = field(default_factory=dict)
     tokens_per_s: float | None = None
     check: str = ""  # "ok", "FAIL: ..." or a peer's "not installed (...)" (then no time: NaN), "" (a training step)
+    ratio: float | None = None      # eager time / this one's, per side-by-side round: the median (None for eager)
+    ratio_p20: float | None = None  # and its p20-p80 spread
+    ratio_p80: float | None = None
+
+    def speedup(self) -> str:
+        """The ratio to eager with its spread, and a word when the spread is too wide to conclude ("" if none)."""
+        if self.ratio is None:
+            return ""
+        r = Ratio(self.ratio, self.ratio_p20, self.ratio_p80, 0)
+        text = f"{r.median:.2f}x [{r.p20:.2f}–{r.p80:.2f}]"
+        return text + (" inconclusive" if r.verdict().startswith("inconclusive") else "")
 
 
 COMMIT_FILE = ".fastnlg-commit"  # at the repository root: the commit, where the copy has no .git (a device)
@@ -107,26 +117,6 @@ def environment(device: str) -> dict:
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def time_ms(fn, device: str, warmup: int, rep: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(rep):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def _rss_kb(field_name: str) -> int:
@@ -252,12 +242,26 @@ def check_output(bench: Bench, name: str, fn, inputs: dict, dtype) -> str:
     return "ok"
 
 
+BASELINE = "eager"  # the implementation every ratio is taken against
+
+
+def _nan_rows(bench: Bench, name: str, case: Case, dtype, modes, env: dict, why: str) -> list:
+    nan = float("nan")
+    return [Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, nan, nan, nan, None, None, None,
+                case.x, env, None, why) for mode in modes]
+
+
 def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool, impls=None,
                    warmup: int = 3, rep: int = 10, log=print) -> list[Row]:
+    """Per case: every implementation's output checked against its spec, then per mode the implementations that
+    passed timed side by side (benchmarks/side_by_side.py: one call of each per round, in rotating order, `rep`
+    rounds after `warmup`), so that each row's ratio to eager (eager time / its time, per round: the median and
+    p20-p80) compares the implementations at the same moments of the machine; peak memory per implementation."""
     env = environment(device)
     rows = []
     for case in bench.cases(quick, device):
         inputs = bench.make_inputs(case.params, device, dtype)
+        passed = {}
         for name, fn in bench.impls.items():
             if impls and name not in impls:
                 continue
@@ -271,37 +275,43 @@ def run_benchmarks(bench: Bench, *, device: str, dtype: torch.dtype, quick: bool
                     verdict = f"ok (reference not run in fp64: {type(exc).__name__})"
             if not verdict.startswith("ok") and verdict:
                 log(f"  {bench.op} {name} {case.label}: {verdict}")
-                nan = float("nan")
-                rows += [Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, nan, nan, nan, None,
-                             None, None, case.x, env, None, verdict) for mode in bench.modes]
+                rows += _nan_rows(bench, name, case, dtype, bench.modes, env, verdict)
                 continue
-            for mode in bench.modes:
+            passed[name] = (fn, verdict)
+        for mode in bench.modes:
+            steps, peaks = {}, {}
+            for name, (fn, _) in passed.items():
                 step = _step(fn, inputs, mode)
                 try:
-                    times = time_ms(step, device, warmup, rep)
-                    peak = peak_memory_mb(step, device)
+                    peaks[name] = peak_memory_mb(step, device)  # also the first call: a peer or an OOM fails here
                 except NotInstalled as exc:  # a peer that cannot run here (found only when it runs)
-                    nan = float("nan")
-                    rows.append(Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, nan, nan, nan,
-                                    None, None, None, case.x, env, None, str(exc)))
+                    rows += _nan_rows(bench, name, case, dtype, (mode,), env, str(exc))
                     continue
                 except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. OOM: report, go on
                     log(f"  {bench.op} {name} {case.label} {mode}: skipped ({type(exc).__name__}: {exc})")
                     continue
-                q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-                med = statistics.median(times)
+                steps[name] = step
+            if not steps:
+                continue
+            base = BASELINE if BASELINE in steps else next(iter(steps))
+            result = compare(steps, device=device, baseline=base, rounds=rep, warmup=max(warmup - 1, 0))
+            for name in steps:
+                t, peak = result.ms[name], peaks[name]
+                ratio = result.ratio(name) if name != BASELINE and base == BASELINE else None
                 nbytes = bench.bytes_moved(case.params, dtype, mode) if bench.bytes_moved else None
                 nflops = bench.flops(case.params, mode) if bench.flops else None
-                row = Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, med, q[0], q[3], peak,
-                          nbytes / (med * 1e-3) / 1e9 if nbytes else None,
-                          nflops / (med * 1e-3) / 1e12 if nflops else None, case.x, env,
-                          bench.tokens(case.params) / (med * 1e-3) if bench.tokens else None, verdict)
+                row = Row(bench.op, name, case.label, str(dtype).replace("torch.", ""), mode, t.median, t.p20, t.p80,
+                          peak, nbytes / (t.median * 1e-3) / 1e9 if nbytes else None,
+                          nflops / (t.median * 1e-3) / 1e12 if nflops else None, case.x, env,
+                          bench.tokens(case.params) / (t.median * 1e-3) if bench.tokens else None, passed[name][1],
+                          ratio and ratio.median, ratio and ratio.p20, ratio and ratio.p80)
                 rows.append(row)
-                log(f"  {bench.op:24} {name:14} {case.label:24} {mode:8} {med:9.3f} ms  "
+                log(f"  {bench.op:24} {name:14} {case.label:24} {mode:8} {t.median:9.3f} ms  "
                     + (f"{row.gb_per_s:8.1f} GB/s  " if row.gb_per_s else "")
                     + (f"{row.tflop_per_s:7.2f} TFLOP/s  " if row.tflop_per_s else "")
                     + (f"{row.tokens_per_s:9.0f} tokens/s  " if row.tokens_per_s else "")
-                    + (f"peak {peak:9.1f} MB" if peak is not None else ""))
+                    + (f"peak {peak:9.1f} MB  " if peak is not None else "")
+                    + (f"{ratio} vs eager" if ratio else ""))
         del inputs
     return rows
 
@@ -332,7 +342,9 @@ def markdown_summary(rows: list[Row], title: str) -> str:
     out = [f"# {title}", "", f"Device: {env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads); "
            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; "
            f"{env['date']}; commit {env['commit']}.", "",
-           "Times are medians over repetitions (p20–p80 in brackets); speedup is eager time / fastnlg time.", ""]
+           "Times are medians over repetitions (p20–p80 in brackets). The implementations of a case ran side by "
+           "side (one call of each per round, in rotating order); speedup is eager time / its time per round, the "
+           "median [p20–p80], \"inconclusive\" where that spread includes 1 or is wider than 25% of it.", ""]
     ops = sorted({r.op for r in rows})
     for op in ops:
         op_rows = [r for r in rows if r.op == op]
@@ -340,20 +352,17 @@ def markdown_summary(rows: list[Row], title: str) -> str:
         out += [f"## {op}", "", "| case | dtype | mode | impl | time ms [p20–p80] | GB/s | TFLOP/s | "
                 + ("tokens/s | " if tok else "") + "peak MB | speedup vs eager | output check |",
                 "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tok else "")]
-        eager = {(r.case, r.dtype, r.mode): r.median_ms for r in op_rows if r.impl == "eager"}
         for r in op_rows:
-            base = eager.get((r.case, r.dtype, r.mode))
             if r.median_ms != r.median_ms:  # NaN: failed its output check, or a peer that cannot run here
                 what = "FAIL (no time recorded)" if r.check.startswith("FAIL") else "not run"
                 out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | {what} | | | "
                            + ("| " if tok else "") + f"| | {r.check} |")
                 continue
-            speed = f"{base / r.median_ms:.2f}x" if base and r.impl != "eager" else ""
             out.append(f"| {r.case} | {r.dtype} | {r.mode} | {r.impl} | {r.median_ms:.3f} [{r.p20_ms:.3f}–{r.p80_ms:.3f}] | "
                        f"{'' if r.gb_per_s is None else f'{r.gb_per_s:.1f}'} | "
                        f"{'' if r.tflop_per_s is None else f'{r.tflop_per_s:.2f}'} | "
                        + (f"{r.tokens_per_s:.0f} | " if tok else "") +
-                       f"{'' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.1f}'} | {speed} | {r.check} |")
+                       f"{'' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.1f}'} | {r.speedup()} | {r.check} |")
         out.append("")
     return "\n".join(out)
 

@@ -4,7 +4,7 @@
                                                   # training step, quick sizes on CPU, full sweep on CUDA
     fastnlg bench --suite e2e                     # the training step only (--suite ops: the op benchmarks)
     fastnlg bench --ops rms_norm --dtype bf16 --out benchmarks/results/<name>
-    fastnlg bench --compare benchmarks/results/<earlier>    # ratios against an earlier run, regressions flagged
+    fastnlg bench --compare benchmarks/results/<earlier>    # speedups against an earlier run's, regressions flagged
 
 On CPU the sizes are small (so CI exercises the harness) and torch.compile is left out unless asked for
 with --impls (inductor's CPU compile of every shape takes minutes).
@@ -21,6 +21,7 @@ import sys
 import torch
 
 from .harness import run_benchmarks, write_report
+from .report import speedup_text
 
 OPS = {"rms_norm": "bench_rms_norm", "layer_norm": "bench_layer_norm", "add_layer_norm": "bench_add_layer_norm",
        "swiglu": "bench_glu",
@@ -61,8 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=("ops", "e2e", "all"), default="all",
                    help="ops: the op benchmarks; e2e: the training step (train_step); all: both (default)")
     p.add_argument("--ops", nargs="+", default=None, help=f"any of: {', '.join(OPS)} (instead of --suite)")
-    p.add_argument("--compare", metavar="DIR", help="an earlier run's report folder: ratios against it, "
-                   "regressions (> 10%% slower, or now failing) flagged in compare.md")
+    p.add_argument("--compare", metavar="DIR", help="an earlier run's report folder: "
+                   "each speedup vs eager against its own there, regressions (fell by > 10%% with the spreads apart, "
+                   "or now failing) flagged in compare.md")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--quick", action="store_true", default=None, help="small sizes (default on CPU)")
@@ -114,25 +116,33 @@ def main(argv=None) -> int:
 
 
 def compare(rows, earlier_dir: str, slower: float = 1.10):
-    """(markdown table of new / old median time per measurement both runs have, [regression lines])."""
+    """(markdown table, [regression lines]) of this run against an earlier one. Two runs made at different times
+    saw different loads, so their times are not divided: what is compared is each implementation's ratio to eager,
+    which each run measured side by side. A regression is a ratio that fell by more than `slower` with the two
+    runs' p20-p80 spreads apart, or an output check that now fails; an earlier run without side-by-side ratios
+    can only show the check."""
     with open(os.path.join(earlier_dir, "results.json")) as f:
         old = {(r["op"], r["impl"], r["case"], r["dtype"], r["mode"]): r for r in json.load(f)}
-    lines = [f"# Compared with {earlier_dir}", "", "Ratio = this run's median time / the earlier one's (> 1: slower).",
-             "", "| op | case | dtype | mode | impl | earlier ms | now ms | ratio | |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Compared with {earlier_dir}", "",
+             "Speedup = eager time / this implementation's, measured side by side within each run (median "
+             "[p20-p80]); the two runs' times are not divided by each other (they saw different loads).", "",
+             "| op | case | dtype | mode | impl | earlier speedup | now speedup | |", "|---|---|---|---|---|---|---|---|"]
     regressions = []
     for r in rows:
         key = (r.op, r.impl, r.case, r.dtype, r.mode)
         before = old.get(key)
-        if before is None:
+        if before is None or r.impl == "eager":
             continue
         now_fail, was_fail = r.check.startswith("FAIL"), str(before.get("check", "")).startswith("FAIL")
-        ratio = r.median_ms / before["median_ms"] if not (now_fail or was_fail) and before["median_ms"] else None
-        flag = "REGRESSION: now FAIL" if now_fail and not was_fail else (
-            "REGRESSION" if ratio is not None and ratio > slower else "")
+        was = before.get("ratio")
+        fell = (r.ratio is not None and was is not None and was == was and r.ratio * slower < was
+                and r.ratio_p80 < before["ratio_p20"])
+        flag = "REGRESSION: now FAIL" if now_fail and not was_fail else ("REGRESSION" if fell else "")
         if flag:
-            regressions.append(f"{flag}: {' '.join(map(str, key))}" + (f" x{ratio:.2f}" if ratio else ""))
-        lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.mode} | {r.impl} | {before['median_ms']:.3f} | "
-                     f"{r.median_ms:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | {flag} |")
+            regressions.append(f"{flag}: {' '.join(map(str, key))}"
+                               + (f" speedup {was:.2f}x -> {r.ratio:.2f}x" if fell else ""))
+        lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.mode} | {r.impl} | {speedup_text(before)} | {r.speedup()} | "
+                     f"{flag} |")
     return "\n".join(lines) + "\n", regressions
 
 

@@ -53,11 +53,7 @@ def _evaluate(model_dir: str, paths: dict, device) -> dict:
 
 def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     """The patched against the unpatched training step, alternated on the same batches: the median ratio with its
-    p20-p80 spread (benchmarks/side_by_side.py; a line saying so where the repository's benchmarks/ is absent)."""
-    try:
-        from benchmarks.side_by_side import compare
-    except ImportError:
-        return "not measured: benchmarks/side_by_side.py is not importable here (run the demo from the repository)"
+    p20-p80 spread (benchmarks/side_by_side.py)."""
     import torch
 
     from .train import tasks
@@ -71,7 +67,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     rows = task.encode(task.train_examples[:size["batch"] * 4], tok, {n: i for i, n in enumerate(ner_data.TAGS)}, cfg)
     batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
                for i in range(0, len(rows), size["batch"])]
-    return step_ratio(compare, plain, batches, device, size["rounds"], f"{size['batch']} sentences")
+    return step_ratio(plain, batches, device, size["rounds"], f"{size['batch']} sentences")
 
 
 def run(out: str, quick: bool = False, device: str = "auto") -> dict:

@@ -61,11 +61,7 @@ def evaluate(model_dir: str, paths: dict, size: dict, device) -> tuple[dict, lis
 
 def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     """The patched against the unpatched training step, alternated on the same batches (the median ratio with
-    its p20-p80 spread; a line saying so where the repository's benchmarks/ is absent)."""
-    try:
-        from benchmarks.side_by_side import compare
-    except ImportError:
-        return "not measured: benchmarks/side_by_side.py is not importable here (run the demo from the repository)"
+    its p20-p80 spread)."""
     from .train import tasks
     from .train.tasks.seq2seq import read_examples, rows_of
 
@@ -74,7 +70,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     rows = rows_of(read_examples(paths["train"])[:size["batch"] * 4], tok, size["max_length"])
     batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
                for i in range(0, len(rows), size["batch"])]
-    return demo.step_ratio(compare, plain, batches, device, size["rounds"], f"{size['batch']} records")
+    return demo.step_ratio(plain, batches, device, size["rounds"], f"{size['batch']} records")
 
 
 def decoder_only_summary(out: str) -> dict | None:

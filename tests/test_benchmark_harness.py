@@ -17,13 +17,42 @@ def test_harness_writes_report(tmp_path, monkeypatch):
     for r in rows:
         assert r.p20_ms <= r.median_ms <= r.p80_ms and r.gb_per_s > 0
         assert r.env["torch"] == torch.__version__ and r.env["date"]
+        assert (r.ratio is None) == (r.impl == "eager")
+        assert r.impl == "eager" or r.ratio_p20 <= r.ratio <= r.ratio_p80
     paths = write_report(rows, str(tmp_path))
     with open(paths["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 4
     assert len(json.load(open(paths["json"]))) == 4
     md = open(paths["md"]).read()
     assert "| N=64,C=256 | float32 | fwd+bwd | fastnlg |" in md and "speedup vs eager" in md
+    ours = next(r for r in rows if r.impl == "fastnlg" and r.mode == "fwd")
+    assert f"| {ours.speedup()} |" in md and ours.speedup().startswith(f"{ours.ratio:.2f}x [")
     assert paths["plots"] and all(p.endswith(".png") for p in paths["plots"])
+
+
+def test_harness_times_the_implementations_side_by_side():
+    """The implementations of a case are timed alternately (one call each per round, rotating), not one after the
+    other: a change in the machine's load between two sequential loops would be in their ratio."""
+    from benchmarks.harness import Bench
+
+    calls = []
+
+    def impl(name):
+        def fn(x):
+            calls.append(name)
+            return x * 2
+        return fn
+
+    bench = Bench("toy", lambda quick, device: [Case("N=8", {"N": 8}, 8)],
+                  lambda p, device, dtype: {"x": torch.randn(p["N"], dtype=dtype)},
+                  {"fastnlg": impl("fastnlg"), "eager": impl("eager"), "other": impl("other")}, modes=("fwd",),
+                  references={"fastnlg": lambda x: x * 2, "other": lambda x: x * 2})
+    rows = run_benchmarks(bench, device="cpu", dtype=torch.float32, quick=True, rep=9, warmup=1, log=lambda *_: None)
+    timed = calls[-27:]  # the 9 timed rounds of 3 implementations
+    assert all(sorted(timed[i:i + 3]) == ["eager", "fastnlg", "other"] for i in range(0, 27, 3)), timed
+    assert len({tuple(timed[i:i + 3]) for i in range(0, 27, 3)}) == 3  # the order rotates
+    by = {r.impl: r for r in rows}
+    assert by["eager"].ratio is None and by["fastnlg"].ratio > 0 and by["other"].ratio > 0
 
 
 def test_every_op_has_a_benchmark():
@@ -111,19 +140,27 @@ def test_a_wrong_result_is_reported_as_fail_not_as_a_time(tmp_path, monkeypatch)
 
 
 def test_compare_flags_regressions(tmp_path):
+    """--compare sets each implementation's side-by-side speedup against the earlier run's, never the two runs'
+    times against each other: a regression is a speedup that fell by > 10% with the spreads apart, or a new FAIL."""
     from benchmarks.harness import Row, environment
     from benchmarks.run import compare
 
     env = environment("cpu")
 
-    def row(impl, ms, check="ok"):
-        return Row("rms_norm", impl, "N=1,C=2", "float32", "fwd", ms, ms, ms, None, None, None, 2.0, env, None, check)
+    def row(impl, ratio, spread=0.05, check="ok", ms=1.0):
+        r = (None, None, None) if ratio is None else (ratio, ratio - spread, ratio + spread)
+        return Row("rms_norm", impl, "N=1,C=2", "float32", "fwd", ms, ms, ms, None, None, None, 2.0, env, None, check,
+                   *r)
 
-    write_report([row("fastnlg", 1.0), row("eager", 2.0), row("torch.compile", 1.0)], str(tmp_path / "old"))
-    text, regressions = compare([row("fastnlg", 1.5), row("eager", 2.1), row("torch.compile", float("nan"), "FAIL: x")],
-                                str(tmp_path / "old"))
-    assert len(regressions) == 2 and "x1.50" in regressions[0] and "now FAIL" in regressions[1]
-    assert "| rms_norm | N=1,C=2 | float32 | fwd | eager | 2.000 | 2.100 | 1.05 |  |" in text
+    write_report([row("fastnlg", 2.0), row("eager", None), row("torch.compile", 1.2), row("liger", 1.5)],
+                 str(tmp_path / "old"))
+    now = [row("fastnlg", 1.5, ms=0.1), row("eager", None, ms=50.0), row("liger", 1.45, spread=0.3),
+           row("torch.compile", float("nan"), check="FAIL: x")]
+    text, regressions = compare(now, str(tmp_path / "old"))
+    assert len(regressions) == 2, regressions  # liger's fall is within 10% and its spread overlaps
+    assert "speedup 2.00x -> 1.50x" in regressions[0] and "now FAIL" in regressions[1]
+    assert "| rms_norm | N=1,C=2 | float32 | fwd | fastnlg | 2.00x [1.95–2.05] | 1.50x [1.45–1.55] | REGRESSION |" in text
+    assert "eager |" not in text  # eager has no ratio to itself
 
 
 def test_pytest_benchmark_integration_collects_every_op():
@@ -157,18 +194,22 @@ def test_report_keeps_the_latest_run_per_device_and_op(tmp_path):
 
     from benchmarks import report
 
-    def rows(device, date, ms):
+    def rows(device, date, ms, side_by_side=True):
+        ratio = {"ratio": 2.0, "ratio_p20": 1.9, "ratio_p80": 2.1} if side_by_side else {}
         return [{"op": "rms_norm", "impl": impl, "case": "N=1", "dtype": "bfloat16", "mode": "fwd", "median_ms": m,
                  "peak_mem_mb": 1.0, "device": "cuda", "device_name": device, "date": date, "commit": "abc",
-                 "torch": "2.11", "triton": "3.6", "transformers": "5.17", "check": "ok"}
+                 "torch": "2.11", "triton": "3.6", "transformers": "5.17", "check": "ok",
+                 **(ratio if impl != "eager" else {"ratio": None})}
                 for impl, m in (("fastnlg", ms), ("eager", 2 * ms))]
     for name, device, date, ms in (("h100-old", "H100", "2026-11-01", 9.0), ("h100-new/ops-a", "H100", "2026-11-20", 1.0),
                                    ("h200", "H200", "2026-11-05", 0.5)):
         (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "results.json").write_text(json.dumps(rows(device, date, ms)))
+        (tmp_path / name / "results.json").write_text(json.dumps(rows(device, date, ms, name != "h200")))
     text = report.render(str(tmp_path))
     assert "## H100 (cuda)" in text and "## H200 (cuda)" in text
-    assert "| N=1 | bfloat16 | fwd | 1.000 | 2.000 | 2.00x |" in text and "9.000" not in text
+    assert "| N=1 | bfloat16 | fwd | 1.000 | 2.000 | 2.00x [1.90–2.10] |" in text and "9.000" not in text
+    # a run from before side-by-side timing: its two times are shown, their quotient is not
+    assert "| N=1 | bfloat16 | fwd | 0.500 | 1.000 | n/a (not side by side) |" in text
 
 
 def test_cpu_peak_memory_counts_blocks_reused_from_the_heap():

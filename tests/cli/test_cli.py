@@ -4,6 +4,7 @@ logits), and the demo in its --quick size."""
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -125,7 +126,8 @@ def test_train_eval_generate_merge(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_quick(tmp_path):
-    """The README's first command at CI size: every promised file, and the eval loss falls."""
+    """The README's first command at CI size: every promised file; fine-tuning shows on the held-out records (loss
+    falls; BLEU, ROUGE-L and slot accuracy rise); the speed ratio is a side-by-side measurement with its spread."""
     r = _cli("demo", "--quick", "--out", str(tmp_path / "demo"), "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "demo"
@@ -133,9 +135,14 @@ def test_demo_quick(tmp_path):
                  "finetune/adapter/adapter_model.safetensors", "finetune_unpatched/metrics.jsonl", "data/train.jsonl"):
         assert (out / name).exists(), name
     summary = json.loads(open(out / "metrics.jsonl").readline())
-    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    before, after = summary["before"], summary["after"]
+    assert after["eval_loss"] < before["eval_loss"]
+    for metric, gain in (("bleu", 5.0), ("rougeL", 5.0), ("slot_accuracy", 10.0)):
+        assert after[metric] >= before[metric] + gain, (metric, before[metric], after[metric])
     report = open(out / "report.md").read()
     assert "BLEU" in report and "ROUGE-L" in report and "--no-patch" in report
+    assert re.search(r"side by side .*: \d+\.\d\dx \[p20-p80 \d+\.\d\d-\d+\.\d\d, 15 rounds\]", report), report
+    assert "| ratio |" not in report  # no ratio of the two runs made one after the other
     # a clean first run (run from the repository root): fastnlg's own output, no third-party alarms
     alarming = [line for line in (r.stdout + r.stderr).splitlines()
                 if any(word in line for word in ("Failed", "Traceback", "FutureWarning", "DeprecationWarning"))]

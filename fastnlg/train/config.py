@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -250,7 +251,7 @@ def _coerce(key, value, f):
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):  # (not str.isdigit: "²" is a digit)
             return int(value)
     elif kind is str and isinstance(value, str):
         return value
@@ -261,20 +262,29 @@ def _coerce(key, value, f):
 def load_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply to read") from None
     else:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     return values

@@ -40,26 +40,46 @@ class Sample:
     where: str  # "file:line"
 
 
+def text_lines(path: str):
+    """(line number, line without its end) of a UTF-8 text file (a UTF-8 byte-order mark is allowed). A line that
+    is not UTF-8 is a DataError naming the file, the line and the byte (UTF-16 files are named as such)."""
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(f"{path}: no such file") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{path}:1: UTF-16 text (its byte-order mark); save the file as UTF-8")
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from None
+            yield n, line.rstrip("\n").removesuffix("\r")
+
+
 def read_records(path: str) -> list:
     """-> [(record dict, "file:line")]; JSONL (.jsonl/.json) or plain text (.txt, one sample per line)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            if path.endswith(".txt"):
-                records.append(({"text": line.rstrip("\n")}, where))
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            records.append((rec, where))
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        if path.endswith(".txt"):
+            records.append(({"text": line}, where))
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        records.append((rec, where))
     if not records:
         raise DataError(f"{path}: empty file (no records)")
     return records

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from ..data import IGNORE, read_records
+from ..data import IGNORE, read_records, text_lines
 from ..errors import DataError
 
 
@@ -41,26 +41,21 @@ def read_conll(path: str, tag_column: int = -1) -> list:
             sentences.append((tokens, tags, start))
         tokens, tags, start = [], [], None
 
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or parts[0] == "-DOCSTART-":
-                close()
-                continue
-            if len(parts) < 2:
-                raise DataError(f"{path}:{n}: token {parts[0]!r} has no tag (expected 'token ... tag')")
-            try:
-                tag = parts[tag_column]
-            except IndexError:
-                raise DataError(f"{path}:{n}: no tag column {tag_column} in {len(parts)} columns") from None
-            if start is None:
-                start = f"{path}:{n}"
-            tokens.append(parts[0])
-            tags.append(tag)
+    for n, line in text_lines(path):  # (a missing file, or a line that is not UTF-8: a DataError naming it)
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            close()
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: token {parts[0]!r} has no tag (expected 'token ... tag')")
+        try:
+            tag = parts[tag_column]
+        except IndexError:
+            raise DataError(f"{path}:{n}: no tag column {tag_column} in {len(parts)} columns") from None
+        if start is None:
+            start = f"{path}:{n}"
+        tokens.append(parts[0])
+        tags.append(tag)
     close()
     if not sentences:
         raise DataError(f"{path}: no sentences (CoNLL: one 'token ... tag' per line, blank lines between sentences)")

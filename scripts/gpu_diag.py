@@ -27,35 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 
-def _reference(q, k, v, causal, window, kpm):
-    """fp64 attention with GQA, causal / window / key padding, and the pieces the backward needs."""
+def _emulated_dk(q, k, v, do, causal, window, kpm, dtype):
+    """dK with only dS rounded to `dtype` (everything else fp64): the spec's masks (visible_mask), GQA summed."""
+    from fastnlg.ops.attention import visible_mask
+
     group = q.shape[1] // k.shape[1]
     ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    T, S = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5
-    s = (q @ ke.transpose(-1, -2)) * scale
-    i = torch.arange(T, device=q.device)[:, None] + (S - T)
-    j = torch.arange(S, device=q.device)[None]
-    ok = torch.ones(T, S, dtype=torch.bool, device=q.device)
-    if causal:
-        ok &= j <= i
-    if window is not None:
-        left, right = window
-        if left > 0:
-            ok &= j >= i - left
-        if right > 0 and not causal:
-            ok &= j <= i + right
-    ok = ok[None, None]
-    if kpm is not None:
-        ok = ok & kpm[:, None, None, :]
-    s = s.masked_fill(~ok, float("-inf"))
-    p = torch.softmax(s, -1)
-    return p @ ve, p, ke, ve, scale, group
-
-
-def _emulated_dk(q, k, v, do, causal, window, kpm, dtype):
-    """dK with only dS rounded to `dtype` (everything else fp64)."""
-    o, p, ke, ve, scale, group = _reference(q, k, v, causal, window, kpm)
+    ok = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device, key_padding_mask=kpm)
+    p = torch.softmax((q @ ke.transpose(-1, -2) * scale).masked_fill(~ok, float("-inf")), -1)
+    o = p @ ve
     dp = do @ ve.transpose(-1, -2)
     delta = (do * o).sum(-1, keepdim=True)
     ds = (p * (dp - delta)).to(dtype).double()
@@ -86,7 +67,8 @@ def attention_rows(dtypes, cases, tiny, device, deadline, emit, probes=None):
     probes = probes or {}
     from fastnlg import ops
     from fastnlg.kernels import attention as kern
-    from tests.tolerance import measure
+    from fastnlg.ops.attention import attention_reference
+    from tests.tolerance import eager_attention_lowp, measure
 
     DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for case in cases:
@@ -102,10 +84,11 @@ def attention_rows(dtypes, cases, tiny, device, deadline, emit, probes=None):
             gen = torch.Generator(device="cpu").manual_seed(1)
             do = torch.randn(base["q"].shape, generator=gen).to(device)
             ref_in = {n: base[n].double().requires_grad_() for n in ("q", "k", "v")}
-            o64, *_ = _reference(ref_in["q"], ref_in["k"], ref_in["v"], opts["causal"], window, kpm)
+            spec = dict(causal=opts["causal"], window=window, key_padding_mask=kpm)
+            o64 = attention_reference(ref_in["q"], ref_in["k"], ref_in["v"], **spec)
             g64 = torch.autograd.grad(o64, [ref_in[n] for n in "qkv"], do.double())
             low_in = {n: base[n].to(dtype).requires_grad_() for n in "qkv"}
-            olow, *_ = _reference(low_in["q"], low_in["k"], low_in["v"], opts["causal"], window, kpm)
+            olow = eager_attention_lowp(low_in["q"], low_in["k"], low_in["v"], **spec)
             glow = torch.autograd.grad(olow, [low_in[n] for n in "qkv"], do.to(dtype))
             emu = _emulated_dk(ref_in["q"].detach(), ref_in["k"].detach(), ref_in["v"].detach(), do.double(),
                                opts["causal"], window, kpm, dtype)

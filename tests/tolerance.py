@@ -6,7 +6,11 @@
 implementation in that precision makes). atol is small and per dtype, never widened per test; it scales
 with the reference's magnitude above 1, since a value of 100 cannot be resolved below its ulp.
 """
+import math
+
 import torch
+
+from fastnlg.ops.attention import visible_mask
 
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -63,3 +67,18 @@ def assert_training_step_by_rule(build, step, patch):
     names = sorted(g64)
     ref, mine, plain = (torch.cat([g[n].double().flatten() for n in names]) for g in (g64, go, gp))
     assert (mine - ref).norm() <= 2 * (plain - ref).norm() + 2e-3 * ref.norm(), "gradient"
+
+
+def eager_attention_lowp(q, k, v, causal=True, softmax_scale=None, window=None, softcap=None, key_padding_mask=None,
+                cu_seqlens=None, **_):
+    """Eager attention as Transformers runs it in q's dtype (scores and PV in that dtype, softmax in fp32):
+    the error any implementation in that precision makes (the 'torch low precision' of the rule)."""
+    rep = q.shape[1] // k.shape[1]
+    scale = softmax_scale or 1 / math.sqrt(q.shape[-1])
+    s = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    ok = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device,
+                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+    p = torch.softmax(s.float().masked_fill(~ok, -float("inf")), -1).nan_to_num(0.0).to(q.dtype)
+    return p @ v.repeat_interleave(rep, 1)

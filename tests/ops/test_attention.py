@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fastnlg.ops.attention import attention_backward_reference, attention_reference, flash_attention, visible_mask
+from fastnlg.ops.attention import attention_backward_reference, attention_reference, flash_attention
 from tests.conftest import device_params
-from tests.tolerance import assert_by_rule
+from tests.tolerance import assert_by_rule, eager_attention_lowp
 
 DEVICES = device_params()
 
@@ -16,21 +16,6 @@ def _inputs(B, Hq, Hkv, T, S, D, device, dtype=torch.float64):
     g = torch.Generator().manual_seed(T * 1000 + S)
     mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa
     return mk(B, Hq, T, D), mk(B, Hkv, S, D), mk(B, Hkv, S, D), mk(B, Hq, T, D)
-
-
-def _eager_lowp(q, k, v, causal=True, softmax_scale=None, window=None, softcap=None, key_padding_mask=None,
-                cu_seqlens=None, **_):
-    """Eager attention as Transformers runs it in q's dtype (scores and PV in that dtype, softmax in fp32):
-    the error any implementation in that precision makes (the 'torch low precision' of the rule)."""
-    rep = q.shape[1] // k.shape[1]
-    scale = softmax_scale or 1 / math.sqrt(q.shape[-1])
-    s = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    ok = visible_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device,
-                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
-    p = torch.softmax(s.float().masked_fill(~ok, -float("inf")), -1).nan_to_num(0.0).to(q.dtype)
-    return p @ v.repeat_interleave(rep, 1)
 
 
 def _features(B, S, device, kpm=False, varlen=None):
@@ -116,7 +101,7 @@ def _check_kernel(case, device, dtype, use_backend):
     ref_o = attention_reference(qr, kr, vr, **kw)
     ref = (ref_o, *torch.autograd.grad(ref_o, (qr, kr, vr), do64))
     ql, kl, vl = leaves(dtype)
-    low_o = _eager_lowp(ql, kl, vl, **kw)
+    low_o = eager_attention_lowp(ql, kl, vl, **kw)
     low = (low_o, *torch.autograd.grad(low_o, (ql, kl, vl), do64.to(dtype)))
     for name, o, l, r in zip(("out", "dq", "dk", "dv"), ours, low, ref):
         assert_by_rule(name, o, l, r, dtype)
@@ -266,7 +251,7 @@ def test_flash_decoding(device, case, n_splits, use_backend, monkeypatch):
         out = flash_attention(q, k, v, **kw)
     assert calls
     ref = attention_reference(q.double(), k.double(), v.double(), **kw)
-    low = _eager_lowp(q, k, v, **kw)
+    low = eager_attention_lowp(q, k, v, **kw)
     assert_by_rule("out", out, low, ref, torch.float32)
 
 
@@ -315,7 +300,7 @@ def test_torch_backend_sdpa_path(case, use_backend):
     ref_o = attention_reference(*ref_in, **kw)
     ref = (ref_o, *torch.autograd.grad(ref_o, ref_in, do64))
     low_in = [t.float().requires_grad_() for t in (q64, k64, v64)]
-    low_o = _eager_lowp(*low_in, **kw)
+    low_o = eager_attention_lowp(*low_in, **kw)
     low = (low_o, *torch.autograd.grad(low_o, low_in, do64.float()))
     for name, o, l, r in zip(("out", "dq", "dk", "dv"), ours, low, ref):
         assert_by_rule(name, o, l, r, torch.float32)

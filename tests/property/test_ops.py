@@ -36,7 +36,7 @@ from fastnlg.quant import _backends as nf4_backends
 from fastnlg.quant.nf4 import BLOCKSIZES, quantize_nf4
 from fastnlg.quant.nf4_reference import dequantize_nf4_reference, quantize_nf4_reference
 from tests.property.conftest import examples
-from tests.tolerance import assert_by_rule
+from tests.tolerance import assert_by_rule, eager_attention_lowp
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("cpp", id="cpp"),
@@ -373,7 +373,8 @@ def test_flash_attention(name):
         kw = dict(causal=causal, window=window, softcap=softcap, key_padding_mask=mask)
         with on(name):
             check("flash_attention", lambda **a: ops.flash_attention(**a, **kw),
-                  lambda **a: attention_reference(**a, **kw), x, dtype, seed)
+                  lambda **a: attention_reference(**a, **kw), x, dtype, seed,
+                  lowp_spec=lambda **a: eager_attention_lowp(**a, **kw))
     run()
 
 

@@ -247,7 +247,8 @@ class Run:
     def save_checkpoint(self) -> None:
         checkpoint.save(self.cfg.output_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
                         {"data_position": self.batches.position(), "trainer": self.state,
-                         "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint},
+                         "config": dataclasses.asdict(self.cfg),
+                         "data": self.data_fingerprint if self.dist.main else None},  # (rank 0 writes state.json)
                         self.cfg.keep_checkpoints, self.dist)
 
     def resume(self) -> None:

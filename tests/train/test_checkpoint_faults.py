@@ -145,3 +145,24 @@ def test_resume_with_another_configuration_or_data_names_the_difference(tiny, tm
     assert any("--resume-force" in line and "learning_rate 0.001 -> 0.002" in line and "has changed" in line
                for line in logged), logged
     assert "checkpoint-4" in os.listdir(out)
+
+
+def test_only_rank_0_hashes_the_data_files(monkeypatch):
+    """Rank 0 alone writes state.json, so the other ranks do not hash the data files (gigabytes, on every
+    rank's first save) for a fingerprint they would throw away."""
+    from types import SimpleNamespace
+
+    from fastnlg.train import trainer
+
+    saved = []
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: saved.append(a[6]))
+    monkeypatch.setattr(checkpoint, "fingerprint", lambda files: pytest.fail("a rank other than 0 hashed the data"))
+    cfg = SimpleNamespace(output_dir="out", keep_checkpoints=2)
+    run = SimpleNamespace(cfg=cfg, step=3, model=None, optimizer=None, scheduler=None, scaler=None, state={},
+                          batches=SimpleNamespace(position=lambda: 0), dist=SimpleNamespace(main=False))
+    monkeypatch.setattr(trainer.dataclasses, "asdict", lambda c: {"output_dir": c.output_dir})
+    trainer.Run.save_checkpoint(run)
+    assert saved[-1]["data"] is None
+    run.dist, run.data_fingerprint = SimpleNamespace(main=True), {"train.jsonl": "abc"}
+    trainer.Run.save_checkpoint(run)
+    assert saved[-1]["data"] == {"train.jsonl": "abc"}

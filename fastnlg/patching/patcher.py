@@ -212,6 +212,15 @@ def _states(model):
     return [m for m in model.modules() if _STATE in m.__dict__]
 
 
+def _has_rotary(model) -> bool:
+    """Whether the model has rotary position embeddings (a *RotaryEmbedding module, or RoPE in its config)."""
+    if any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
+        return True
+    config = getattr(_hf_model(model) or model, "config", None)
+    return any(getattr(config, key, None) is not None for key in ("rope_theta", "rope_parameters", "rotary_dim", "rotary_pct",
+                                                         "rotary_emb_base"))
+
+
 def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = True, norm: bool = True,
           rope: bool = True, mlp: bool = True, lora: bool = True, strict: bool = False,
           eager_rounding: bool = False) -> PatchReport:
@@ -235,7 +244,11 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
             report.skipped.append(Entry("", "cross_entropy", f"{type(model).__name__} has no loss rule in "
                                         "fastnlg's table: no fused loss (layers may still be patched)"))
         if rope and not state.rope:
-            report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))
+            if _has_rotary(model):
+                report.skipped.append(Entry("", "rope", "no attention layer in the table calls apply_rotary_pos_emb"))
+            else:  # (strict ignores it: there is nothing to fuse)
+                report.not_applicable.append(Entry("", "rope", f"{type(model).__name__} has no rotary position "
+                                                   "embedding (its positions are absolute or relative)"))
         if cross_entropy and hf is not None and state.__dict__.get("trl_head") is None:
             _patch_trl_head(walk, hf, state, report)
         if attention:
@@ -251,6 +264,7 @@ def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = Tru
         raise
     state.report.patched += report.patched
     state.report.skipped += report.skipped
+    state.report.not_applicable += report.not_applicable
     state.kinds |= kinds
     state.eager_rounding = eager_rounding
     if not holders:

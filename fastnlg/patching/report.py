@@ -16,6 +16,7 @@ class Entry(NamedTuple):
 class PatchReport:
     patched: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    not_applicable: list = field(default_factory=list)  # a kind the model has nothing of (GPT-2's RoPE): not a miss
 
     def count(self, what: str) -> int:
         return sum(e.what == what for e in self.patched)
@@ -34,4 +35,6 @@ class PatchReport:
                 firsts.setdefault((e.what, e.detail), e.path)
             for (what, detail), n in Counter((e.what, e.detail) for e in self.skipped).items():
                 lines.append(f"  {what:<14}{n:>6}  {detail} ({firsts[what, detail] or 'model'})")
+        lines += ["  not applicable:"] * bool(self.not_applicable) + [
+            f"  {e.what:<14}{'':>6}  {e.detail}" for e in self.not_applicable]
         return "\n".join(lines)

@@ -488,6 +488,31 @@ def test_strict_refuses_what_it_cannot_patch_and_leaves_the_model_alone():
     fastnlg.unpatch(model)
 
 
+def test_strict_ignores_what_does_not_apply_to_the_family():
+    """GPT-2 and BERT have no RoPE: the report lists rope as not applicable, and strict=True does not count it;
+    a model with RoPE has it patched (and nothing listed as not applicable)."""
+    import transformers
+
+    small = dict(vocab_size=64)
+    models = {"gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2,
+                                                                            bos_token_id=0, eos_token_id=0, **small)),
+              "bert": transformers.BertForMaskedLM(transformers.BertConfig(num_hidden_layers=1, hidden_size=32,
+                                                                           num_attention_heads=2,
+                                                                           intermediate_size=64, **small)),
+              "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32,
+                                                                              num_attention_heads=2,
+                                                                              intermediate_size=64, **small))}
+    for name, model in models.items():
+        report = fastnlg.patch(model, strict=True)
+        rope_na = [e for e in report.not_applicable if e.what == "rope"]
+        assert not [e for e in report.skipped if e.what == "rope"], (name, report)
+        if name == "llama":
+            assert report.count("rope") == 1 and not rope_na, report
+        else:
+            assert len(rope_na) == 1 and "no rotary position embedding" in str(report), report
+        fastnlg.unpatch(model)
+
+
 def test_report_names_the_wrapped_model_and_a_model_that_is_no_causal_lm():
     peft_model = _peft_model()
     report = fastnlg.patch(peft_model)

@@ -256,3 +256,27 @@ def test_an_additive_float_mask_is_not_read_as_allowed_or_not():
     assert hf_attention.fallback_reason(binary, {}) is None
     assert "additive bias" in hf_attention.fallback_reason(binary + 0.5, {})
     assert hf_attention.fallback_reason(binary.bool(), {}) is None
+
+
+def test_gemma2_output_attentions_returns_the_weights_after_patching():
+    """Gemma-2 asked for output_attentions: the patched model's calls run its own eager attention, so the user
+    gets the weights (not None) and the same outputs as unpatched eager."""
+    import transformers
+
+    import fastnlg
+
+    cfg = transformers.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=16, intermediate_size=64, vocab_size=64, sliding_window=4,
+                                    attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 9))
+    ref = model(x, output_attentions=True)
+    fastnlg.patch(model)
+    out = model(x, output_attentions=True)
+    assert out.attentions is not None and len(out.attentions) == len(ref.attentions) == 2
+    for a, r in zip(out.attentions, ref.attentions):
+        assert a is not None and a.shape == r.shape == (2, 2, 9, 9)
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    fastnlg.unpatch(model)

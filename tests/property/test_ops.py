@@ -276,18 +276,28 @@ def test_cross_entropy(name):
     run()
 
 
+def _head_sizes(name):
+    """The seed, rows, vocabulary, hidden size and dtype of a loss over a linear head."""
+    return dict(seed=st.integers(0, 2**16), N=st.sampled_from([1, 3, 17]), V=sizes(name, (1, 7, 65), (500, 1025)),
+                C=st.sampled_from([1, 8, 33]), dtype=dtypes(name))
+
+
+def _head(seed, N, V, C, bias, prefix=""):
+    x = Inputs(seed)
+    x.add(prefix + "hidden", (N, C))
+    x.add(prefix + "weight", (V, C), scale=C ** -0.5 * 3)
+    if bias:
+        x.add("bias", (V,))
+    return x
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_fused_linear_cross_entropy(name):
     @_budget(name, 48)
-    @given(seed=st.integers(0, 2**16), N=st.sampled_from([1, 3, 17]), V=sizes(name, (1, 7, 65), (500, 1025)),
-           C=st.sampled_from([1, 8, 33]), dtype=dtypes(name), pattern=st.sampled_from(["none", "some", "all"]),
+    @given(**_head_sizes(name), pattern=st.sampled_from(["none", "some", "all"]),
            bias=st.booleans(), chunk=st.sampled_from([None, 1, 4]), opts=LOSS_OPTIONS)
     def run(seed, N, V, C, dtype, pattern, bias, chunk, opts):
-        x = Inputs(seed)
-        x.add("hidden", (N, C))
-        x.add("weight", (V, C), scale=C ** -0.5 * 3)
-        if bias:
-            x.add("bias", (V,))
+        x = _head(seed, N, V, C, bias)
         y = _labels(x, N, V, pattern, -100)
         with on(name):
             check("fused_linear_cross_entropy",
@@ -301,16 +311,11 @@ def test_fused_linear_cross_entropy(name):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_fused_linear_logprobs(name):
     @_budget(name, 48)
-    @given(seed=st.integers(0, 2**16), N=st.sampled_from([1, 3, 17]), V=sizes(name, (1, 7, 65), (500, 1025)),
-           C=st.sampled_from([1, 8, 33]), dtype=dtypes(name), pattern=st.sampled_from(["none", "some", "all"]),
+    @given(**_head_sizes(name), pattern=st.sampled_from(["none", "some", "all"]),
            bias=st.booleans(), chunk=st.sampled_from([None, 1, 4]), temperature=st.sampled_from([1.0, 0.7, 2.0]),
            entropy=st.booleans())
     def run(seed, N, V, C, dtype, pattern, bias, chunk, temperature, entropy):
-        x = Inputs(seed)
-        x.add("hidden", (N, C))
-        x.add("weight", (V, C), scale=C ** -0.5 * 3)
-        if bias:
-            x.add("bias", (V,))
+        x = _head(seed, N, V, C, bias)
         y = _labels(x, N, V, pattern, -100)
         kw = dict(temperature=temperature, return_entropy=entropy)
         with on(name):
@@ -325,15 +330,12 @@ def test_fused_linear_logprobs(name):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_fused_linear_distillation_loss(name):
     @_budget(name, 48)
-    @given(seed=st.integers(0, 2**16), N=st.sampled_from([1, 3, 17]), V=sizes(name, (1, 7, 65), (500, 1025)),
-           C=st.sampled_from([1, 8, 33]), dtype=dtypes(name), pattern=st.sampled_from([None, "none", "some", "all"]),
+    @given(**_head_sizes(name), pattern=st.sampled_from([None, "none", "some", "all"]),
            loss=st.sampled_from(["forward_kl", "reverse_kl", "jsd"]), beta=st.sampled_from([0.5, 0.1, 0.9]),
            temperature=st.sampled_from([1.0, 2.0]), chunk=st.sampled_from([None, 1, 4]),
            reduction=st.sampled_from(["mean", "sum", "none"]))
     def run(seed, N, V, C, dtype, pattern, loss, beta, temperature, chunk, reduction):
-        x = Inputs(seed)
-        x.add("student_hidden", (N, C))
-        x.add("student_weight", (V, C), scale=C ** -0.5 * 3)
+        x = _head(seed, N, V, C, False, prefix="student_")
         x.add("teacher_hidden", (N, C), grad=False)
         x.add("teacher_weight", (V, C), scale=C ** -0.5 * 3, grad=False)
         y = None if pattern is None else _labels(x, N, V, pattern, -100)

@@ -114,6 +114,25 @@ def _shift(labels, shift_labels, ignore_index, lead_shape):
     return shift_labels
 
 
+def active_head(module) -> FusedLMHead | None:
+    """The FusedLMHead that computes `module`'s output: `module` itself, or, for a PEFT ModulesToSaveWrapper around
+    one (`modules_to_save=["lm_head"]`), the module its forward would run: the trained copy of the active adapter,
+    or the original when adapters are disabled or the active one has no copy (PEFT's own rule). None otherwise:
+    a head fastnlg does not fuse runs the model's own forward."""
+    if isinstance(module, FusedLMHead):
+        return module
+    if not (isinstance(module, nn.Module) and "original_module" in module._modules
+            and "modules_to_save" in module._modules):
+        return None
+    active = list(getattr(module, "active_adapters", None) or [])
+    copies = module._modules["modules_to_save"]
+    if getattr(module, "disable_adapters", False) or not active or any(a not in copies for a in active):
+        inner = module._modules["original_module"]
+    else:
+        inner = copies[active[0]]
+    return inner if isinstance(inner, FusedLMHead) else None
+
+
 def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
     """forward for a CausalLM whose lm_head is a FusedLMHead (bound by the patcher). Arguments as in
     Transformers; `num_items_in_batch` and `shift_labels` go to the loss, everything else to the base model."""
@@ -125,7 +144,11 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, lo
     base = getattr(self, self.base_model_prefix)
     outputs = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state
-    head: FusedLMHead = self.lm_head
+    module = self.lm_head
+    head = active_head(module)  # (a PEFT modules_to_save wrapper: its active copy)
+    if head is None:
+        raise TypeError(f"causal_lm_forward: lm_head is a {type(module).__name__}, not a FusedLMHead (or a PEFT "
+                        "wrapper around one)")
     loss = logits = None
     has_labels = labels is not None or shift_labels is not None
     if has_labels and self.training and not logits_to_keep:
@@ -133,9 +156,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, labels=None, lo
     else:
         if isinstance(logits_to_keep, int):
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-            logits = head(hidden[:, keep, :])
+            logits = module(hidden[:, keep, :])  # (the module itself: PEFT's hooks, e.g. mixed adapter batches)
         else:
-            logits = head(hidden[:, logits_to_keep, :])
+            logits = module(hidden[:, logits_to_keep, :])
         if has_labels:
             sl = _shift(labels, shift_labels, head.ignore_index, logits.shape[:-1])
             loss = cross_entropy(logits.float().reshape(-1, logits.shape[-1]), sl.reshape(-1).to(logits.device),
@@ -165,8 +188,8 @@ def seq2seq_lm_forward(self, original, family: str, scale: str | None, named: di
     turns it off with labels."""
     from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
-    head = self.lm_head
-    if named.get("labels") is None or not self.training or not isinstance(head, FusedLMHead):
+    head = active_head(self.lm_head)
+    if named.get("labels") is None or not self.training or head is None:
         return original(self, **named)
     named = dict(named)
     labels = named.pop("labels")

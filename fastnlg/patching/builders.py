@@ -118,14 +118,15 @@ def _fuse_head(walk, path, module, head):
 
 
 def cross_entropy(walk, path, module, head):
-    from ..nn import FusedLMHead, causal_lm_forward
+    from ..nn import causal_lm_forward
+    from ..nn.lm_head import active_head
     if not _forward_replaceable(module):  # (TRL's fused LM head, accelerate's hooks, ...: their forward stays)
         return None  # fused by an earlier patch() of this model
     _fuse_head(walk, path, module, head)
     original = type(module).forward
 
     def forward(self, **named):
-        if isinstance(getattr(self, head), FusedLMHead):
+        if active_head(getattr(self, head)) is not None:  # (also in a PEFT modules_to_save wrapper)
             return causal_lm_forward(self, **named)
         return original(self, **named)  # the head was replaced by one fastnlg does not fuse: the model's own
 

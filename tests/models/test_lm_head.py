@@ -104,3 +104,57 @@ def test_head_shares_parameters_and_round_trips():
         FusedLMHead.from_linear(linear, softcapping=2.0)
     with pytest.raises(ValueError, match=r"labels \(3, 4\) must match hidden's leading dimensions \(3, 5\)"):
         head.loss(torch.randn(3, 5, 32), torch.zeros(3, 4, dtype=torch.long))
+
+
+def _counting(monkeypatch):
+    """Patches FusedLMHead.loss to record the head each fused-loss call ran on."""
+    calls, loss = [], FusedLMHead.loss
+
+    def counted(self, *a, **k):
+        calls.append(self)
+        return loss(self, *a, **k)
+    monkeypatch.setattr(FusedLMHead, "loss", counted)
+    return calls
+
+
+def test_a_modules_to_save_head_keeps_the_fused_loss(monkeypatch, tmp_path):
+    """fastnlg.patch, then PEFT with modules_to_save=["lm_head"] (a trainable head): training still computes the
+    loss without logits, on the wrapper's trained copy (its gradient as unpatched PEFT's); with the adapter
+    disabled, on the original head; the saved adapter loads back with the trained head."""
+    import peft
+
+    import fastnlg
+
+    def build(patched):
+        model = _tiny("llama")
+        if patched:
+            fastnlg.patch(model)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        return peft.get_peft_model(model, cfg).train()
+
+    ref, ours = build(False), build(True)
+    calls = _counting(monkeypatch)
+    ids, _, labels = _batch()
+    out_ref, out = ref(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
+    wrapper = ours.base_model.model.lm_head
+    assert calls == [wrapper.modules_to_save["default"]] and out.logits is None  # fused, on the trained copy
+    out_ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    g_ref = ref.base_model.model.lm_head.modules_to_save["default"].weight.grad
+    g = wrapper.modules_to_save["default"].weight.grad
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    assert wrapper.original_module.weight.grad is None
+    with ours.disable_adapter():
+        ours(input_ids=ids, labels=labels)
+    assert calls[-1] is wrapper.original_module and len(calls) == 2
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].weight.add_(0.5)  # a trained head, to tell it from the original
+    ours.save_pretrained(tmp_path / "adapter")
+    base = _tiny("llama")
+    fastnlg.patch(base)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).train()
+    head = loaded.base_model.model.lm_head
+    torch.testing.assert_close(head.modules_to_save["default"].weight, wrapper.modules_to_save["default"].weight)
+    loaded(input_ids=ids, labels=labels)
+    assert calls[-1] is head.modules_to_save["default"] and len(calls) == 3

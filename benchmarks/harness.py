@@ -114,11 +114,6 @@ def environment(device: str) -> dict:
             "commit": commit}
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _rss_kb(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -217,8 +217,8 @@ def _has_rotary(model) -> bool:
     if any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
         return True
     config = getattr(_hf_model(model) or model, "config", None)
-    return any(getattr(config, key, None) is not None for key in ("rope_theta", "rope_parameters", "rotary_dim", "rotary_pct",
-                                                         "rotary_emb_base"))
+    keys = ("rope_theta", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base")
+    return any(getattr(config, key, None) is not None for key in keys)
 
 
 def patch(model: nn.Module, *, attention: bool = True, cross_entropy: bool = True, norm: bool = True,

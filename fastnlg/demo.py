@@ -152,9 +152,10 @@ def evaluate(model_dir: str, adapter: str | None, paths: dict, size: dict, devic
     return {**metrics, **gen}, examples
 
 
-def step_ratio(plain, batches: list, device, rounds: int, what: str) -> str:
-    """`plain` (a model in training mode) against a patched copy of it, their AdamW steps on `batches` alternated
-    by benchmarks/side_by_side.py's `compare`: the median ratio with its p20-p80 spread and verdict, as a line."""
+def step_ratio(plain, task, rows: list, pad_id: int, device, size: dict, what: str) -> str:
+    """`plain` (a model in training mode) against a patched copy of it, their AdamW steps on `rows` (collated by
+    `task` into batches of size["batch"] `what`) alternated by benchmarks/side_by_side.py's `compare` for
+    size["rounds"] rounds: the median ratio with its p20-p80 spread and verdict, as a line."""
     import copy
 
     import torch
@@ -162,6 +163,9 @@ def step_ratio(plain, batches: list, device, rounds: int, what: str) -> str:
     from .benchmarks.side_by_side import compare  # benchmarks/ installs as fastnlg.benchmarks
     from .patching import patch
 
+    batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], pad_id).items()}
+               for i in range(0, len(rows), size["batch"])]
+    rounds, what = size["rounds"], f"{size['batch']} {what}"
     fused = copy.deepcopy(plain)
     patch(fused)
 
@@ -202,9 +206,7 @@ def side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     plain.train()
     samples, _ = data.load_samples(paths["train"], tok, size["max_length"])
     rows = data.pad_rows(samples[:size["batch"] * 4], tok.pad_token_id)
-    batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
-               for i in range(0, len(rows), size["batch"])]
-    return step_ratio(plain, batches, device, size["rounds"], f"{size['batch']} records")
+    return step_ratio(plain, task, rows, tok.pad_token_id, device, size, "records")
 
 
 def _last(rows, key):

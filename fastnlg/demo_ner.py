@@ -65,9 +65,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     task, plain, tok = tasks.load(cfg, device)
     plain.train()
     rows = task.encode(task.train_examples[:size["batch"] * 4], tok, {n: i for i, n in enumerate(ner_data.TAGS)}, cfg)
-    batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
-               for i in range(0, len(rows), size["batch"])]
-    return step_ratio(plain, batches, device, size["rounds"], f"{size['batch']} sentences")
+    return step_ratio(plain, task, rows, tok.pad_token_id, device, size, "sentences")
 
 
 def run(out: str, quick: bool = False, device: str = "auto") -> dict:

@@ -68,9 +68,7 @@ def _side_by_side(model_dir: str, paths: dict, size: dict, device) -> str:
     task, plain, tok = tasks.load(_cfg(model_dir, paths, size), device)
     plain.train()
     rows = rows_of(read_examples(paths["train"])[:size["batch"] * 4], tok, size["max_length"])
-    batches = [{k: v.to(device) for k, v in task.collate(rows[i:i + size["batch"]], tok.pad_token_id).items()}
-               for i in range(0, len(rows), size["batch"])]
-    return demo.step_ratio(plain, batches, device, size["rounds"], f"{size['batch']} records")
+    return demo.step_ratio(plain, task, rows, tok.pad_token_id, device, size, "records")
 
 
 def decoder_only_summary(out: str) -> dict | None:
